@@ -1,0 +1,1 @@
+//! bhyve backend (FreeBSD and illumos). Not implemented yet: see issue 7.

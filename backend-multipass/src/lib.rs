@@ -1,0 +1,1 @@
+//! Multipass backend. Not implemented yet: see issue 6.

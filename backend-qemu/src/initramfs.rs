@@ -1,0 +1,149 @@
+//! The generated initramfs: `vmtest-agent` as `/init`, the modules the guest needs, and the
+//! few directories and device nodes init expects. An uncompressed newc cpio archive (the
+//! kernel unpacks it fastest), cached under its content hash.
+
+use crate::cache::{digest, Cache};
+use crate::modules::{read_module, Module};
+use std::path::PathBuf;
+use vmtest_core::Result;
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFCHR: u32 = 0o020000;
+
+/// Writer of a newc ("070701") cpio archive.
+#[derive(Default)]
+pub struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0, // uid
+            0, // gid
+            if mode & S_IFDIR != 0 { 2 } else { 1 },
+            0, // mtime: fixed, so the archive is reproducible
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+    }
+
+    pub fn dir(&mut self, name: &str) {
+        self.entry(name, S_IFDIR | 0o755, (0, 0), &[]);
+    }
+
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.entry(name, S_IFREG | mode, (0, 0), data);
+    }
+
+    pub fn char_device(&mut self, name: &str, mode: u32, major: u32, minor: u32) {
+        self.entry(name, S_IFCHR | mode, (major, minor), &[]);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        // Pad to 512 bytes like cpio(1) does.
+        while self.buf.len() % 512 != 0 {
+            self.buf.push(0);
+        }
+        self.buf
+    }
+}
+
+/// Build (or find in the cache) the initramfs for this agent and these modules.
+pub fn build(cache: &Cache, agent: &[u8], modules: &[Module]) -> Result<PathBuf> {
+    let mut loaded = Vec::with_capacity(modules.len());
+    for m in modules {
+        loaded.push((m.name.clone(), read_module(&m.path)?));
+    }
+    let mut parts: Vec<&[u8]> = vec![agent];
+    for (name, bytes) in &loaded {
+        parts.push(name.as_bytes());
+        parts.push(bytes);
+    }
+    let path = cache.dir("initramfs")?.join(format!("{}.cpio", digest(parts)));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let mut cpio = Cpio::default();
+    for d in ["dev", "proc", "sys", "mnt", "lib", "lib/modules", "lib/modules/vmtest"] {
+        cpio.dir(d);
+    }
+    // Init's stdio: the kernel opens /dev/console before anything is mounted.
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    cpio.file("init", 0o755, agent);
+    let mut order = String::new();
+    for (name, bytes) in &loaded {
+        let file = format!("{name}.ko");
+        cpio.file(&format!("lib/modules/vmtest/{file}"), 0o644, bytes);
+        order.push_str(&file);
+        order.push('\n');
+    }
+    cpio.file("lib/modules/vmtest/order", 0o644, order.as_bytes());
+    Cache::write_atomic(&path, &cpio.finish())?;
+    Ok(path)
+}
+
+/// An initramfs whose init powers off at once: the raw boot floor the benchmark compares to.
+pub fn build_poweroff(cache: &Cache, agent: &[u8]) -> Result<PathBuf> {
+    build(cache, agent, &[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_entries_are_newc_and_aligned() {
+        let mut c = Cpio::default();
+        c.dir("dev");
+        c.file("init", 0o755, b"#!x");
+        let out = c.finish();
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 512, 0);
+        // The second header starts 4-byte aligned after "dev\0" + padding.
+        let second = out.windows(6).skip(1).position(|w| w == b"070701").unwrap() + 1;
+        assert_eq!(second % 4, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("TRAILER!!!"));
+        assert!(text.contains("init"));
+        // mode of "init" is a regular file with 0755.
+        assert!(text.contains(&format!("{:08x}", S_IFREG | 0o755)));
+    }
+
+    #[test]
+    fn builds_are_cached_by_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::at(tmp.path());
+        let a = build(&cache, b"agent-1", &[]).unwrap();
+        let b = build(&cache, b"agent-1", &[]).unwrap();
+        let c = build(&cache, b"agent-2", &[]).unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,298 @@
+//! The QEMU backend of vmtest.
+//!
+//! Kernel mode: direct boot of a (distro) kernel with a generated initramfs whose `/init` is
+//! `vmtest-agent`; the host's `/` shared read-only over 9p under a tmpfs overlay; commands run
+//! through the agent over virtio-serial. KVM only when a probe boot proves it works.
+
+pub mod accel;
+pub mod agent_client;
+pub mod cache;
+pub mod command;
+pub mod fetch;
+pub mod initramfs;
+pub mod kernel;
+pub mod modules;
+pub mod vm;
+
+use crate::accel::Accel;
+use crate::cache::Cache;
+use crate::command::{MachineKind, QemuCommand, ROOT_TAG};
+use crate::kernel::{BootImage, Kernel};
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use vmtest_core::protocol::GuestSetup;
+use vmtest_core::spec::{BootSpec, VmSpec};
+use vmtest_core::state::{RunDir, VmRecord};
+use vmtest_core::{Check, Error, Hypervisor, Preflight, Result, Vm};
+
+/// The static agent binary, built by build.rs.
+pub const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmtest-agent"));
+
+/// How the backend behaves; the defaults suit `vmtest run`.
+#[derive(Clone, Debug)]
+pub struct QemuOptions {
+    /// The QEMU binary; default `$VMTEST_QEMU`, else `qemu-system-x86_64` on `PATH`.
+    pub qemu: Option<PathBuf>,
+    /// Fetch the distro kernel into the cache when no kernel is found.
+    pub auto_fetch: bool,
+    /// Kill QEMU when the runner dies. Off when a VM may be kept after the run.
+    pub die_with_parent: bool,
+    /// Extra kernel command-line words.
+    pub kernel_args: Vec<String>,
+}
+
+impl Default for QemuOptions {
+    fn default() -> Self {
+        QemuOptions { qemu: None, auto_fetch: true, die_with_parent: true, kernel_args: Vec::new() }
+    }
+}
+
+/// What every guest of one kernel shares: found, extracted and built once.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub qemu: PathBuf,
+    pub kernel: Kernel,
+    pub boot: BootImage,
+    pub initramfs: PathBuf,
+    pub accel: Accel,
+    /// One line to show the user (e.g. the TCG fallback), at most once per process.
+    pub note: Option<String>,
+}
+
+pub struct QemuBackend {
+    opts: QemuOptions,
+    cache: Cache,
+}
+
+impl QemuBackend {
+    pub fn new(opts: QemuOptions) -> Self {
+        QemuBackend { opts, cache: Cache::from_env() }
+    }
+
+    pub fn with_cache(opts: QemuOptions, cache: Cache) -> Self {
+        QemuBackend { opts, cache }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The QEMU binary to run.
+    pub fn qemu_binary(&self) -> Result<PathBuf> {
+        let named = self
+            .opts
+            .qemu
+            .clone()
+            .or_else(|| std::env::var_os("VMTEST_QEMU").filter(|v| !v.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        find_executable(&named).ok_or_else(|| {
+            Error::preflight(format!(
+                "QEMU not found ({}); install it: apt-get install qemu-system-x86 (Debian/Ubuntu), \
+                 dnf install qemu-system-x86-core (Fedora), or set VMTEST_QEMU",
+                named.display()
+            ))
+        })
+    }
+
+    /// Find the kernel, fetching the distro's when allowed and none is found.
+    pub fn kernel(&self, explicit: Option<&Path>) -> Result<Kernel> {
+        if let Some(k) = kernel::locate(explicit, &self.cache)? {
+            return Ok(k);
+        }
+        if !self.opts.auto_fetch {
+            return Err(Error::preflight(
+                "no kernel found (no --kernel, no $VMTEST_KERNEL, no readable /boot/vmlinuz-*, none cached); \
+                 run `vmtest kernel fetch` or pass --kernel PATH",
+            ));
+        }
+        eprintln!("vmtest: no kernel found; fetching the distro's kernel package into {} (once)", self.cache.root().display());
+        fetch::fetch(&self.cache, None)
+    }
+
+    /// Everything a boot of `spec` needs, ready on disk.
+    pub async fn prepare(&self, spec: &VmSpec) -> Result<Prepared> {
+        let explicit = match &spec.boot {
+            BootSpec::Kernel { kernel } => kernel.clone(),
+            BootSpec::Image { name } => {
+                return Err(Error::usage(format!(
+                    "image `{name}`: image mode is not implemented yet in the QEMU backend; use kernel mode"
+                )))
+            }
+        };
+        let qemu = self.qemu_binary()?;
+        let cache = self.cache.clone();
+        let kernel = {
+            let this = QemuBackend { opts: self.opts.clone(), cache: cache.clone() };
+            tokio::task::spawn_blocking(move || this.kernel(explicit.as_deref()))
+                .await
+                .map_err(|e| Error::infra(format!("kernel lookup: {e}")))??
+        };
+        let (boot, initramfs) = {
+            let (kernel, cache) = (kernel.clone(), cache.clone());
+            tokio::task::spawn_blocking(move || -> Result<(BootImage, PathBuf)> {
+                let boot = kernel::boot_image(&kernel, &cache)?;
+                let modules = match &kernel.modules {
+                    Some(dir) => modules::ModuleTree::open(dir)?.resolve(MachineKind::for_kernel(&boot).guest_modules())?,
+                    // No module tree: a kernel with the drivers built in (or the agent says what is missing).
+                    None => Vec::new(),
+                };
+                Ok((boot.clone(), initramfs::build(&cache, AGENT, &modules)?))
+            })
+            .await
+            .map_err(|e| Error::infra(format!("initramfs build: {e}")))??
+        };
+        let (accel, note) = accel::choose(spec.accel, &qemu, &self.cache).await?;
+        Ok(Prepared { qemu, kernel, boot, initramfs, accel, note })
+    }
+
+    /// The QEMU command for a guest of `spec` in `vm_dir`.
+    pub fn command(&self, p: &Prepared, spec: &VmSpec, vm_dir: &Path, share_root: bool) -> QemuCommand {
+        let (agent_socket, console_socket) = vm::socket_paths(vm_dir);
+        QemuCommand {
+            qemu: p.qemu.clone(),
+            accel: p.accel,
+            kernel: p.boot.clone(),
+            initramfs: p.initramfs.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            share_root,
+            agent_socket,
+            console_socket,
+            kernel_args: self.opts.kernel_args.clone(),
+        }
+    }
+
+    /// The raw boot floor: the same QEMU, kernel and machine, with an initramfs whose init
+    /// powers off at once. What `cargo xtask bench` compares `vmtest run -- true` against.
+    pub async fn floor_command(&self, spec: &VmSpec, dir: &Path) -> Result<(PathBuf, Vec<std::ffi::OsString>)> {
+        let p = self.prepare(spec).await?;
+        let floor = initramfs::build_poweroff(&self.cache, AGENT)?;
+        let mut cmd = self.command(&p, spec, dir, false);
+        cmd.initramfs = floor;
+        cmd.kernel_args.push(vmtest_core::protocol::POWEROFF_MARKER.into());
+        Ok((p.qemu.clone(), cmd.args()))
+    }
+}
+
+/// Resolve a program name on `PATH` (or check a path), as a shell would.
+pub fn find_executable(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if name.components().count() > 1 {
+        return is_exec(name).then(|| name.to_owned());
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).map(|d| d.join(name)).find(|p| is_exec(p))
+}
+
+fn now_unix() -> (i64, u32) {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+#[async_trait]
+impl Hypervisor for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn preflight(&self) -> Preflight {
+        let mut pf = Preflight::default();
+        let qemu = match self.qemu_binary() {
+            Ok(q) => {
+                let version = std::process::Command::new(&q)
+                    .arg("--version")
+                    .output()
+                    .ok()
+                    .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+                    .unwrap_or_default();
+                pf.push(Check::ok("qemu", format!("{} ({version})", q.display())));
+                Some(q)
+            }
+            Err(e) => {
+                pf.push(Check::fail("qemu", "qemu-system-x86_64 not found", e.message().to_owned()));
+                None
+            }
+        };
+        if let Some(q) = &qemu {
+            match accel::kvm_verdict(q, &self.cache).await {
+                Ok(()) => pf.push(Check::ok("acceleration", "KVM works (probe boot passed)")),
+                Err(why) => pf.push(Check::warn(
+                    "acceleration",
+                    format!("no usable KVM, TCG will be used (slower): {why}"),
+                    "on bare metal, enable virtualization in firmware and give your user access to /dev/kvm",
+                )),
+            }
+        }
+        match kernel::locate(None, &self.cache) {
+            Ok(Some(k)) => pf.push(Check::ok("kernel", format!("{} {} (from {})", k.image.display(), k.release, k.origin))),
+            Ok(None) if self.opts.auto_fetch => pf.push(Check::warn(
+                "kernel",
+                "no kernel found yet; the first run fetches the distro's kernel package",
+                "run `vmtest kernel fetch` now, or pass --kernel PATH",
+            )),
+            Ok(None) => pf.push(Check::fail("kernel", "no kernel found", "run `vmtest kernel fetch` or pass --kernel PATH")),
+            Err(e) => pf.push(Check::fail("kernel", e.message().to_owned(), "pass a readable kernel with --kernel PATH")),
+        }
+        pf
+    }
+
+    async fn launch(&self, spec: &VmSpec, run: &RunDir) -> Result<Box<dyn Vm>> {
+        let prepared = self.prepare(spec).await?;
+        if let Some(note) = &prepared.note {
+            note_once(note);
+        }
+        let vm_dir = run.vm_dir(&spec.node)?;
+        let cmd = self.command(&prepared, spec, &vm_dir, true);
+        let mut record = VmRecord::new(&spec.name, &spec.node, run.id(), self.name());
+        record.paths.push(vm_dir.clone());
+        record.backend_data = serde_json::json!({
+            "qemu": prepared.qemu,
+            "kernel": prepared.kernel.image,
+            "accel": prepared.accel.name(),
+            "console_socket": cmd.console_socket,
+            "agent_socket": cmd.agent_socket,
+        });
+        run.write_record(&record)?;
+        let (secs, nanos) = now_unix();
+        let setup = GuestSetup {
+            root_tag: Some(ROOT_TAG.to_owned()),
+            shares: Vec::new(),
+            hostname: spec.node.clone(),
+            unix_time_secs: secs,
+            unix_time_nanos: nanos,
+            overlay_size: "50%".into(),
+        };
+        let vm = vm::QemuVm::boot(&cmd, &mut record, run, setup, spec.boot_timeout, self.opts.die_with_parent).await?;
+        Ok(Box::new(vm))
+    }
+
+    async fn destroy_record(&self, record: &VmRecord) -> Result<()> {
+        for p in &record.processes {
+            if p.is_alive() {
+                // SAFETY: the pid and its start time match the QEMU this record started.
+                unsafe { libc::kill(p.pid as i32, libc::SIGKILL) };
+                for _ in 0..100 {
+                    if !p.is_alive() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+        for path in &record.paths {
+            let res = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+            if let Err(e) = res {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::io(format!("cannot remove {}", path.display()), e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Print a note once per process (the TCG fallback would otherwise repeat per VM).
+fn note_once(note: &str) {
+    static SHOWN: std::sync::Once = std::sync::Once::new();
+    SHOWN.call_once(|| eprintln!("vmtest: {note}"));
+}

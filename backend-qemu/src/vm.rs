@@ -1,0 +1,336 @@
+//! One running QEMU guest: the process, its console, its agent connection.
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::command::QemuCommand;
+use async_trait::async_trait;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use vmtest_core::console::{Console, ConsoleLog};
+use vmtest_core::exec::{ExecOutput, ExecRequest};
+use vmtest_core::protocol::{GuestMessage, GuestSetup, HostMessage, PROTOCOL_VERSION};
+use vmtest_core::state::{ProcessId, RunDir, VmRecord};
+use vmtest_core::{Capabilities, Error, Result, Vm};
+
+/// How a boot went wrong, turned into one line plus the console tail.
+fn boot_failure(what: String, console: &ConsoleLog, qemu_stderr: &str) -> Error {
+    let tail = console.tail(40);
+    let panic_line = tail.lines().find(|l| l.contains("Kernel panic") || l.contains("not syncing"));
+    let message = match panic_line {
+        Some(line) => format!("the guest kernel panicked: {}", line.trim()),
+        None => what,
+    };
+    let mut detail = String::new();
+    if !qemu_stderr.trim().is_empty() {
+        detail.push_str("QEMU said:\n");
+        detail.push_str(qemu_stderr.trim_end());
+        detail.push('\n');
+    }
+    if !tail.is_empty() {
+        detail.push_str("console (last lines):\n");
+        detail.push_str(&tail);
+    }
+    Error::boot(message).with_detail(detail)
+}
+
+/// A QEMU guest that booted and whose agent is ready.
+pub struct QemuVm {
+    name: String,
+    pid: u32,
+    agent: AgentClient,
+    console: ConsoleLog,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    exited: watch::Receiver<Option<std::process::ExitStatus>>,
+    detached: AtomicBool,
+    timings: Vec<(&'static str, Duration)>,
+}
+
+impl QemuVm {
+    /// Start QEMU, connect to its console and agent, and prepare the guest.
+    pub async fn boot(
+        cmd: &QemuCommand,
+        record: &mut VmRecord,
+        run: &RunDir,
+        setup: GuestSetup,
+        boot_timeout: Duration,
+        die_with_parent: bool,
+    ) -> Result<QemuVm> {
+        let t0 = Instant::now();
+        let args = cmd.args();
+        tracing::debug!("starting {}", crate::command::display(&cmd.qemu, &args));
+        let log_dir = cmd.console_socket.parent().unwrap_or(Path::new("/")).to_owned();
+        let mut child = {
+            let mut c = tokio::process::Command::new(&cmd.qemu);
+            c.args(&args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            // SAFETY: setpgid and prctl are async-signal-safe.
+            unsafe {
+                c.pre_exec(move || {
+                    // Its own process group: a terminal's Ctrl-C reaches vmtest, which tears down.
+                    libc::setpgid(0, 0);
+                    if die_with_parent {
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    }
+                    Ok(())
+                });
+            }
+            c.spawn().map_err(|e| {
+                Error::preflight(format!("cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86)", cmd.qemu.display()))
+            })?
+        };
+        let pid = child.id().unwrap_or(0);
+        record.processes = ProcessId::of(pid).into_iter().collect();
+        run.write_record(record)?;
+
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let sink = stderr.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        let (exit_tx, exited) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = exit_tx.send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
+        });
+
+        let qemu_said = |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+        let connect = async {
+            let console = connect_socket(&cmd.console_socket, &exited).await?;
+            let agent = connect_socket(&cmd.agent_socket, &exited).await?;
+            Ok::<_, ()>((console, agent))
+        };
+        let (console_stream, agent_stream) = match tokio::time::timeout(Duration::from_secs(30), connect).await {
+            Ok(Ok(pair)) => pair,
+            _ => {
+                kill_pid(pid);
+                // Give the stderr reader a moment to collect QEMU's last words.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let said = qemu_said(&stderr);
+                let first = said.lines().next().unwrap_or("it exited without a message").to_owned();
+                let err = Error::boot(format!("QEMU did not start: {first}")).with_detail(said.clone());
+                return Err(if said.contains("temporarily unavailable") { Error::transient(err.message()) } else { err });
+            }
+        };
+        let (con_r, con_w) = console_stream.into_split();
+        let console = ConsoleLog::spawn(con_r, Some(Box::new(con_w)), &log_dir.join("console.log"))?;
+        let (agent_r, agent_w) = agent_stream.into_split();
+        let (agent, mut control) = AgentClient::start(agent_r, agent_w);
+
+        let mut vm = QemuVm {
+            name: record.name.clone(),
+            pid,
+            agent,
+            console,
+            stderr,
+            exited,
+            detached: AtomicBool::new(false),
+            timings: Vec::new(),
+        };
+
+        // Boot: wait for the agent's hello, or QEMU's exit, or the deadline.
+        let hello = tokio::time::timeout(boot_timeout, control.recv()).await;
+        let hello = match hello {
+            Ok(Some(GuestMessage::Hello(h))) => h,
+            Ok(_) => {
+                vm.wait_exit(Duration::from_secs(2)).await;
+                return Err(vm.failure(format!("the guest stopped before vmtest-agent came up ({})", vm.exit_text())));
+            }
+            Err(_) => {
+                vm.kill_now().await;
+                return Err(vm.failure(format!(
+                    "the guest did not reach vmtest-agent within {}; raise --boot-timeout, or check the console below",
+                    vmtest_core::spec::format_duration(boot_timeout)
+                )));
+            }
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            vm.kill_now().await;
+            return Err(Error::infra(format!(
+                "vmtest-agent {} speaks protocol {}, this vmtest speaks {PROTOCOL_VERSION}; rebuild vmtest",
+                hello.agent_version, hello.protocol
+            )));
+        }
+        vm.timings.push(("boot", t0.elapsed()));
+        tracing::debug!("agent ready after {} ms of guest uptime (kernel {})", hello.uptime_ms, hello.kernel_release);
+
+        let t1 = Instant::now();
+        vm.agent.send(&HostMessage::Setup(setup)).map_err(|_| vm.failure("the guest went away during setup".into()))?;
+        match tokio::time::timeout(Duration::from_secs(60), control.recv()).await {
+            Ok(Some(GuestMessage::SetupDone { error: None })) => {}
+            Ok(Some(GuestMessage::SetupDone { error: Some(e) })) => {
+                vm.kill_now().await;
+                return Err(vm.failure(format!("guest setup failed: {e}")));
+            }
+            _ => {
+                vm.kill_now().await;
+                return Err(vm.failure("the guest did not finish setup (mounting the host root) within 60s".into()));
+            }
+        }
+        vm.timings.push(("setup", t1.elapsed()));
+        Ok(vm)
+    }
+
+    fn failure(&self, what: String) -> Error {
+        boot_failure(what, &self.console, &String::from_utf8_lossy(&self.stderr.lock().unwrap()))
+    }
+
+    fn exit_text(&self) -> String {
+        match *self.exited.borrow() {
+            Some(s) => format!("QEMU {s}"),
+            None => "QEMU still running".into(),
+        }
+    }
+
+    fn has_exited(&self) -> bool {
+        self.exited.borrow().is_some()
+    }
+
+    async fn wait_exit(&self, limit: Duration) -> bool {
+        let mut rx = self.exited.clone();
+        let done = tokio::time::timeout(limit, rx.wait_for(|s| s.is_some())).await.is_ok();
+        done
+    }
+
+    async fn kill_now(&self) {
+        if !self.has_exited() {
+            kill_pid(self.pid);
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// An error for a command that lost its VM.
+    async fn lost(&self, req_display: &str) -> Error {
+        self.wait_exit(Duration::from_secs(2)).await;
+        let what = format!("the VM stopped while `{req_display}` was running ({})", self.exit_text());
+        self.failure(what)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn console_log(&self) -> &ConsoleLog {
+        &self.console
+    }
+}
+
+async fn connect_socket(path: &Path, exited: &watch::Receiver<Option<std::process::ExitStatus>>) -> std::result::Result<UnixStream, ()> {
+    loop {
+        if let Ok(s) = UnixStream::connect(path).await {
+            return Ok(s);
+        }
+        if exited.borrow().is_some() {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn kill_pid(pid: u32) {
+    if pid > 0 {
+        // SAFETY: signalling a child we started, by pid.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { network: false, snapshots: false, concurrent_exec: true, console: true, host_root: true }
+    }
+
+    async fn exec(&self, req: ExecRequest) -> Result<ExecOutput> {
+        let shown = req.display_argv();
+        let timeout = req.timeout;
+        match self.agent.exec(req).await {
+            Ok(out) => Ok(out),
+            Err(AgentError::TimedOut { .. }) => Err(Error::timeout(
+                &format!("`{shown}` in {}", self.name),
+                timeout.unwrap_or_default(),
+                "raise --timeout, or find out why it hangs (--keep leaves the VM up to look)",
+            )),
+            Err(AgentError::Disconnected) => Err(self.lost(&shown).await),
+            Err(AgentError::Refused(e)) => Err(Error::infra(e)),
+        }
+    }
+
+    async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::PermissionsExt;
+        let data = std::fs::read(host).map_err(|e| Error::usage(format!("cannot read {}: {e}", host.display())))?;
+        let mode = std::fs::metadata(host).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+        self.agent.write_file(guest.as_os_str().as_bytes(), mode, &data).await.map_err(|e| match e {
+            AgentError::Refused(why) => Error::infra(format!("cannot write {} in {}: {why}", guest.display(), self.name)),
+            _ => Error::infra(format!("lost {} while copying {} in", self.name, host.display())),
+        })
+    }
+
+    async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let data = self.agent.read_file(guest.as_os_str().as_bytes()).await.map_err(|e| match e {
+            AgentError::Refused(why) => Error::infra(format!("cannot read {} in {}: {why}", guest.display(), self.name)),
+            _ => Error::infra(format!("lost {} while copying {} out", self.name, guest.display())),
+        })?;
+        std::fs::write(host, data).map_err(|e| Error::io(format!("cannot write {}", host.display()), e))
+    }
+
+    fn console(&self) -> Result<Box<dyn Console>> {
+        Ok(Box::new(self.console.handle()))
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if self.has_exited() {
+            return Ok(());
+        }
+        let _ = self.agent.send(&HostMessage::Shutdown);
+        if !self.wait_exit(Duration::from_secs(5)).await {
+            tracing::debug!("{} did not power off in 5s; killing QEMU", self.name);
+            self.kill_now().await;
+        }
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<()> {
+        self.kill_now().await;
+        Ok(())
+    }
+
+    fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+    }
+
+    fn boot_timings(&self) -> Vec<(&'static str, Duration)> {
+        self.timings.clone()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if !self.detached.load(Ordering::SeqCst) && !self.has_exited() {
+            kill_pid(self.pid);
+        }
+    }
+}
+
+/// The per-VM socket paths inside its directory.
+pub fn socket_paths(vm_dir: &Path) -> (PathBuf, PathBuf) {
+    (vm_dir.join("agent.sock"), vm_dir.join("console.sock"))
+}

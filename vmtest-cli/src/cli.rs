@@ -1,0 +1,105 @@
+//! The command-line definition.
+
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmtest", version, about = "Run commands and tests inside real virtual machines")]
+pub struct Cli {
+    /// More log output (-v: info, -vv: debug). VMTEST_LOG takes a tracing filter.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a VM, run a command in it as if on the host, tear the VM down.
+    ///
+    /// Works as a cargo runner:
+    /// CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="vmtest run --" cargo test
+    Run(RunArgs),
+    /// Manage guest kernels.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+    /// Check that this host can run VMs, and say how to fix what is missing.
+    Doctor,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Guest kernel image (bzImage or vmlinux). Default: $VMTEST_KERNEL, the newest readable
+    /// /boot/vmlinuz-*, or the cache (fetched on first use).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// CPU acceleration: kvm only when proven to work (auto), or forced.
+    #[arg(long, default_value = "auto", value_name = "auto|kvm|tcg")]
+    pub accel: String,
+
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB).
+    #[arg(long, default_value = "512M", value_name = "SIZE")]
+    pub memory: String,
+
+    /// Kill the command after this long, e.g. 30s, 5m (exit code 124).
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+
+    /// Give up if the guest is not ready after this long.
+    #[arg(long, default_value = "120s", value_name = "DUR")]
+    pub boot_timeout: String,
+
+    /// Set NAME=VALUE in the guest, or pass the host's NAME through (with --clear-env).
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<OsString>,
+
+    /// Do not pass this host variable.
+    #[arg(long, value_name = "NAME")]
+    pub unset_env: Vec<OsString>,
+
+    /// Start the guest environment empty instead of from the host's.
+    #[arg(long)]
+    pub clear_env: bool,
+
+    /// Run the command as root instead of as the invoking user.
+    #[arg(long)]
+    pub root: bool,
+
+    /// Working directory in the guest. Default: the current directory.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+
+    /// Extra kernel command-line words.
+    #[arg(long, value_name = "ARGS")]
+    pub kernel_args: Option<String>,
+
+    /// Print how long boot, setup, the command and teardown took.
+    #[arg(long)]
+    pub timings: bool,
+
+    /// The command and its arguments, passed exactly.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KernelCommand {
+    /// Download the distro's kernel package (apt-get download) into the cache.
+    Fetch {
+        /// A package name, e.g. linux-image-6.1.0-56-amd64. Default: the current one.
+        package: Option<String>,
+    },
+    /// Show the kernel vmtest would use, and the cached ones.
+    List,
+}

@@ -1,0 +1,137 @@
+//! The contracts every backend implements.
+
+use crate::console::Console;
+use crate::error::Result;
+use crate::exec::{ExecOutput, ExecRequest};
+use crate::spec::VmSpec;
+use crate::state::{RunDir, VmRecord};
+use async_trait::async_trait;
+use std::path::Path;
+
+/// The outcome of one pre-flight check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    /// Works, but worse than it could (e.g. no KVM, low disk).
+    Warn,
+    /// The backend cannot run until this is fixed.
+    Fail,
+}
+
+/// One pre-flight check: what was looked at, what was found, how to fix it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    pub status: CheckStatus,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Check { name: name.into(), status: CheckStatus::Ok, detail: detail.into(), fix: None }
+    }
+
+    pub fn warn(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check { name: name.into(), status: CheckStatus::Warn, detail: detail.into(), fix: Some(fix.into()) }
+    }
+
+    pub fn fail(name: impl Into<String>, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Check { name: name.into(), status: CheckStatus::Fail, detail: detail.into(), fix: Some(fix.into()) }
+    }
+}
+
+/// Everything a backend checked before launching.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Preflight {
+    pub checks: Vec<Check>,
+}
+
+impl Preflight {
+    pub fn push(&mut self, check: Check) {
+        self.checks.push(check);
+    }
+
+    /// True when no check failed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.status != CheckStatus::Fail)
+    }
+
+    /// The first failed check as a one-line preflight error.
+    pub fn into_result(self) -> Result<Preflight> {
+        match self.checks.iter().find(|c| c.status == CheckStatus::Fail) {
+            None => Ok(self),
+            Some(c) => {
+                let fix = c.fix.as_deref().map(|f| format!("; {f}")).unwrap_or_default();
+                Err(crate::Error::preflight(format!("{}: {}{fix}", c.name, c.detail)))
+            }
+        }
+    }
+}
+
+/// What a VM can do beyond exec. A backend answers "unsupported" instead of pretending.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// Private network links between VMs.
+    pub network: bool,
+    /// Save and restore the whole VM.
+    pub snapshots: bool,
+    /// Several commands at once.
+    pub concurrent_exec: bool,
+    /// An interactive serial console.
+    pub console: bool,
+    /// The guest sees the host's files at the same paths.
+    pub host_root: bool,
+}
+
+/// A hypervisor on this host.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Short name: `qemu`, `bhyve`, `multipass`.
+    fn name(&self) -> &'static str;
+
+    /// Is it installed, is its daemon up, is acceleration usable, is there disk.
+    async fn preflight(&self) -> Preflight;
+
+    /// Boot a VM and wait until commands can run in it. Everything teardown needs is written
+    /// to the run dir's record before anything is started.
+    async fn launch(&self, spec: &VmSpec, dir: &RunDir) -> Result<Box<dyn Vm>>;
+
+    /// Destroy what a record describes (the orphan sweep, `vmtest destroy`). Idempotent: a
+    /// part already gone is not an error.
+    async fn destroy_record(&self, record: &VmRecord) -> Result<()>;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn name(&self) -> &str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Run a command and wait for it. A non-zero status is an `Ok`; `Err` means the command
+    /// could not be run or its deadline passed.
+    async fn exec(&self, req: ExecRequest) -> Result<ExecOutput>;
+
+    async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()>;
+
+    async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()>;
+
+    /// The serial console.
+    fn console(&self) -> Result<Box<dyn Console>>;
+
+    /// Stop the guest cleanly if it can, then make sure everything is gone. Idempotent.
+    async fn shutdown(&self) -> Result<()>;
+
+    /// Stop at once. Idempotent.
+    async fn kill(&self) -> Result<()>;
+
+    /// Let the VM outlive this handle (`--keep`): dropping it no longer tears anything down.
+    fn detach(&self);
+
+    /// How long each boot phase took (e.g. `boot`, `agent-ready`), in order.
+    fn boot_timings(&self) -> Vec<(&'static str, std::time::Duration)> {
+        Vec::new()
+    }
+}

@@ -1,0 +1,153 @@
+//! The run loop for one command in one fresh VM: run dir, launch (with retries), exec,
+//! teardown. Teardown happens on success, on error, on timeout and on cancellation.
+
+use crate::error::{Error, Result};
+use crate::exec::ExecRequest;
+use crate::hypervisor::{Hypervisor, Vm};
+use crate::protocol::ExitStatus;
+use crate::retry::RetryPolicy;
+use crate::spec::VmSpec;
+use crate::state::{RunDir, StateDir};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// When a VM is left running after the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeepPolicy {
+    #[default]
+    Never,
+    /// When the command fails (non-zero status, timeout or error after boot).
+    OnFailure,
+    Always,
+}
+
+/// Phase durations of one run, in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timings {
+    pub phases: Vec<(String, Duration)>,
+}
+
+impl Timings {
+    fn push(&mut self, phase: &str, d: Duration) {
+        self.phases.push((phase.to_owned(), d));
+    }
+
+    pub fn get(&self, phase: &str) -> Option<Duration> {
+        self.phases.iter().find(|(p, _)| p == phase).map(|(_, d)| *d)
+    }
+}
+
+/// A finished run.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub status: ExitStatus,
+    pub timings: Timings,
+    /// The VM's name when it was kept running.
+    pub kept: Option<String>,
+}
+
+/// Why a run was cancelled (a signal name, for the message).
+pub type CancelReason = &'static str;
+
+/// Run one command in a fresh VM of `spec`'s shape. `spec.name` is replaced by the run's
+/// unique name. `cancel` resolves when the run must stop (e.g. SIGINT).
+pub async fn run_command<C>(
+    hv: &dyn Hypervisor,
+    state: &StateDir,
+    mut spec: VmSpec,
+    req: ExecRequest,
+    retry: RetryPolicy,
+    keep: KeepPolicy,
+    cancel: C,
+) -> Result<RunOutcome>
+where
+    C: Future<Output = CancelReason>,
+{
+    tokio::pin!(cancel);
+    let run = state.create_run()?;
+    spec.name = run.vm_name(&spec.node);
+    let mut timings = Timings::default();
+
+    let started = Instant::now();
+    let launched = tokio::select! {
+        r = launch_with_retry(hv, &spec, &run, retry) => r,
+        reason = &mut cancel => Err(Error::interrupted(reason)),
+    };
+    let vm = match launched {
+        Ok(vm) => vm,
+        Err(e) => {
+            // A launch dropped mid-way kills its own processes; records catch the rest.
+            destroy_leftovers(hv, &run).await;
+            let _ = run.remove();
+            return Err(e);
+        }
+    };
+    for (phase, d) in vm.boot_timings() {
+        timings.push(phase, d);
+    }
+    timings.push("launch", started.elapsed());
+
+    let command_started = Instant::now();
+    let result = tokio::select! {
+        r = vm.exec(req) => r,
+        reason = &mut cancel => Err(Error::interrupted(reason)),
+    };
+    timings.push("command", command_started.elapsed());
+
+    let failed = !matches!(&result, Ok(out) if out.status.success());
+    let interrupted = matches!(&result, Err(e) if e.kind() == crate::ErrorKind::Interrupted);
+    let keep_it = !interrupted && (keep == KeepPolicy::Always || (keep == KeepPolicy::OnFailure && failed));
+
+    let teardown_started = Instant::now();
+    let kept = if keep_it {
+        vm.detach();
+        mark_kept(&run, &spec.node);
+        Some(vm.name().to_owned())
+    } else {
+        let down = if interrupted { vm.kill().await } else { vm.shutdown().await };
+        if let Err(e) = down {
+            tracing::warn!("teardown of {}: {e}", vm.name());
+            destroy_leftovers(hv, &run).await;
+        }
+        drop(vm);
+        run.remove()?;
+        None
+    };
+    timings.push("teardown", teardown_started.elapsed());
+
+    let out = result?;
+    Ok(RunOutcome { status: out.status, timings, kept })
+}
+
+async fn launch_with_retry(
+    hv: &dyn Hypervisor,
+    spec: &VmSpec,
+    run: &RunDir,
+    retry: RetryPolicy,
+) -> Result<Box<dyn Vm>> {
+    retry.run(|_| hv.launch(spec, run), || destroy_leftovers(hv, run)).await
+}
+
+/// Destroy whatever records in this run dir still describe, then forget them.
+async fn destroy_leftovers(hv: &dyn Hypervisor, run: &RunDir) {
+    let state = StateDir::at(run.path().parent().unwrap_or(run.path()));
+    for (dir, rec) in state.records() {
+        if dir.id() != run.id() {
+            continue;
+        }
+        if let Err(e) = hv.destroy_record(&rec).await {
+            tracing::warn!("cleanup of {}: {e}", rec.name);
+        }
+        run.remove_record(&rec.node);
+    }
+}
+
+fn mark_kept(run: &RunDir, node: &str) {
+    let path = run.record_path(node);
+    if let Some(mut rec) =
+        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<crate::state::VmRecord>(&b).ok())
+    {
+        rec.kept = true;
+        let _ = run.write_record(&rec);
+    }
+}

@@ -1,0 +1,286 @@
+//! Where runs keep their state: one run dir per run under the state dir, one record per VM
+//! holding everything teardown needs, so a later sweep can destroy what a killed runner left.
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A process identified by pid and kernel start time, so a reused pid is never mistaken for it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks since boot); 0 when unknown.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn current() -> Self {
+        Self::of(std::process::id()).unwrap_or(ProcessId { pid: std::process::id(), start_time: 0 })
+    }
+
+    /// A live process by pid, or `None` when it does not exist.
+    pub fn of(pid: u32) -> Option<Self> {
+        process_start_time(pid).map(|start_time| ProcessId { pid, start_time })
+    }
+
+    /// True while this very process (same pid, same start time) runs.
+    pub fn is_alive(&self) -> bool {
+        match process_start_time(self.pid) {
+            Some(t) => self.start_time == 0 || t == self.start_time,
+            None => false,
+        }
+    }
+}
+
+/// Start time of a process from `/proc/<pid>/stat`, `None` when it does not exist.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The command line of a process, for "who holds this" messages.
+pub fn process_command(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<String> =
+        raw.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+    (!words.is_empty()).then(|| words.join(" "))
+}
+
+/// Everything needed to find and destroy one VM later, from any process.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct VmRecord {
+    /// Unique VM name, `vmt-<run>-<node>`.
+    pub name: String,
+    pub node: String,
+    pub run_id: String,
+    pub backend: String,
+    /// The vmtest process that created it; the VM is an orphan once this is dead.
+    pub owner: ProcessId,
+    /// The owner's command line, for messages.
+    pub owner_command: String,
+    pub created_unix: u64,
+    /// Hypervisor processes to kill (QEMU, bhyve).
+    pub processes: Vec<ProcessId>,
+    /// Files and sockets to remove (all inside the run dir unless the backend says otherwise).
+    pub paths: Vec<PathBuf>,
+    /// Left up on purpose (`--keep`): never swept while kept, only destroyed by name.
+    pub kept: bool,
+    /// Backend-specific teardown parameters (datasets, links, instance names).
+    pub backend_data: serde_json::Value,
+}
+
+impl VmRecord {
+    pub fn new(name: &str, node: &str, run_id: &str, backend: &str) -> Self {
+        VmRecord {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            run_id: run_id.to_owned(),
+            backend: backend.to_owned(),
+            owner: ProcessId::current(),
+            owner_command: process_command(std::process::id()).unwrap_or_default(),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            processes: Vec::new(),
+            paths: Vec::new(),
+            kept: false,
+            backend_data: serde_json::Value::Null,
+        }
+    }
+
+    /// An orphan: not kept, and its owner is gone.
+    pub fn is_orphan(&self) -> bool {
+        !self.kept && !self.owner.is_alive()
+    }
+}
+
+/// The root of all run dirs.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// `$VMTEST_STATE_DIR`, else `$XDG_RUNTIME_DIR/vmtest`, else `/tmp/vmtest-<uid>`.
+    pub fn from_env() -> Self {
+        if let Some(dir) = std::env::var_os("VMTEST_STATE_DIR").filter(|v| !v.is_empty()) {
+            return StateDir { root: PathBuf::from(dir) };
+        }
+        if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+            return StateDir { root: PathBuf::from(dir).join("vmtest") };
+        }
+        // SAFETY: getuid cannot fail.
+        StateDir { root: PathBuf::from(format!("/tmp/vmtest-{}", unsafe { libc::getuid() })) }
+    }
+
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        StateDir { root: root.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Make a fresh run dir with a new unique run id.
+    pub fn create_run(&self) -> Result<RunDir> {
+        create_private_dir(&self.root)?;
+        for _ in 0..16 {
+            let id = new_run_id();
+            let path = self.root.join(&id);
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(RunDir { id, path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(format!("cannot create run dir {}", path.display()), e)),
+            }
+        }
+        Err(Error::infra(format!("could not pick a free run id under {}", self.root.display())))
+    }
+
+    /// Every VM record under the state dir, with the run dir that holds it.
+    pub fn records(&self) -> Vec<(RunDir, VmRecord)> {
+        let mut out = Vec::new();
+        let Ok(runs) = std::fs::read_dir(&self.root) else { return out };
+        for run in runs.flatten() {
+            let path = run.path();
+            let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
+            let Ok(files) = std::fs::read_dir(&path) else { continue };
+            for f in files.flatten() {
+                let p = f.path();
+                if p.extension().is_some_and(|e| e == "json") && p.file_name().is_some_and(|n| n != "run.json") {
+                    if let Some(rec) = std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                        out.push((RunDir { id: id.clone(), path: path.clone() }, rec));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// One run's private directory: sockets, console logs, records.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    id: String,
+    path: PathBuf,
+}
+
+impl RunDir {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The unique VM name for a node of this run.
+    pub fn vm_name(&self, node: &str) -> String {
+        format!("vmt-{}-{node}", self.id)
+    }
+
+    /// A VM's private directory inside the run dir (sockets must stay under 108 bytes).
+    pub fn vm_dir(&self, node: &str) -> Result<PathBuf> {
+        let p = self.path.join(node);
+        match std::fs::create_dir(&p) {
+            Ok(()) => Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(p),
+            Err(e) => Err(Error::io(format!("cannot create {}", p.display()), e)),
+        }
+    }
+
+    pub fn record_path(&self, node: &str) -> PathBuf {
+        self.path.join(format!("{node}.json"))
+    }
+
+    /// Write a record atomically (write, then rename), so a reader never sees half of one.
+    pub fn write_record(&self, record: &VmRecord) -> Result<()> {
+        let path = self.record_path(&record.node);
+        let tmp = self.path.join(format!(".{}.json.tmp", record.node));
+        let data = serde_json::to_vec_pretty(record).expect("records serialize");
+        std::fs::write(&tmp, data)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| Error::io(format!("cannot write VM record {}", path.display()), e))
+    }
+
+    pub fn remove_record(&self, node: &str) {
+        let _ = std::fs::remove_file(self.record_path(node));
+    }
+
+    /// Remove the whole run dir. Only ever called on a dir this crate created.
+    pub fn remove(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("cannot remove run dir {}", self.path.display()), e)),
+        }
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Error::usage(format!(
+            "cannot create state dir {}: {e}; set VMTEST_STATE_DIR to a writable directory",
+            path.display()
+        ))),
+    }
+}
+
+/// Eight lowercase hex digits from the kernel's random source.
+fn new_run_id() -> String {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        bytes = (t.subsec_nanos() ^ std::process::id().rotate_left(16)).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_fake_start_time_is_not() {
+        let me = ProcessId::current();
+        assert!(me.start_time > 0);
+        assert!(me.is_alive());
+        let impostor = ProcessId { pid: me.pid, start_time: me.start_time + 1 };
+        assert!(!impostor.is_alive());
+        assert!(!ProcessId { pid: u32::MAX - 1, start_time: 1 }.is_alive());
+    }
+
+    #[test]
+    fn records_round_trip_and_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::at(tmp.path().join("state"));
+        let run = state.create_run().unwrap();
+        assert_eq!(run.id().len(), 8);
+        let mut rec = VmRecord::new(&run.vm_name("a"), "a", run.id(), "qemu");
+        rec.paths.push(run.path().join("a/agent.sock"));
+        run.write_record(&rec).unwrap();
+        let found = state.records();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].1, rec);
+        assert!(!rec.is_orphan(), "our own record is not an orphan");
+        run.remove().unwrap();
+        assert!(state.records().is_empty());
+    }
+
+    #[test]
+    fn run_ids_are_unique() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::at(tmp.path());
+        let a = state.create_run().unwrap();
+        let b = state.create_run().unwrap();
+        assert_ne!(a.id(), b.id());
+        assert_eq!(a.vm_name("web"), format!("vmt-{}-web", a.id()));
+    }
+}
