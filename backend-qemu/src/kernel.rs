@@ -176,10 +176,7 @@ pub fn extract_vmlinux(bz: &[u8]) -> Option<Vec<u8>> {
     const GZIP: &[u8] = &[0x1f, 0x8b, 0x08];
     let find = |magic: &[u8]| bz.windows(magic.len()).position(|w| w == magic);
     let candidates: [(Option<usize>, fn(&[u8]) -> Option<Vec<u8>>); 3] = [
-        (find(XZ), |d| {
-            let mut out = Vec::new();
-            xz2::read::XzDecoder::new(d).read_to_end(&mut out).ok().map(|_| out)
-        }),
+        (find(XZ), xz_single_stream),
         (find(ZSTD), |d| {
             let mut out = Vec::new();
             let mut dec = zstd::stream::read::Decoder::new(d).ok()?.single_frame();
@@ -195,6 +192,27 @@ pub fn extract_vmlinux(bz: &[u8]) -> Option<Vec<u8>> {
         .filter_map(|(at, dec)| at.map(|a| (a, dec)))
         .filter_map(|(at, dec)| dec(&bz[at..]))
         .find(|out| out.starts_with(b"\x7fELF"))
+}
+
+/// Decode one XZ stream and ignore whatever follows it (a bzImage has trailing data, which
+/// the `read` adapters treat as an error).
+fn xz_single_stream(data: &[u8]) -> Option<Vec<u8>> {
+    use xz2::stream::{Action, Status, Stream};
+    let mut stream = Stream::new_stream_decoder(u64::MAX, 0).ok()?;
+    let mut out = Vec::with_capacity(data.len() * 4);
+    loop {
+        if out.capacity() - out.len() < (1 << 20) {
+            out.reserve(out.capacity().max(1 << 20));
+        }
+        let input = &data[(stream.total_in() as usize).min(data.len())..];
+        let action = if input.is_empty() { Action::Finish } else { Action::Run };
+        let before = (stream.total_in(), stream.total_out());
+        match stream.process_vec(input, &mut out, action).ok()? {
+            Status::StreamEnd => return Some(out),
+            _ if (stream.total_in(), stream.total_out()) == before && input.is_empty() => return None,
+            _ => {}
+        }
+    }
 }
 
 /// True when the ELF carries `XEN_ELFNOTE_PHYS32_ENTRY`, which QEMU needs to boot it directly.
@@ -233,7 +251,8 @@ mod tests {
         let mut img = vec![0u8; 0x400];
         img[0x202..0x206].copy_from_slice(b"HdrS");
         img[0x20e..0x210].copy_from_slice(&0x100u16.to_le_bytes());
-        img[0x300..0x31a].copy_from_slice(b"6.1.0-56-amd64 (debian-ke");
+        let version = b"6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1 SMP";
+        img[0x300..0x300 + version.len()].copy_from_slice(version);
         assert_eq!(release_of(&img, Path::new("x")).as_deref(), Some("6.1.0-56-amd64"));
     }
 
