@@ -35,6 +35,11 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// Hypervisor backend: qemu, bhyve, multipass, or auto (the first whose pre-flight
+    /// passes, in a per-OS order).
+    #[arg(long, env = "VMTEST_BACKEND", default_value = "auto", value_name = "NAME")]
+    pub backend: String,
+
     /// Guest kernel image (bzImage or vmlinux). Default: $VMTEST_KERNEL, the newest readable
     /// /boot/vmlinuz-*, or the cache (fetched on first use).
     #[arg(long, value_name = "PATH")]

@@ -6,6 +6,8 @@
 pub mod protocol;
 
 #[cfg(feature = "host")]
+pub mod backend_choice;
+#[cfg(feature = "host")]
 pub mod console;
 #[cfg(feature = "host")]
 pub mod environment;
@@ -19,6 +21,8 @@ pub mod hypervisor;
 pub mod retry;
 #[cfg(feature = "host")]
 pub mod runner;
+#[cfg(feature = "host")]
+pub mod shell;
 #[cfg(feature = "host")]
 pub mod spec;
 #[cfg(feature = "host")]

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod backends;
 mod doctor;
 mod kernel;
 mod run;

@@ -2,7 +2,7 @@
 
 use crate::cli::RunArgs;
 use crate::signals::Signals;
-use backend_qemu::{QemuBackend, QemuOptions};
+use backend_qemu::QemuOptions;
 use vmtest_core::environment::EnvRules;
 use vmtest_core::exec::{ExecRequest, GuestUser, OutputMode, StdinSource, StdioSink};
 use vmtest_core::retry::RetryPolicy;
@@ -15,13 +15,14 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
     let spec = spec_from(&args)?;
     let req = request_from(&args)?;
-    let backend = QemuBackend::new(QemuOptions {
+    let qemu = QemuOptions {
         kernel_args: args.kernel_args.as_deref().map(|a| a.split_whitespace().map(str::to_owned).collect()).unwrap_or_default(),
         ..QemuOptions::default()
-    });
+    };
+    let backend = super::backends::choose(&args.backend, qemu).await?;
     let state = StateDir::from_env();
     let outcome = runner::run_command(
-        &backend,
+        backend.as_ref(),
         &state,
         spec,
         req,
