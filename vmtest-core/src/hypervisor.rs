@@ -98,6 +98,14 @@ pub trait Hypervisor: Send + Sync {
     /// to the run dir's record before anything is started.
     async fn launch(&self, spec: &VmSpec, dir: &RunDir) -> Result<Box<dyn Vm>>;
 
+    /// VMs of this backend that vmtest created, as the backend itself sees them (by the
+    /// `vmt-` name prefix or an owner tag), with as much of a record as the backend can
+    /// rebuild. The orphan sweep compares them with the records in the state dir, so a VM
+    /// whose record was never written is still found. Default: none.
+    async fn list_owned(&self) -> Result<Vec<VmRecord>> {
+        Ok(Vec::new())
+    }
+
     /// Destroy what a record describes (the orphan sweep, `vmtest destroy`). Idempotent: a
     /// part already gone is not an error.
     async fn destroy_record(&self, record: &VmRecord) -> Result<()>;
