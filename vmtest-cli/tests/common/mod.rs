@@ -1,0 +1,65 @@
+//! Helpers for tests that run the real `vmtest` binary against real QEMU guests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A `vmtest` invocation with its own state dir, so leftovers are visible per test.
+pub struct Vmtest {
+    pub state: tempfile::TempDir,
+}
+
+impl Vmtest {
+    pub fn new() -> Self {
+        Vmtest { state: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmtest"));
+        c.env("VMTEST_STATE_DIR", self.state.path()).env_remove("VMTEST_BACKEND").stdin(Stdio::null());
+        c
+    }
+
+    /// `vmtest run ARGS -- COMMAND`, output captured.
+    pub fn run(&self, args: &[&str], command: &[&str]) -> Output {
+        self.cmd().arg("run").args(args).arg("--").args(command).output().unwrap()
+    }
+
+    /// Assert nothing of this test's runs is left: no run dir, no QEMU using the state dir.
+    pub fn assert_clean(&self) {
+        let left: Vec<PathBuf> = std::fs::read_dir(self.state.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "state dir not empty: {left:?}");
+        assert_eq!(qemu_pids_using(self.state.path()), Vec::<u32>::new(), "QEMU still running");
+    }
+}
+
+/// Pids of QEMU processes whose command line mentions `dir`.
+pub fn qemu_pids_using(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `vmtest: error:` line of a failed run.
+pub fn error_line(o: &Output) -> String {
+    stderr(o).lines().find(|l| l.starts_with("vmtest: error:")).unwrap_or("").to_owned()
+}

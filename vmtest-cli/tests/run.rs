@@ -1,0 +1,244 @@
+//! `vmtest run` against real QEMU guests: every test boots a VM with a real kernel.
+
+mod common;
+
+use common::{error_line, stderr, stdout, Vmtest};
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[test]
+fn exit_status_and_separate_streams_pass_through() {
+    let vt = Vmtest::new();
+    let out = vt.run(&[], &["sh", "-c", "echo to-out; echo to-err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "to-out\n");
+    assert!(stderr(&out).contains("to-err\n"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn signal_death_is_128_plus_n() {
+    let vt = Vmtest::new();
+    let out = vt.run(&[], &["sh", "-c", "kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(137), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn argv_is_passed_exactly_and_stdin_is_forwarded() {
+    let vt = Vmtest::new();
+    let mut child = vt
+        .cmd()
+        .args(["run", "--", "sh", "-c", r#"printf '[%s]' "$@"; tr a-z A-Z"#, "sh", "a b", "", "it's", "$HOME", "*"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "[a b][][it's][$HOME][*]FROM STDIN\n");
+    vt.assert_clean();
+}
+
+#[test]
+fn runs_in_the_host_cwd_with_the_host_environment_and_user() {
+    let vt = Vmtest::new();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = vt
+        .cmd()
+        .current_dir(dir.path())
+        .env("VMTEST_PROBE_VAR", "from-host")
+        .env("SSH_AUTH_SOCK", "/nonexistent/agent")
+        .args(["run", "--env", "ADDED=1", "--", "sh", "-c"])
+        .arg("pwd; echo $VMTEST_PROBE_VAR $ADDED ${SSH_AUTH_SOCK:-unset}; id -u; hostname")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let uid = unsafe { libc_getuid() };
+    let expected = format!("{}\nfrom-host 1 unset\n{uid}\nvm\n", dir.path().canonicalize().unwrap().display());
+    assert_eq!(stdout(&out), expected);
+    vt.assert_clean();
+}
+
+extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
+#[test]
+fn guest_writes_never_reach_the_host_and_tmp_is_a_real_tmpfs() {
+    let vt = Vmtest::new();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let victim = dir.path().join("keep.txt");
+    std::fs::write(&victim, "original").unwrap();
+    let script = format!(
+        "echo changed > {v} && cat {v} && rm -f /etc/hostname && touch /usr/vmtest-was-here && \
+         stat -f -c %T /tmp && python3 -c 'import tempfile; f = tempfile.TemporaryFile(); f.write(b\"ok\"); f.seek(0); print(f.read().decode())'",
+        v = victim.display()
+    );
+    let out = vt.run(&[], &["sh", "-c", &script]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "changed\ntmpfs\nok\n");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original");
+    assert!(!std::path::Path::new("/usr/vmtest-was-here").exists());
+    vt.assert_clean();
+}
+
+#[test]
+fn output_streams_live_while_the_command_runs() {
+    let vt = Vmtest::new();
+    let mut child = vt
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo first; sleep 4; echo second"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "first");
+    let first_at = Instant::now();
+    assert_eq!(lines.next().unwrap().unwrap(), "second");
+    assert!(first_at.elapsed() >= Duration::from_secs(3), "`first` arrived only at the end");
+    assert!(child.wait().unwrap().success());
+    vt.assert_clean();
+}
+
+#[test]
+fn command_timeout_kills_it_and_exits_124() {
+    let vt = Vmtest::new();
+    let started = Instant::now();
+    let out = vt.run(&["--timeout", "2s"], &["sleep", "600"]);
+    assert_eq!(out.status.code(), Some(124), "{}", stderr(&out));
+    assert!(error_line(&out).contains("`sleep 600` in vmt-"), "{}", stderr(&out));
+    assert!(error_line(&out).contains("timed out after 2.00s; raise --timeout"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(120));
+    vt.assert_clean();
+}
+
+#[test]
+fn missing_command_is_127_and_a_missing_cwd_126_with_messages() {
+    let vt = Vmtest::new();
+    let out = vt.run(&[], &["no-such-command-anywhere"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(stderr(&out).contains("command not found in the guest: no-such-command-anywhere"), "{}", stderr(&out));
+    // The host's /tmp is not the guest's: a cwd there is explained.
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    let out = vt.cmd().current_dir(tmp.path()).args(["run", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the host's /tmp is not shared"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn guest_panic_during_a_command_is_a_guest_failure_with_the_console_tail() {
+    let vt = Vmtest::new();
+    let out = vt.run(&["--root"], &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    let err = error_line(&out);
+    assert!(err.contains("the guest kernel panicked"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("console (last lines):"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn boot_panic_fails_fast_with_exit_71() {
+    let vt = Vmtest::new();
+    let started = Instant::now();
+    // No usable init: the kernel panics at boot.
+    let out = vt.run(&["--kernel-args", "rdinit=/nonexistent root=/dev/nonexistent"], &["true"]);
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(error_line(&out).contains("the guest kernel panicked"), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(60), "a panic must not wait for the boot timeout");
+    vt.assert_clean();
+}
+
+#[test]
+fn boot_timeout_is_explained() {
+    let vt = Vmtest::new();
+    let out = vt.run(&["--boot-timeout", "300ms"], &["true"]);
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(error_line(&out).contains("did not reach vmtest-agent within 300ms; raise --boot-timeout"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn bad_input_is_a_usage_error() {
+    let vt = Vmtest::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--kernel", "/nonexistent/vmlinuz"], "cannot read kernel /nonexistent/vmlinuz (from --kernel)"),
+        (&["--memory", "lots"], "bad memory size `lots`"),
+        (&["--timeout", "5 minutes"], "bad duration `5 minutes`"),
+        (&["--accel", "hvf"], "unknown accelerator `hvf`"),
+        (&["--backend", "vbox"], "unknown backend `vbox`"),
+    ];
+    for (args, msg) in cases {
+        let out = vt.run(args, &["true"]);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(error_line(&out).contains(msg), "{args:?}: {}", stderr(&out));
+    }
+    vt.assert_clean();
+}
+
+#[test]
+fn missing_qemu_is_a_preflight_error_with_the_install_hint() {
+    let vt = Vmtest::new();
+    let out = vt.cmd().env("VMTEST_QEMU", "/nonexistent/qemu").args(["run", "--backend", "qemu", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(error_line(&out).contains("apt-get install qemu-system-x86"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn timings_name_every_phase() {
+    let vt = Vmtest::new();
+    let out = vt.run(&["--timings"], &["true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let line = stderr(&out).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned();
+    for phase in ["boot ", "setup ", "launch ", "command ", "teardown "] {
+        assert!(line.contains(phase), "{phase} missing from {line}");
+    }
+    vt.assert_clean();
+}
+
+#[test]
+fn sigint_during_the_command_tears_everything_down() {
+    let vt = Vmtest::new();
+    let mut child = vt
+        .cmd()
+        .args(["run", "--", "sh", "-c", "echo running; sleep 600"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "running");
+    unsafe { kill(child.id() as i32, 2) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(error_line(&out).contains("interrupted by SIGINT"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn sigterm_during_boot_tears_everything_down() {
+    let vt = Vmtest::new();
+    let child = vt.cmd().args(["run", "--", "true"]).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until QEMU is up, then interrupt the boot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::qemu_pids_using(vt.state.path()).is_empty() {
+        assert!(Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(error_line(&out).contains("interrupted by SIGTERM"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
