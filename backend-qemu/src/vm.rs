@@ -165,7 +165,13 @@ impl QemuVm {
             )));
         }
         vm.timings.push(("boot", t0.elapsed()));
-        tracing::debug!("agent ready after {} ms of guest uptime (kernel {})", hello.uptime_ms, hello.kernel_release);
+        tracing::debug!(
+            "agent ready at {} ms of guest uptime: init at {} ms, modules took {} ms (kernel {})",
+            hello.uptime_ms,
+            hello.init_ms,
+            hello.modules_ms,
+            hello.kernel_release
+        );
 
         let t1 = Instant::now();
         vm.agent.send(&HostMessage::Setup(setup)).map_err(|_| vm.failure("the guest went away during setup".into()))?;

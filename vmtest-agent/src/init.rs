@@ -4,14 +4,20 @@ use crate::sys;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vmtest_core::protocol::{GuestSetup, AGENT_PORT_NAME, POWEROFF_MARKER};
 
 /// Where the initramfs keeps its modules: `order` lists the files in load order.
 const MODULE_DIR: &str = "/lib/modules/vmtest";
 
+/// Boot milestones (ms of uptime), reported in the agent's hello. Set before the fork.
+pub static INIT_MS: AtomicU64 = AtomicU64::new(0);
+pub static MODULES_MS: AtomicU64 = AtomicU64::new(0);
+
 /// Entry point when the kernel started us as init. Never returns.
 pub fn pid1() -> ! {
+    INIT_MS.store(sys::uptime_ms(), Ordering::Relaxed);
     if let Err(e) = early_mounts() {
         eprintln!("vmtest-agent: early mounts failed: {e}");
     }
@@ -19,7 +25,9 @@ pub fn pid1() -> ! {
     if cmdline.split_whitespace().any(|w| w == POWEROFF_MARKER) {
         sys::power_off();
     }
+    let before = sys::uptime_ms();
     load_modules();
+    MODULES_MS.store(sys::uptime_ms() - before, Ordering::Relaxed);
     // SAFETY: fork in a single-threaded process; the child goes on to serve.
     match unsafe { libc::fork() } {
         0 => serve_as_child(),

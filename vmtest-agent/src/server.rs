@@ -48,6 +48,8 @@ pub fn serve(port: &Path, as_init: bool) -> io::Result<()> {
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                 kernel_release: sys::kernel_release(),
                 uptime_ms: sys::uptime_ms(),
+                init_ms: init::INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
+                modules_ms: init::MODULES_MS.load(std::sync::atomic::Ordering::Relaxed),
             }));
             hello_sent = true;
         }

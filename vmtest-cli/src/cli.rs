@@ -31,6 +31,24 @@ pub enum Command {
     Kernel(KernelCommand),
     /// Check that this host can run VMs, and say how to fix what is missing.
     Doctor,
+    /// Print the raw QEMU boot floor's command line as JSON (for `cargo xtask bench`).
+    #[command(hide = true)]
+    FloorCommand(FloorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FloorArgs {
+    /// Where the floor guest's sockets go (the caller creates and removes it).
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +122,9 @@ pub enum KernelCommand {
     Fetch {
         /// A package name, e.g. linux-image-6.1.0-56-amd64. Default: the current one.
         package: Option<String>,
+        /// Do nothing when vmtest already finds a kernel (--kernel aside).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Show the kernel vmtest would use, and the cached ones.
     List,

@@ -135,6 +135,10 @@ pub struct AgentHello {
     pub kernel_release: String,
     /// Milliseconds since the kernel started, when the agent was ready.
     pub uptime_ms: u64,
+    /// Milliseconds since the kernel started, when init began (0 when not init).
+    pub init_ms: u64,
+    /// Milliseconds init spent loading kernel modules.
+    pub modules_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

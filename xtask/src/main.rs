@@ -1,1 +1,169 @@
-fn main() {}
+//! `cargo xtask ci | bench`: the project's own automation, in Rust.
+//!
+//! - `ci`: formatting, clippy, every test (unit, contract, real-VM), and the cargo-runner
+//!   proof: the in-VM example passes through `vmtest run --` under `cargo test` and
+//!   `cargo nextest run`, and its deliberately failing test fails through it.
+//! - `bench [--runs N]`: `vmtest run -- true` against the raw QEMU boot floor, interleaved.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(&args[1..]),
+        _ => Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg]".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Run a step, echoing it; fail with its name.
+fn step(name: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("\n==> {name}");
+    let started = Instant::now();
+    let status = cmd.status().map_err(|e| format!("{name}: cannot start: {e}"))?;
+    eprintln!("<== {name}: {status} in {:.1}s", started.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name} failed ({status})"))
+    }
+}
+
+fn vmtest_binary(profile: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    target.join(profile).join("vmtest")
+}
+
+const RUNNER_VAR: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER";
+
+fn ci() -> Result<()> {
+    step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    step("build vmtest", cargo().args(["build", "-p", "vmtest-cli"]))?;
+    let vmtest = vmtest_binary("debug");
+    // One kernel fetch up front, instead of one per concurrently booting test.
+    step("vmtest kernel fetch (if none found)", Command::new(&vmtest).args(["kernel", "fetch", "--if-missing"]))?;
+    step("cargo test (unit, contract and real-VM tests)", cargo().args(["test", "--workspace"]))?;
+    cargo_runner_proof(&vmtest)
+}
+
+/// The in-VM example through the cargo runner: passes, and fails when it should.
+fn cargo_runner_proof(vmtest: &Path) -> Result<()> {
+    let runner = format!("{} run --", vmtest.display());
+    step("cargo test through the vmtest runner", cargo().env(RUNNER_VAR, &runner).args(["test", "-p", "in-vm-example"]))?;
+    step(
+        "cargo nextest run through the vmtest runner",
+        cargo().env(RUNNER_VAR, &runner).args(["nextest", "run", "-p", "in-vm-example", "--no-fail-fast"]),
+    )?;
+    eprintln!("\n==> a failing test fails through the runner");
+    let out = cargo()
+        .env(RUNNER_VAR, &runner)
+        .args(["test", "-p", "in-vm-example", "--test", "in_vm", "--", "--ignored", "--exact", "expected_failure"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let expected_message = "this failure came from inside the VM (expected)";
+    if out.status.success() || !text.contains(expected_message) || !text.contains("test result: FAILED. 0 passed; 1 failed") {
+        return Err(format!("the expected failure did not come back through the runner:\n{text}"));
+    }
+    eprintln!("<== ok: status {}, message and test result came back from the VM", out.status);
+    Ok(())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(cmd: &mut Command) -> Result<Duration> {
+    let started = Instant::now();
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(took)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let mut runs = 9usize;
+    let mut accel = "auto".to_owned();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => runs = it.next().and_then(|n| n.parse().ok()).ok_or("--runs takes a number")?,
+            "--accel" => accel = it.next().cloned().ok_or("--accel takes auto|kvm|tcg")?,
+            other => return Err(format!("unknown bench flag {other}")),
+        }
+    }
+    if runs < 7 {
+        return Err("use at least 7 runs: the machine is noisy".into());
+    }
+    step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
+    let vmtest = vmtest_binary("release");
+    let floor_dir = std::env::temp_dir().join(format!("vmtest-bench-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&floor_dir).map_err(|e| e.to_string())?;
+    let result = bench_runs(&vmtest, &floor_dir, runs, &accel);
+    let _ = std::fs::remove_dir_all(&floor_dir);
+    result
+}
+
+fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Result<()> {
+    let floor_json = Command::new(vmtest)
+        .args(["floor-command", "--accel", accel, "--dir"])
+        .arg(floor_dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !floor_json.status.success() {
+        return Err(format!("floor-command: {}", String::from_utf8_lossy(&floor_json.stderr)));
+    }
+    let floor: Vec<String> = serde_json::from_slice(&floor_json.stdout).map_err(|e| format!("floor-command output: {e}"))?;
+    let ours_cmd = || {
+        let mut c = Command::new(vmtest);
+        c.args(["run", "--accel", accel, "--", "true"]).env("VMTEST_LOG", "error");
+        c
+    };
+    let floor_cmd = || {
+        let mut c = Command::new(&floor[0]);
+        c.args(&floor[1..]);
+        c
+    };
+    // Warm-up: caches (extracted kernel, initramfs, KVM verdict) and the page cache.
+    time(&mut ours_cmd())?;
+    time(&mut floor_cmd())?;
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        ours.push(time(&mut ours_cmd())?);
+        raw.push(time(&mut floor_cmd())?);
+        eprintln!("run {}/{runs}: vmtest {:.3}s, floor {:.3}s", i + 1, ours[i].as_secs_f64(), raw[i].as_secs_f64());
+    }
+    let (m_ours, m_raw) = (median(&mut ours), median(&mut raw));
+    let ratio = m_ours.as_secs_f64() / m_raw.as_secs_f64();
+    println!("| what | median of {runs} |");
+    println!("|---|---|");
+    println!("| `vmtest run -- true` (release, accel {accel}) | {:.3} s |", m_ours.as_secs_f64());
+    println!("| raw QEMU floor: same kernel, machine and accel, init powers off at once | {:.3} s |", m_raw.as_secs_f64());
+    println!("| ratio vmtest / floor | {ratio:.3} |");
+    Ok(())
+}

@@ -7,7 +7,13 @@ use vmtest_core::Result;
 pub async fn kernel(cmd: KernelCommand) -> Result<i32> {
     let cache = Cache::from_env();
     match cmd {
-        KernelCommand::Fetch { package } => {
+        KernelCommand::Fetch { package, if_missing } => {
+            if if_missing {
+                if let Some(k) = kernel::locate(None, &cache)? {
+                    println!("{} {} (from {}; nothing fetched)", k.release, k.image.display(), k.origin);
+                    return Ok(0);
+                }
+            }
             let k = tokio::task::spawn_blocking(move || fetch::fetch(&cache, package.as_deref()))
                 .await
                 .map_err(|e| vmtest_core::Error::infra(e.to_string()))??;

@@ -2,6 +2,7 @@
 
 mod backends;
 mod doctor;
+mod floor;
 mod kernel;
 mod run;
 
@@ -14,5 +15,6 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(args).await,
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
         Command::Doctor => doctor::doctor().await,
+        Command::FloorCommand(args) => floor::floor_command(args).await,
     }
 }
