@@ -1,0 +1,603 @@
+//! One bhyve guest: the clone, the bhyve process (watched), the console, the serial shell.
+
+use crate::config::{Config, Flavor, ShareMode};
+use crate::teardown::{self, vnic_name};
+use crate::{dev_path, wait_for_device, BhyveData, ConsoleKind, HOST_TIMEOUT};
+use async_trait::async_trait;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use vmtest_core::console::{Console, ConsoleLog};
+use vmtest_core::exec::{ExecOutput, ExecRequest};
+use vmtest_core::shell::{self, Login, ShellOptions, ShellSession};
+use vmtest_core::spec::{format_duration, VmSpec};
+use vmtest_core::state::{ProcessId, RunDir, VmRecord};
+use vmtest_core::{Capabilities, Error, ErrorKind, Result, Vm};
+
+/// What bhyve's exit status means (both flavors).
+pub fn exit_meaning(code: i32) -> &'static str {
+    match code {
+        0 => "the guest rebooted",
+        1 => "the guest powered off",
+        2 => "the guest halted",
+        3 => "triple fault",
+        4 => "bhyve error",
+        _ => "killed",
+    }
+}
+
+/// Host directories whose programs are assumed to exist in the guest too.
+const SYSTEM_DIRS: &[&str] = &["/bin/", "/sbin/", "/usr/", "/lib/", "/lib64/", "/etc/", "/opt/", "/nix/"];
+
+pub struct BhyveVm {
+    name: String,
+    cfg: Config,
+    data: BhyveData,
+    run: RunDir,
+    node: String,
+    vm_dir: PathBuf,
+    console: ConsoleLog,
+    shell: tokio::sync::Mutex<ShellSession>,
+    exited: watch::Receiver<Option<i32>>,
+    detached: AtomicBool,
+    torn_down: Arc<AtomicBool>,
+    timings: Vec<(&'static str, Duration)>,
+}
+
+async fn wait_exit(rx: &mut watch::Receiver<Option<i32>>) -> i32 {
+    loop {
+        if let Some(c) = *rx.borrow_and_update() {
+            return c;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn read_lossy(p: &Path) -> String {
+    std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+}
+
+impl BhyveVm {
+    pub(crate) async fn launch(cfg: Config, flavor: Flavor, image: String, spec: VmSpec, run: RunDir) -> Result<BhyveVm> {
+        let vm = spec.name.clone();
+        let vm_dir = run.vm_dir(&spec.node)?;
+        let console = match flavor {
+            Flavor::FreeBsd => {
+                ConsoleKind::Nmdm { a: format!("/dev/nmdm-{vm}.1A"), b: format!("/dev/nmdm-{vm}.1B") }
+            }
+            Flavor::Illumos => ConsoleKind::Socket { path: vm_dir.join("console.sock") },
+        };
+        let share = (cfg.share == ShareMode::P9kp).then(|| vm_dir.join("share"));
+        let mut data = BhyveData {
+            flavor,
+            pool: cfg.pool.clone(),
+            image: image.clone(),
+            dataset: format!("{}/{vm}", cfg.run_dataset(run.id())),
+            vm: vm.clone(),
+            host: cfg.host.clone(),
+            devroot: cfg.devroot.clone(),
+            console,
+            tap: None,
+            vnic: (flavor == Flavor::Illumos && cfg.nic.is_some()).then(|| vnic_name(run.id(), &spec.node)),
+            pid: None,
+            share: share.clone(),
+            stop_grace_ms: cfg.stop_grace.as_millis() as u64,
+            retries: cfg.retries,
+            retry_pause_ms: cfg.retry_pause.as_millis() as u64,
+        };
+        let mut record = VmRecord::new(&vm, &spec.node, run.id(), "bhyve");
+        record.paths.push(vm_dir.clone());
+        record.backend_data = serde_json::to_value(&data).expect("serializes");
+        run.write_record(&record)?;
+
+        match Self::boot(&cfg, &mut data, &mut record, &spec, &run, &vm_dir, share).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let d = data.clone();
+                let name = vm.clone();
+                let r = tokio::task::spawn_blocking(move || teardown::destroy(&name, &d)).await;
+                match r {
+                    Ok(Ok(())) => run.remove_record(&spec.node),
+                    Ok(Err(t)) => tracing::warn!("{t}"),
+                    Err(_) => {}
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        cfg: &Config,
+        data: &mut BhyveData,
+        record: &mut VmRecord,
+        spec: &VmSpec,
+        run: &RunDir,
+        vm_dir: &Path,
+        share: Option<PathBuf>,
+    ) -> Result<BhyveVm> {
+        let t0 = Instant::now();
+        // Host preparation: clone, device, stale VM, links.
+        {
+            let cfg = cfg.clone();
+            let mut d = data.clone();
+            let run_id = run.id().to_owned();
+            *data = tokio::task::spawn_blocking(move || prepare(&cfg, &mut d, &run_id).map(|_| d))
+                .await
+                .map_err(|e| Error::infra(format!("launch panicked: {e}")))??;
+            record.backend_data = serde_json::to_value(&*data).expect("serializes");
+            run.write_record(record)?;
+        }
+        if let Some(s) = &share {
+            std::fs::create_dir_all(s).map_err(|e| Error::io(format!("cannot create {}", s.display()), e))?;
+        }
+        let t_clone = t0.elapsed();
+
+        // bhyve itself.
+        let args = bhyve_args(cfg, data, spec, share.as_deref());
+        let argv = cfg.host.argv("bhyve", &args, true)?;
+        tracing::debug!("starting {}", vmtest_core::exec::display_argv(&argv));
+        let err_path = vm_dir.join("bhyve.err");
+        let out_file = std::fs::File::create(vm_dir.join("bhyve.out"))
+            .map_err(|e| Error::io("cannot create bhyve.out", e))?;
+        let err_file = std::fs::File::create(&err_path).map_err(|e| Error::io("cannot create bhyve.err", e))?;
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).stdout(out_file).stderr(err_file);
+        // SAFETY: setpgid is async-signal-safe. Its own group: a terminal's Ctrl-C reaches vmtest,
+        // which tears down in order.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::preflight(format!("cannot start bhyve: {e}; check VMTEST_PRIV and PATH")))?;
+        let pid = child.id();
+        data.pid = Some(ProcessId::of(pid).unwrap_or(ProcessId { pid, start_time: 0 }));
+        record.processes = data.pid.into_iter().collect();
+        record.backend_data = serde_json::to_value(&*data).expect("serializes");
+        run.write_record(record)?;
+        let (tx, mut exited) = watch::channel(None);
+        std::thread::spawn(move || {
+            let code = child.wait().ok().map(|s| {
+                use std::os::unix::process::ExitStatusExt;
+                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+            });
+            let _ = tx.send(Some(code.unwrap_or(255)));
+        });
+
+        let boot_failure = |code: i32, console: Option<&ConsoleLog>| {
+            let said = read_lossy(&err_path);
+            let first = said.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message on stderr").trim();
+            let mut detail = format!("bhyve said:\n{}", said.trim_end());
+            if let Some(c) = console {
+                detail.push_str(&format!("\nconsole (last lines):\n{}", c.tail(30)));
+            }
+            Error::boot(format!(
+                "bhyve exited with status {code} ({}) before {} was ready: {first}",
+                exit_meaning(code),
+                spec.name
+            ))
+            .with_detail(detail)
+        };
+
+        // The console: connect at once (illumos drops output while no client is connected).
+        let log_path = vm_dir.join("console.log");
+        let connect = async {
+            loop {
+                let attempt: std::io::Result<ConsoleLog> = match &data.console {
+                    ConsoleKind::Socket { path } => match tokio::net::UnixStream::connect(path).await {
+                        Ok(s) => {
+                            let (r, w) = s.into_split();
+                            ConsoleLog::spawn(r, Some(Box::new(w)), &log_path)
+                                .map_err(|e| std::io::Error::other(e.message().to_owned()))
+                        }
+                        Err(e) => Err(e),
+                    },
+                    ConsoleKind::Nmdm { b, .. } => match crate::tty::open_raw(&dev_path(&data.devroot, b)) {
+                        Ok((r, w)) => ConsoleLog::spawn(r, Some(Box::new(w)), &log_path)
+                            .map_err(|e| std::io::Error::other(e.message().to_owned())),
+                        Err(e) => Err(e),
+                    },
+                };
+                match attempt {
+                    Ok(log) => return log,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        };
+        let console = tokio::select! {
+            c = tokio::time::timeout(Duration::from_secs(30), connect) => c.map_err(|_| {
+                Error::boot(format!("the console of {} did not appear within 30s", spec.name))
+                    .with_detail(read_lossy(&err_path))
+            })?,
+            code = wait_exit(&mut exited) => return Err(boot_failure(code, None)),
+        };
+
+        // Log in and get a shell.
+        let opts = ShellOptions {
+            login: Some(Login { user: cfg.user.clone(), password: cfg.password.clone() }),
+            exec_sh: true,
+            ready_timeout: spec.boot_timeout,
+            ..ShellOptions::default()
+        };
+        let start = ShellSession::start(Box::new(console.handle_from_start()), opts);
+        let shell = tokio::select! {
+            s = start => s.map_err(|e| match e.kind() {
+                ErrorKind::Timeout => Error::boot(format!(
+                    "{} gave no shell on its serial console within {}; check the image's getty and the \
+                     login (VMTEST_BHYVE_USER, VMTEST_BHYVE_PASSWORD)",
+                    spec.name,
+                    format_duration(spec.boot_timeout)
+                ))
+                .with_detail(console.tail(30)),
+                _ => e,
+            })?,
+            code = wait_exit(&mut exited) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Err(boot_failure(code, Some(&console)));
+            }
+        };
+        let timings = vec![("clone", t_clone), ("boot", t0.elapsed() - t_clone)];
+        tracing::info!("{} is up ({} flavor, image {})", spec.name, data.flavor.name(), data.image);
+        Ok(BhyveVm {
+            name: spec.name.clone(),
+            cfg: cfg.clone(),
+            data: data.clone(),
+            run: run.clone(),
+            node: spec.node.clone(),
+            vm_dir: vm_dir.to_owned(),
+            console,
+            shell: tokio::sync::Mutex::new(shell),
+            exited,
+            detached: AtomicBool::new(false),
+            torn_down: Arc::new(AtomicBool::new(false)),
+            timings,
+        })
+    }
+
+    /// The recorded teardown parameters.
+    pub fn data(&self) -> &BhyveData {
+        &self.data
+    }
+
+    pub fn console_log(&self) -> &ConsoleLog {
+        &self.console
+    }
+
+    fn vm_gone(&self) -> Option<i32> {
+        *self.exited.borrow()
+    }
+
+    async fn copy_in_locked(&self, shell: &mut ShellSession, host: &Path, guest: &[u8]) -> Result<()> {
+        let data = std::fs::read(host)
+            .map_err(|e| Error::usage(format!("cannot read {} to copy it in: {e}", host.display())))?;
+        let mode = std::fs::metadata(host).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0o644);
+        match &self.data.share {
+            Some(share) => self.copy_via_9p(shell, share, host, &data, guest, mode).await,
+            None => shell.write_file(guest, &data, mode, None).await,
+        }
+    }
+
+    /// Stage the file in the 9p share, `p9kp pull` it in the guest, move it, check it.
+    async fn copy_via_9p(
+        &self,
+        shell: &mut ShellSession,
+        share: &Path,
+        host: &Path,
+        data: &[u8],
+        guest: &[u8],
+        mode: u32,
+    ) -> Result<()> {
+        // The share holds exactly the one file being copied: `p9kp pull` copies it all.
+        let _ = std::fs::remove_dir_all(share);
+        std::fs::create_dir_all(share).map_err(|e| Error::io(format!("cannot create {}", share.display()), e))?;
+        let staged = share.join("f");
+        std::fs::write(&staged, data).map_err(|e| Error::io(format!("cannot stage {}", host.display()), e))?;
+        let g = shell::sh_quote(guest);
+        let mut script = b"set -e\nt=$(mktemp -d)\ncd \"$t\"\np9kp pull\nmkdir -p -- \"$(dirname -- ".to_vec();
+        script.extend_from_slice(&g);
+        script.extend_from_slice(b")\"\nmv -f \"$t/f\" ");
+        script.extend_from_slice(&g);
+        script.extend_from_slice(format!("\nchmod {mode:o} ").as_bytes());
+        script.extend_from_slice(&g);
+        script.extend_from_slice(b"\ncd /\nrm -rf \"$t\"\ncksum <");
+        script.extend_from_slice(&g);
+        script.push(b'\n');
+        let out = shell.run(&script, None, None).await?;
+        let _ = std::fs::remove_file(&staged);
+        let shown = String::from_utf8_lossy(guest).into_owned();
+        if out.status != 0 {
+            return Err(Error::infra(format!(
+                "copy of {} to {shown} through the 9p share failed (status {}): {}; set VMTEST_BHYVE_SHARE=serial \
+                 if the image has no p9kp",
+                host.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let want = format!("{} {}", shell::cksum(data), data.len());
+        let got = String::from_utf8_lossy(&out.stdout).split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        if got != want {
+            return Err(Error::transient(format!(
+                "copy of {} to {shown} arrived damaged (cksum `{got}`, expected `{want}`); try again",
+                host.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn teardown_job(&self, grace_ms: u64) -> impl FnOnce() -> Result<()> + Send + 'static {
+        let torn_down = self.torn_down.clone();
+        let mut d = self.data.clone();
+        d.stop_grace_ms = grace_ms;
+        let name = self.name.clone();
+        let run = self.run.clone();
+        let node = self.node.clone();
+        move || {
+            if torn_down.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
+            let r = teardown::destroy(&name, &d);
+            if r.is_ok() {
+                run.remove_record(&node);
+            }
+            r
+        }
+    }
+
+    async fn teardown(&self, grace_ms: u64) -> Result<()> {
+        if self.torn_down.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // The steps block on host tools; keep them off the async workers.
+        tokio::task::spawn_blocking(self.teardown_job(grace_ms))
+            .await
+            .map_err(|e| Error::infra(format!("teardown panicked: {e}")))?
+    }
+}
+
+/// Everything between "image exists" and "start bhyve": clone, device, stale VM, NIC.
+fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
+    let h = &cfg.host;
+    let flavor = data.flavor;
+    let base = format!("{}@base", cfg.image_dataset(&data.image));
+    let out = h.run("zfs", &["list", "-H", "-o", "name", &base], HOST_TIMEOUT)?;
+    if !out.success() {
+        return Err(if out.message().contains("dataset does not exist") {
+            Error::usage(format!(
+                "bhyve image `{}` is not imported ({base} does not exist); run `vmtest image import --backend \
+                 bhyve FILE {}`",
+                data.image, data.image
+            ))
+        } else {
+            Error::infra(format!("`zfs list {base}` failed: {}", out.message()))
+        });
+    }
+    let owner = format!("vmtest:owner={run_id}");
+    let mut args = vec!["clone", "-p", "-o", &owner];
+    if flavor == Flavor::FreeBsd {
+        args.extend_from_slice(flavor.zvol_options());
+    }
+    args.push(&base);
+    args.push(&data.dataset);
+    let out = h.run("zfs", &args, HOST_TIMEOUT)?;
+    if !out.success() {
+        let msg = out.message();
+        return Err(if msg.contains("dataset already exists") || msg.contains("busy") {
+            Error::transient(format!("`zfs clone` to {} failed: {msg} (a leftover; it is swept first)", data.dataset))
+        } else {
+            Error::infra(format!("`zfs clone {base} {}` failed: {msg}", data.dataset))
+        });
+    }
+    let dev = flavor.zvol_path(&data.dataset);
+    if !wait_for_device(&dev_path(&data.devroot, &dev), Duration::from_secs(30)) {
+        return Err(Error::transient(format!("the zvol device {dev} did not appear within 30s; try again")));
+    }
+    // A VM of the same name left in the kernel would make bhyve reuse it.
+    let arg = format!("--vm={}", data.vm);
+    let _ = h.run("bhyvectl", &[&arg, "--destroy"], HOST_TIMEOUT)?;
+    if let Some(link) = &cfg.nic {
+        match flavor {
+            Flavor::FreeBsd if link != "slirp" => {
+                let out = h.check("ifconfig", &["tap", "create"], HOST_TIMEOUT)?;
+                let tap = out
+                    .stdout
+                    .split_whitespace()
+                    .find(|w| w.starts_with("tap") && w[3..].chars().all(|c| c.is_ascii_digit()) && w.len() > 3)
+                    .ok_or_else(|| Error::infra(format!("`ifconfig tap create` printed no tap name: {}", out.stdout)))?
+                    .to_owned();
+                data.tap = Some(tap.clone());
+                let desc = format!("vmtest:{run_id}:{}", data.vm);
+                h.check("ifconfig", &[&tap, "description", &desc], HOST_TIMEOUT)?;
+                h.check("ifconfig", &[link, "addm", &tap], HOST_TIMEOUT)?;
+            }
+            Flavor::FreeBsd => {}
+            Flavor::Illumos => {
+                let vnic = data.vnic.clone().expect("set with the NIC");
+                let out = h.run("dladm", &["create-vnic", "-t", "-l", link, &vnic], HOST_TIMEOUT)?;
+                if !out.success() {
+                    let msg = out.message();
+                    return Err(if msg.contains("busy") || msg.contains("already exists") {
+                        Error::transient(format!("`dladm create-vnic {vnic}` failed: {msg}"))
+                    } else {
+                        Error::infra(format!(
+                            "`dladm create-vnic -t -l {link} {vnic}` failed: {msg}; check VMTEST_BHYVE_NIC"
+                        ))
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bhyve command line (reference (b)).
+pub fn bhyve_args(cfg: &Config, data: &BhyveData, spec: &VmSpec, share: Option<&Path>) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-H".into()];
+    if data.flavor == Flavor::FreeBsd {
+        a.push("-P".into());
+    }
+    a.extend([
+        "-c".into(),
+        spec.cpus.to_string(),
+        "-m".into(),
+        format!("{}M", spec.memory_mib),
+        "-s".into(),
+        "0,hostbridge".into(),
+        "-s".into(),
+        "1,lpc".into(),
+        "-s".into(),
+        format!("2,virtio-blk,{}", data.flavor.zvol_path(&data.dataset)),
+    ]);
+    match (data.flavor, &cfg.nic) {
+        (Flavor::FreeBsd, Some(n)) if n == "slirp" => {
+            a.extend(["-s".into(), "3,virtio-net,slirp".into()]);
+        }
+        (Flavor::FreeBsd, Some(_)) => {
+            if let Some(tap) = &data.tap {
+                a.extend(["-s".into(), format!("3,virtio-net,{tap}")]);
+            }
+        }
+        (Flavor::Illumos, Some(_)) => {
+            if let Some(vnic) = &data.vnic {
+                a.extend(["-s".into(), format!("3,virtio-net-viona,vnic={vnic}")]);
+            }
+        }
+        (_, None) => {}
+    }
+    if let Some(s) = share {
+        a.extend(["-s".into(), format!("4,virtio-9p,vmtest={},ro", s.display())]);
+    }
+    let con = match &data.console {
+        ConsoleKind::Nmdm { a, .. } => format!("com1,{a}"),
+        ConsoleKind::Socket { path } => format!("com1,socket,{}", path.display()),
+    };
+    a.extend(["-l".into(), con]);
+    if let Some(rom) = &cfg.bootrom {
+        a.extend(["-l".into(), format!("bootrom,{rom}")]);
+    }
+    a.push(data.vm.clone());
+    a
+}
+
+/// How to reach a kept VM, for the CLI to print.
+pub fn keep_instructions(record: &VmRecord) -> String {
+    let Ok(d) = BhyveData::from_record(record) else { return String::new() };
+    let prefix = d.host.privilege.program().map(|p| format!("{p} ")).unwrap_or_default();
+    let console = match &d.console {
+        ConsoleKind::Nmdm { b, .. } => format!("{prefix}cu -l {b}"),
+        ConsoleKind::Socket { path } => format!("{prefix}nc -U {}", path.display()),
+    };
+    format!(
+        "VM {} is still running (dataset {}).\n  console: {console}\n  exec:    vmtest exec {} -- CMD\n  destroy: \
+         vmtest destroy {}",
+        record.name, d.dataset, record.name, record.name
+    )
+}
+
+#[async_trait]
+impl Vm for BhyveVm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            network: self.cfg.nic.is_some(),
+            snapshots: false,
+            concurrent_exec: false,
+            console: true,
+            host_root: false,
+        }
+    }
+
+    async fn exec(&self, mut req: ExecRequest) -> Result<ExecOutput> {
+        if let Some(code) = self.vm_gone() {
+            return Err(Error::infra(format!(
+                "{} is gone: bhyve exited with status {code} ({})",
+                self.name,
+                exit_meaning(code)
+            )));
+        }
+        let mut shell = self.shell.lock().await;
+        let mut fallback = b"/".to_vec();
+        if let Some(prog) = req.argv.first().map(PathBuf::from) {
+            let s = prog.to_string_lossy().into_owned();
+            let host_file = s.contains('/') && prog.is_file() && !SYSTEM_DIRS.iter().any(|d| s.starts_with(d));
+            if self.cfg.copy_program && host_file {
+                let base = prog.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let guest = format!("{}/{base}", self.cfg.bay);
+                tracing::debug!("copying {} into the guest at {guest}", prog.display());
+                let prog = if prog.is_absolute() { prog } else { std::env::current_dir().unwrap_or_default().join(prog) };
+                self.copy_in_locked(&mut shell, &prog, guest.as_bytes()).await?;
+                req.argv[0] = OsString::from(guest);
+                fallback = self.cfg.bay.as_bytes().to_vec();
+            }
+        }
+        let script = shell::command_script(&req, Some(&fallback));
+        let mut exited = self.exited.clone();
+        tokio::select! {
+            r = shell.exec_script(req, &script) => r,
+            code = wait_exit(&mut exited) => Err(Error::infra(format!(
+                "bhyve exited with status {code} ({}) while the command ran in {}",
+                exit_meaning(code),
+                self.name
+            )).with_detail(self.console.tail(30))),
+        }
+    }
+
+    async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()> {
+        let mut shell = self.shell.lock().await;
+        self.copy_in_locked(&mut shell, host, guest.as_os_str().as_bytes()).await
+    }
+
+    async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {
+        let data = self.shell.lock().await.read_file(guest.as_os_str().as_bytes(), None).await?;
+        std::fs::write(host, data).map_err(|e| Error::io(format!("cannot write {}", host.display()), e))
+    }
+
+    fn console(&self) -> Result<Box<dyn Console>> {
+        Ok(Box::new(self.console.handle()))
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        self.teardown(self.data.stop_grace_ms).await
+    }
+
+    async fn kill(&self) -> Result<()> {
+        self.teardown(0).await
+    }
+
+    fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
+        tracing::info!("keeping {} (run dir {})", self.name, self.vm_dir.display());
+    }
+
+    fn boot_timings(&self) -> Vec<(&'static str, Duration)> {
+        self.timings.clone()
+    }
+}
+
+impl Drop for BhyveVm {
+    fn drop(&mut self) {
+        if self.detached.load(Ordering::SeqCst) || self.torn_down.load(Ordering::SeqCst) {
+            return;
+        }
+        let job = self.teardown_job(0);
+        let _ = std::thread::spawn(move || {
+            if let Err(e) = job() {
+                tracing::warn!("{e}");
+            }
+        })
+        .join();
+    }
+}
