@@ -148,7 +148,9 @@ impl Config {
             Some("p9kp") => ShareMode::P9kp,
             Some("serial") | Some("none") => ShareMode::Serial,
             Some(other) => {
-                return Err(Error::usage(format!("VMTEST_BHYVE_SHARE=`{other}` is not known; use p9kp or serial")))
+                return Err(Error::usage(format!(
+                    "VMTEST_BHYVE_SHARE=`{other}` is not known; use p9kp or serial"
+                )))
             }
             None if fl == Flavor::Illumos => ShareMode::P9kp,
             None => ShareMode::Serial,

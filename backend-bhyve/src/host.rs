@@ -137,7 +137,11 @@ impl HostCommand {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| Error::preflight(format!("cannot run `{program}`: {e}; check VMTEST_BHYVE_PATH and VMTEST_PRIV")))?;
+            .map_err(|e| {
+                Error::preflight(format!(
+                    "cannot run `{program}`: {e}; check VMTEST_BHYVE_PATH and VMTEST_PRIV"
+                ))
+            })?;
         let out_pipe = child.stdout.take();
         let err_pipe = child.stderr.take();
         let reader = |p: Option<std::process::ChildStdout>| {

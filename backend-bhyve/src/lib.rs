@@ -130,7 +130,11 @@ impl BhyveBackend {
         let cfg = self.config()?.clone();
         tokio::task::spawn_blocking(move || {
             let root = format!("{}/vmtest/img", cfg.pool);
-            let out = cfg.host.run("zfs", &["list", "-H", "-o", "name", "-t", "snapshot", "-r", &root], HOST_TIMEOUT)?;
+            let out = cfg.host.run(
+                "zfs",
+                &["list", "-H", "-o", "name", "-t", "snapshot", "-r", &root],
+                HOST_TIMEOUT,
+            )?;
             if !out.success() {
                 return if out.message().contains("dataset does not exist") {
                     Ok(Vec::new())
@@ -203,7 +207,10 @@ fn import_image(cfg: &Config, file: &Path, name: &str, force: bool) -> Result<St
     let meta = std::fs::metadata(file)
         .map_err(|e| Error::usage(format!("cannot read image file {}: {e}", file.display())))?;
     if !meta.is_file() || meta.len() == 0 {
-        return Err(Error::usage(format!("{} is not a raw disk image (empty or not a file)", file.display())));
+        return Err(Error::usage(format!(
+            "{} is not a raw disk image (empty or not a file)",
+            file.display()
+        )));
     }
     let img = cfg.image_dataset(name);
     let base = format!("{img}@base");
@@ -292,7 +299,9 @@ impl Hypervisor for BhyveBackend {
             )));
         }
         let _ = self.dev("/dev")?;
-        vm::BhyveVm::launch(cfg, flavor, image, spec.clone(), dir.clone()).await.map(|v| Box::new(v) as Box<dyn Vm>)
+        vm::BhyveVm::launch(cfg, flavor, image, spec.clone(), dir.clone())
+            .await
+            .map(|v| Box::new(v) as Box<dyn Vm>)
     }
 
     async fn list_owned(&self) -> Result<Vec<VmRecord>> {
@@ -327,7 +336,9 @@ fn preflight(cfg: &Config) -> Preflight {
     for tool in ["zfs", "bhyve", "bhyvectl"] {
         match cfg.host.resolve(tool) {
             Some(p) => pf.push(Check::ok(tool, p.display().to_string())),
-            None => pf.push(Check::fail(tool, "not found on PATH", "bhyve and zfs ship with the OS; check PATH")),
+            None => {
+                pf.push(Check::fail(tool, "not found on PATH", "bhyve and zfs ship with the OS; check PATH"))
+            }
         }
     }
     if let Some(p) = cfg.host.privilege.program() {

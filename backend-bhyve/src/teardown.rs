@@ -216,12 +216,14 @@ pub fn list_owned(cfg: &Config, state: &StateDir) -> Result<Vec<VmRecord>> {
     let flavor = cfg.flavor()?;
     let records = records_by_run(state);
     let mut out: Vec<VmRecord> = Vec::new();
-    let known = |name: &str| -> Option<VmRecord> {
-        records.values().flatten().find(|r| r.name == name).cloned()
-    };
+    let known =
+        |name: &str| -> Option<VmRecord> { records.values().flatten().find(|r| r.name == name).cloned() };
     let root = format!("{}/vmtest/run", cfg.pool);
-    let listed =
-        cfg.host.run("zfs", &["list", "-H", "-o", "name,vmtest:owner", "-t", "volume", "-r", &root], HOST_TIMEOUT)?;
+    let listed = cfg.host.run(
+        "zfs",
+        &["list", "-H", "-o", "name,vmtest:owner", "-t", "volume", "-r", &root],
+        HOST_TIMEOUT,
+    )?;
     if listed.success() {
         for line in listed.stdout.lines() {
             let mut cols = line.split('\t');
@@ -287,7 +289,9 @@ pub fn sweep(cfg: &Config, state: &StateDir, list_only: bool) -> Result<SweepRep
 
     // Empty run parents of dead runs.
     let root = format!("{}/vmtest/run", cfg.pool);
-    if let Ok(o) = cfg.host.run("zfs", &["list", "-H", "-o", "name", "-t", "filesystem", "-r", &root], HOST_TIMEOUT) {
+    if let Ok(o) =
+        cfg.host.run("zfs", &["list", "-H", "-o", "name", "-t", "filesystem", "-r", &root], HOST_TIMEOUT)
+    {
         for ds in o.stdout.lines().filter(|d| *d != root) {
             let run = ds.rsplit('/').next().unwrap_or(ds);
             if !run_alive(run) && !list_only {
@@ -297,7 +301,8 @@ pub fn sweep(cfg: &Config, state: &StateDir, list_only: bool) -> Result<SweepRep
     }
 
     // Links of dead runs.
-    let link_run = |desc: &str| desc.strip_prefix("vmtest:").and_then(|r| r.split(':').next()).map(str::to_owned);
+    let link_run =
+        |desc: &str| desc.strip_prefix("vmtest:").and_then(|r| r.split(':').next()).map(str::to_owned);
     match flavor {
         Flavor::FreeBsd => {
             if let Ok(o) = cfg.host.run("ifconfig", &["-g", "tap"], HOST_TIMEOUT) {

@@ -64,7 +64,13 @@ fn read_lossy(p: &Path) -> String {
 }
 
 impl BhyveVm {
-    pub(crate) async fn launch(cfg: Config, flavor: Flavor, image: String, spec: VmSpec, run: RunDir) -> Result<BhyveVm> {
+    pub(crate) async fn launch(
+        cfg: Config,
+        flavor: Flavor,
+        image: String,
+        spec: VmSpec,
+        run: RunDir,
+    ) -> Result<BhyveVm> {
         let vm = spec.name.clone();
         let vm_dir = run.vm_dir(&spec.node)?;
         let console = match flavor {
@@ -145,7 +151,8 @@ impl BhyveVm {
         let err_path = vm_dir.join("bhyve.err");
         let out_file = std::fs::File::create(vm_dir.join("bhyve.out"))
             .map_err(|e| Error::io("cannot create bhyve.out", e))?;
-        let err_file = std::fs::File::create(&err_path).map_err(|e| Error::io("cannot create bhyve.err", e))?;
+        let err_file =
+            std::fs::File::create(&err_path).map_err(|e| Error::io("cannot create bhyve.err", e))?;
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..]).stdin(std::process::Stdio::null()).stdout(out_file).stderr(err_file);
         // SAFETY: setpgid is async-signal-safe. Its own group: a terminal's Ctrl-C reaches vmtest,
@@ -279,7 +286,8 @@ impl BhyveVm {
     async fn copy_in_locked(&self, shell: &mut ShellSession, host: &Path, guest: &[u8]) -> Result<()> {
         let data = std::fs::read(host)
             .map_err(|e| Error::usage(format!("cannot read {} to copy it in: {e}", host.display())))?;
-        let mode = std::fs::metadata(host).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        let mode = std::fs::metadata(host)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
             .unwrap_or(0o644);
         match &self.data.share {
             Some(share) => self.copy_via_9p(shell, share, host, &data, guest, mode).await,
@@ -299,11 +307,14 @@ impl BhyveVm {
     ) -> Result<()> {
         // The share holds exactly the one file being copied: `p9kp pull` copies it all.
         let _ = std::fs::remove_dir_all(share);
-        std::fs::create_dir_all(share).map_err(|e| Error::io(format!("cannot create {}", share.display()), e))?;
+        std::fs::create_dir_all(share)
+            .map_err(|e| Error::io(format!("cannot create {}", share.display()), e))?;
         let staged = share.join("f");
-        std::fs::write(&staged, data).map_err(|e| Error::io(format!("cannot stage {}", host.display()), e))?;
+        std::fs::write(&staged, data)
+            .map_err(|e| Error::io(format!("cannot stage {}", host.display()), e))?;
         let g = shell::sh_quote(guest);
-        let mut script = b"set -e\nt=$(mktemp -d)\ncd \"$t\"\np9kp pull\nmkdir -p -- \"$(dirname -- ".to_vec();
+        let mut script =
+            b"set -e\nt=$(mktemp -d)\ncd \"$t\"\np9kp pull\nmkdir -p -- \"$(dirname -- ".to_vec();
         script.extend_from_slice(&g);
         script.extend_from_slice(b")\"\nmv -f \"$t/f\" ");
         script.extend_from_slice(&g);
@@ -325,7 +336,8 @@ impl BhyveVm {
             )));
         }
         let want = format!("{} {}", shell::cksum(data), data.len());
-        let got = String::from_utf8_lossy(&out.stdout).split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+        let got =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().take(2).collect::<Vec<_>>().join(" ");
         if got != want {
             return Err(Error::transient(format!(
                 "copy of {} to {shown} arrived damaged (cksum `{got}`, expected `{want}`); try again",
@@ -374,9 +386,10 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
     if !out.success() {
         return Err(if out.message().contains("dataset does not exist") {
             Error::usage(format!(
-                "bhyve image `{}` is not imported ({base} does not exist); run `vmtest image import --backend \
-                 bhyve FILE {}`",
-                data.image, data.image
+                "bhyve image `{}` is not imported (zfs: {}); run `vmtest image import --backend bhyve FILE {}`",
+                data.image,
+                out.message(),
+                data.image
             ))
         } else {
             Error::infra(format!("`zfs list {base}` failed: {}", out.message()))
@@ -393,7 +406,10 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
     if !out.success() {
         let msg = out.message();
         return Err(if msg.contains("dataset already exists") || msg.contains("busy") {
-            Error::transient(format!("`zfs clone` to {} failed: {msg} (a leftover; it is swept first)", data.dataset))
+            Error::transient(format!(
+                "`zfs clone` to {} failed: {msg} (a leftover; it is swept first)",
+                data.dataset
+            ))
         } else {
             Error::infra(format!("`zfs clone {base} {}` failed: {msg}", data.dataset))
         });
@@ -412,8 +428,12 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
                 let tap = out
                     .stdout
                     .split_whitespace()
-                    .find(|w| w.starts_with("tap") && w[3..].chars().all(|c| c.is_ascii_digit()) && w.len() > 3)
-                    .ok_or_else(|| Error::infra(format!("`ifconfig tap create` printed no tap name: {}", out.stdout)))?
+                    .find(|w| {
+                        w.starts_with("tap") && w[3..].chars().all(|c| c.is_ascii_digit()) && w.len() > 3
+                    })
+                    .ok_or_else(|| {
+                        Error::infra(format!("`ifconfig tap create` printed no tap name: {}", out.stdout))
+                    })?
                     .to_owned();
                 data.tap = Some(tap.clone());
                 let desc = format!("vmtest:{run_id}:{}", data.vm);
@@ -532,12 +552,17 @@ impl Vm for BhyveVm {
         let mut fallback = b"/".to_vec();
         if let Some(prog) = req.argv.first().map(PathBuf::from) {
             let s = prog.to_string_lossy().into_owned();
-            let host_file = s.contains('/') && prog.is_file() && !SYSTEM_DIRS.iter().any(|d| s.starts_with(d));
+            let host_file =
+                s.contains('/') && prog.is_file() && !SYSTEM_DIRS.iter().any(|d| s.starts_with(d));
             if self.cfg.copy_program && host_file {
                 let base = prog.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let guest = format!("{}/{base}", self.cfg.bay);
                 tracing::debug!("copying {} into the guest at {guest}", prog.display());
-                let prog = if prog.is_absolute() { prog } else { std::env::current_dir().unwrap_or_default().join(prog) };
+                let prog = if prog.is_absolute() {
+                    prog
+                } else {
+                    std::env::current_dir().unwrap_or_default().join(prog)
+                };
                 self.copy_in_locked(&mut shell, &prog, guest.as_bytes()).await?;
                 req.argv[0] = OsString::from(guest);
                 fallback = self.cfg.bay.as_bytes().to_vec();
