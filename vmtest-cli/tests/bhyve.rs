@@ -1,0 +1,142 @@
+//! `vmtest run --backend bhyve` end to end against the fake bhyve host tools
+//! (backend-bhyve/tests/fake): status, output, the listed errors' exit codes, and no leftovers.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Host {
+    dir: tempfile::TempDir,
+}
+
+fn fake_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../backend-bhyve/tests/fake/fake.py")
+}
+
+impl Host {
+    fn new(flavor: &str) -> Host {
+        let dir = tempfile::Builder::new().prefix("bhc").tempdir_in("/tmp").unwrap();
+        let h = Host { dir };
+        std::fs::create_dir_all(h.p("s/dev")).unwrap();
+        std::fs::write(h.p("s/dev/vmmctl"), b"").unwrap();
+        std::fs::write(h.p("uefi.fd"), b"").unwrap();
+        std::fs::create_dir_all(h.p("bin")).unwrap();
+        for t in ["zfs", "bhyve", "bhyvectl", "ifconfig", "dladm", "pfexec", "dd"] {
+            std::os::unix::fs::symlink(fake_py(), h.p("bin").join(t)).unwrap();
+        }
+        std::fs::write(h.p("flavor"), flavor).unwrap();
+        h
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn vmtest(&self, extra_env: &[(&str, &str)], args: &[&str]) -> Output {
+        let flavor = std::fs::read_to_string(self.p("flavor")).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmtest"));
+        c.args(args)
+            .env("VMTEST_STATE_DIR", self.p("state"))
+            .env("VMTEST_BHYVE_FLAVOR", &flavor)
+            .env("VMTEST_BHYVE_PATH", self.p("bin"))
+            .env("VMTEST_BHYVE_DEVROOT", self.p("s/dev"))
+            .env("VMTEST_BHYVE_POOL", "tank")
+            .env("VMTEST_BHYVE_IMAGE", "img1")
+            .env("VMTEST_BHYVE_BOOTROM", self.p("uefi.fd"))
+            .env("VMTEST_BHYVE_BAY", self.p("bay"))
+            .env("VMTEST_BHYVE_SHARE", "serial")
+            .env("VMTEST_PRIV", "pfexec")
+            .env("FAKE_BHYVE_STATE", self.p("s"))
+            .env("FAKE_BHYVE_FLAVOR", &flavor)
+            .stdin(std::process::Stdio::null());
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    fn zfs(&self, args: &[&str]) {
+        let flavor = std::fs::read_to_string(self.p("flavor")).unwrap();
+        let st = Command::new(self.p("bin/zfs"))
+            .args(args)
+            .env("FAKE_BHYVE_STATE", self.p("s"))
+            .env("FAKE_BHYVE_FLAVOR", flavor)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    fn import(&self) {
+        self.zfs(&["create", "-p", "-V", "1048576", "tank/vmtest/img/img1"]);
+        self.zfs(&["snapshot", "tank/vmtest/img/img1@base"]);
+    }
+
+    fn leftovers(&self) -> (Vec<String>, usize) {
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.p("s/state.json")).unwrap()).unwrap();
+        let run: Vec<String> =
+            s["datasets"].as_object().unwrap().keys().filter(|k| k.contains("/run/")).cloned().collect();
+        let vmm = std::fs::read_dir(self.p("s/dev/vmm")).map(|d| d.count()).unwrap_or(0);
+        (run, vmm)
+    }
+}
+
+#[test]
+fn runs_a_command_in_a_fake_freebsd_bhyve_and_returns_its_status() {
+    let h = Host::new("freebsd");
+    h.import();
+    let out = h.vmtest(
+        &[],
+        &["run", "--backend", "bhyve", "--", "sh", "-c", "echo hello from bhyve; echo e >&2; exit 3"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from bhyve\n");
+    assert!(stderr.contains("e\n"), "{stderr}");
+    assert_eq!(h.leftovers(), (vec![], 0));
+}
+
+#[test]
+fn runs_a_host_test_binary_in_a_fake_illumos_bhyve() {
+    let h = Host::new("illumos");
+    h.import();
+    let bin = h.p("target/debug/deps/mytest-abc");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::write(&bin, "#!/bin/sh\necho \"ran $* in $(pwd)\"\n[ \"$2\" = good ]\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let b = bin.to_str().unwrap();
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--", b, "--exact", "good"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("ran --exact good in "), "{text}");
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--", b, "--exact", "bad"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(h.leftovers(), (vec![], 0));
+}
+
+#[test]
+fn listed_errors_map_to_their_exit_codes() {
+    let h = Host::new("freebsd");
+    // No image: usage (64), with the fix.
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("vmtest image import --backend bhyve FILE img1"), "{stderr}");
+    h.import();
+    // The VMM crashes: boot failure (71) with its stderr, fast, nothing left.
+    let out = h.vmtest(
+        &[("FAKE_BHYVE_CRASH", "vm_create: Cannot allocate memory")],
+        &["run", "--backend", "bhyve", "--", "true"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(71), "{stderr}");
+    assert!(stderr.contains("Cannot allocate memory"), "{stderr}");
+    assert_eq!(h.leftovers(), (vec![], 0));
+    // A command past --timeout: 124.
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--timeout", "1s", "--", "sleep", "60"]);
+    assert_eq!(out.status.code(), Some(124), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.leftovers(), (vec![], 0));
+    // Not a bhyve host and no override: preflight (69).
+    let out = h.vmtest(&[("VMTEST_BHYVE_FLAVOR", "")], &["run", "--backend", "bhyve", "--", "true"]);
+    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+}
