@@ -51,6 +51,9 @@ pub struct MultipassOptions {
     pub launch_timeout: Option<Duration>,
     pub storage: Option<PathBuf>,
     pub confined: Option<bool>,
+    /// How long past its own `--timeout` a `launch` client may run before it is killed
+    /// (default 60 s).
+    pub launch_grace: Option<Duration>,
     /// A setting that could not be read, reported by pre-flight and launch.
     pub config_error: Option<String>,
 }
@@ -317,14 +320,26 @@ impl Hypervisor for MultipassBackend {
             }
             Ok(v) => match &v.multipassd {
                 None => {
-                    pf.push(Check::fail(
-                        "multipass daemon",
-                        format!(
-                            "multipassd is not running (`multipass version` shows only the client {})",
-                            v.multipass
-                        ),
-                        daemon_fix,
-                    ));
+                    // The client reaches no daemon; `list` says why (down, access, auth).
+                    match self.list_instances().await {
+                        Err(e) if e.kind() == ErrorKind::Preflight => {
+                            let mut parts = e.message().splitn(2, "; ");
+                            let detail = parts.next().unwrap_or_default().to_owned();
+                            pf.push(Check::fail(
+                                "multipass daemon",
+                                detail,
+                                parts.next().unwrap_or(daemon_fix),
+                            ));
+                        }
+                        _ => pf.push(Check::fail(
+                            "multipass daemon",
+                            format!(
+                                "multipassd is not running (`multipass version` shows only the client {})",
+                                v.multipass
+                            ),
+                            daemon_fix,
+                        )),
+                    }
                     return pf;
                 }
                 Some(d) if *d != v.multipass => pf.push(Check::warn(
@@ -430,7 +445,7 @@ impl Hypervisor for MultipassBackend {
         self.launched.lock().unwrap().insert(name.clone());
         let started = std::time::Instant::now();
         tracing::info!("launching multipass instance {name} ({})", args.join(" "));
-        let deadline = Duration::from_secs(timeout_secs) + LAUNCH_GRACE;
+        let deadline = Duration::from_secs(timeout_secs) + self.opts.launch_grace.unwrap_or(LAUNCH_GRACE);
         let out = match mp.run(&args, cloud_init.as_deref(), deadline).await {
             Ok(out) => out,
             Err(e) => {

@@ -103,9 +103,7 @@ impl Wrapper<'_> {
 /// The script that kills the command's process group after a host-side deadline.
 pub fn kill_script(nonce: &str) -> String {
     let f = pid_file(nonce);
-    format!(
-        "p=$(cat \"$HOME/{f}\" 2>/dev/null) && [ -n \"$p\" ] && kill -KILL -- -\"$p\"; rm -f \"$HOME/{f}\""
-    )
+    format!("p=$(cat \"$HOME/{f}\" 2>/dev/null) && [ -n \"$p\" ] && kill -9 -\"$p\"; rm -f \"$HOME/{f}\"")
 }
 
 /// Removes the status marker from a stderr stream and keeps the status. Output before the
