@@ -117,7 +117,7 @@ async fn freebsd_launch_exec_copy_and_destroy() {
     assert_eq!(data.vm, vmname);
     assert!(data.pid.is_some());
     assert!(matches!(data.console, ConsoleKind::Nmdm { .. }));
-    assert_eq!(fh.vmm(), [vmname.clone()]);
+    assert_eq!(fh.vmm(), std::slice::from_ref(&vmname));
 
     // Commands: argv exactly, status, stderr apart.
     let mut req =
@@ -476,8 +476,6 @@ async fn freebsd_tap_is_created_described_and_swept() {
 /// its status returned; on failure the VM is kept with the commands to reach it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn omicron_test_binary_runs_by_name_and_failures_keep_the_vm() {
-    use vmtest_core::retry::RetryPolicy;
-    use vmtest_core::runner::{run_command, KeepPolicy};
     let fh = FakeHost::new(Flavor::Illumos, &[]);
     let mut cfg = fh.config(Privilege::Pfexec);
     cfg.share = ShareMode::P9kp;
@@ -496,32 +494,46 @@ async fn omicron_test_binary_runs_by_name_and_failures_keep_the_vm() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-    let run = |name: &str| {
-        let mut req =
-            ExecRequest::new([bin.as_os_str(), "--exact".as_ref(), name.as_ref(), "--nocapture".as_ref()]);
-        req.cwd = Some(std::env::current_dir().unwrap());
-        let mut sp = VmSpec::new("", "vm");
-        sp.boot = BootSpec::Image { name: "img1".into() };
-        run_command(
-            &be,
-            &state,
-            sp,
-            req,
-            RetryPolicy::default(),
-            KeepPolicy::OnFailure,
-            std::future::pending(),
-        )
+    // What `vmtest run --keep-on-failure` does: launch, exec, then tear down or detach and keep.
+    let run = |name: &'static str| {
+        let (be, state, bin) = (&be, &state, bin.clone());
+        async move {
+            let dir = state.create_run().unwrap();
+            let mut sp = VmSpec::new(dir.vm_name("vm"), "vm");
+            sp.boot = BootSpec::Image { name: "img1".into() };
+            let vm = be.launch(&sp, &dir).await.unwrap();
+            let mut req = ExecRequest::new([
+                bin.as_os_str(),
+                "--exact".as_ref(),
+                name.as_ref(),
+                "--nocapture".as_ref(),
+            ]);
+            req.cwd = Some(std::env::current_dir().unwrap());
+            let out = vm.exec(req).await.unwrap();
+            if out.status.success() {
+                vm.shutdown().await.unwrap();
+                (out, None)
+            } else {
+                vm.detach();
+                let mut rec = record(&dir);
+                rec.kept = true;
+                dir.write_record(&rec).unwrap();
+                (out, Some(vm.name().to_owned()))
+            }
+        }
     };
-    let ok = run("launch").await.unwrap();
+    let (ok, kept) = run("launch").await;
     assert_eq!(ok.status, ExitStatus::Code(0));
-    assert_eq!(ok.kept, None);
+    assert_eq!(ok.stdout_lossy(), "test launch ... ok\n");
+    assert_eq!(kept, None);
     assert!(fh.vmm().is_empty());
     assert!(std::fs::read(fh.bay().join("omicron_test_utils-1234")).is_ok(), "copied into the cargo bay");
 
-    let bad = run("other_test").await.unwrap();
+    let (bad, kept) = run("other_test").await;
     assert_eq!(bad.status, ExitStatus::Code(101));
-    let kept = bad.kept.expect("kept on failure");
-    assert_eq!(fh.vmm(), [kept.clone()]);
+    assert_eq!(bad.stdout_lossy(), "test other_test ... FAILED\n");
+    let kept = kept.expect("kept on failure");
+    assert_eq!(fh.vmm(), std::slice::from_ref(&kept));
     let (_, rec) = state.records().into_iter().find(|(_, r)| r.name == kept).unwrap();
     assert!(rec.kept);
     let how = backend_bhyve::vm::keep_instructions(&rec);
