@@ -1,0 +1,215 @@
+//! `vmtest run --backend multipass` end to end: the real binary against the fake `multipass`
+//! (backend-multipass/tests/fake/multipass) on both release lines, checking exit codes,
+//! messages, retries, and that nothing of the user's is deleted.
+
+#[path = "../../backend-multipass/tests/support/fake.rs"]
+mod fake;
+
+use fake::{assert_deletes_are_safe, Fake};
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../backend-multipass/tests/fake/multipass");
+
+struct Env {
+    fake: Fake,
+    state: tempfile::TempDir,
+}
+
+fn env(version: &str) -> Env {
+    let fake = Fake::new(SCRIPT, version);
+    fake.user_instance("users-own");
+    fake.clear_calls();
+    Env { fake, state: tempfile::tempdir().unwrap() }
+}
+
+impl Env {
+    fn vmtest(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmtest"));
+        cmd.args(args)
+            .env("VMTEST_MULTIPASS", &self.fake.exe)
+            .env("VMTEST_STATE_DIR", self.state.path())
+            .env("VMTEST_MULTIPASS_STORAGE", self.fake.path())
+            .env_remove("VMTEST_BACKEND")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        let mut child = cmd.spawn().unwrap();
+        if let Some(data) = stdin {
+            child.stdin.take().unwrap().write_all(data).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    fn run(&self, command: &[&str]) -> Output {
+        let mut args = vec!["run", "--backend", "multipass", "--"];
+        args.extend_from_slice(command);
+        self.vmtest(&args, None)
+    }
+
+    /// Nothing of vmtest's is left: no vmt- instance, no run dir; the user's instance stays.
+    fn assert_clean(&self) {
+        assert_deletes_are_safe(&self.fake);
+        assert_eq!(self.fake.instances(), vec![("users-own".to_owned(), "Running".to_owned())]);
+        // The state dir may hold the lock slots (`locks/`); no run dir may be left.
+        let runs: Vec<_> = std::fs::read_dir(self.state.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).filter(|n| n != "locks").collect())
+            .unwrap_or_default();
+        assert!(runs.is_empty(), "run dirs left: {runs:?}");
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn run_returns_the_guest_status_and_streams_output() {
+    for v in ["1.16", "main"] {
+        let e = env(v);
+        let o = e.run(&["sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 7"]);
+        assert_eq!(o.status.code(), Some(7), "{v}: {}", stderr(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "to-stdout\n");
+        assert!(
+            stderr(&o).contains("to-stderr\n") && !stderr(&o).contains("__VMTEST_EXIT"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(e.fake.calls_of("launch").len(), 1);
+        assert_eq!(e.fake.calls_of("delete").len(), 1);
+        e.assert_clean();
+    }
+}
+
+#[test]
+fn statuses_multipass_would_mangle_come_through() {
+    // 1.16 loops forever on 4 and uses 2 for its own failures; main uses 255 for its own.
+    for (v, code) in [("1.16", 4), ("1.16", 2), ("main", 255), ("main", 4)] {
+        let e = env(v);
+        let o = e.run(&["sh", "-c", &format!("exit {code}")]);
+        assert_eq!(o.status.code(), Some(code), "{v}: {}", stderr(&o));
+        e.assert_clean();
+    }
+}
+
+#[test]
+fn backend_chosen_through_vmtest_backend_and_stdin_passed() {
+    let e = env("main");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmtest"));
+    cmd.args(["run", "--", "sh", "-c", "tr a-z A-Z"])
+        .env("VMTEST_BACKEND", "multipass")
+        .env("VMTEST_MULTIPASS", &e.fake.exe)
+        .env("VMTEST_STATE_DIR", e.state.path())
+        .env("VMTEST_MULTIPASS_STORAGE", e.fake.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"piped in\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "PIPED IN\n");
+    e.assert_clean();
+}
+
+#[test]
+fn daemon_down_exits_69_and_says_how_to_start_it() {
+    let mut e = env("1.16");
+    e.fake.set("FAKE_MULTIPASS_DAEMON", "down");
+    let o = e.run(&["true"]);
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(stderr(&o).contains("multipassd is not running"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("snap"), "{}", stderr(&o));
+    assert!(e.fake.calls_of("launch").is_empty());
+}
+
+#[test]
+fn missing_multipass_exits_69() {
+    let e = env("1.16");
+    let o = Command::new(env!("CARGO_BIN_EXE_vmtest"))
+        .args(["run", "--backend", "multipass", "--", "true"])
+        .env("VMTEST_MULTIPASS", e.state.path().join("no/multipass"))
+        .env("VMTEST_STATE_DIR", e.state.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
+    assert!(stderr(&o).contains("snap install multipass"), "{}", stderr(&o));
+}
+
+#[test]
+fn launch_error_rows_give_the_documented_exit_codes() {
+    // (version, FAKE_MULTIPASS_LAUNCH_FAIL, vmtest exit code, launches, text in the message)
+    let rows = [
+        (
+            "1.16",
+            "client-timeout,client-timeout,client-timeout",
+            75,
+            3,
+            "Timed out waiting for instance launch.",
+        ),
+        (
+            "main",
+            "response-timeout,response-timeout,response-timeout",
+            75,
+            3,
+            "timed out waiting for response",
+        ),
+        ("main", "unreachable,unreachable,unreachable", 75, 3, "Remote \"\" is unknown or unreachable."),
+        ("1.16", "unreachable,ok", 0, 2, ""),
+        ("1.16", "init-timeout,ok", 0, 2, ""),
+        ("main", "daemon-restart,ok", 0, 2, ""),
+        ("main", "kvm", 69, 1, "KVM support is not enabled"),
+        ("1.16", "disk-host", 69, 1, "Available disk"),
+        ("1.16", "disk-request", 64, 1, "Requested disk"),
+        ("main", "qemu-memory", 71, 1, "Instance shutdown during start"),
+        ("main", "being-prepared", 75, 1, "is being prepared"),
+    ];
+    for (v, modes, code, launches, said) in rows {
+        let mut e = env(v);
+        e.fake.set("FAKE_MULTIPASS_LAUNCH_FAIL", modes);
+        let o = e.run(&["true"]);
+        assert_eq!(o.status.code(), Some(code), "{v} {modes}: {}", stderr(&o));
+        assert!(stderr(&o).contains(said), "{v} {modes}: {}", stderr(&o));
+        assert_eq!(e.fake.calls_of("launch").len(), launches, "{v} {modes}");
+        if code != 0 {
+            let first = stderr(&o).lines().find(|l| l.starts_with("vmtest: error: ")).map(str::to_owned);
+            assert!(first.is_some_and(|l| l.contains("; ")), "one line with a fix: {}", stderr(&o));
+        }
+        e.assert_clean();
+    }
+}
+
+#[test]
+fn bad_sizes_and_kernels_are_usage_errors() {
+    let e = env("main");
+    let o = e.vmtest(&["run", "--backend", "multipass", "--memory", "256M", "--", "true"], None);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Invalid memory size value supplied: 256M."), "{}", stderr(&o));
+    let o = e.vmtest(&["run", "--backend", "multipass", "--kernel", "/boot/vmlinuz", "--", "true"], None);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("boots images, not kernels"), "{}", stderr(&o));
+    e.assert_clean();
+}
+
+#[test]
+fn a_command_past_its_timeout_exits_124() {
+    let e = env("1.16");
+    let o = e.vmtest(&["run", "--backend", "multipass", "--timeout", "1s", "--", "sleep", "30"], None);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("timed out after"), "{}", stderr(&o));
+    e.assert_clean();
+}
+
+#[test]
+fn the_vm_gets_the_requested_shape() {
+    let e = env("main");
+    let o = e.vmtest(&["run", "--backend", "multipass", "--cpus", "2", "--memory", "1G", "--", "true"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let l = e.fake.calls_of("launch").pop().unwrap();
+    assert!(
+        l.windows(2).any(|w| w == ["--cpus", "2"]) && l.windows(2).any(|w| w == ["--memory", "1024M"]),
+        "{l:?}"
+    );
+    e.assert_clean();
+}
