@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 use vmtest_core::exec::{ExecRequest, GuestUser, StdinSource};
 use vmtest_core::retry::RetryPolicy;
-use vmtest_core::runner::{run_command, KeepPolicy};
+use vmtest_core::runner::{run_command, RunOptions};
 use vmtest_core::spec::{BootSpec, VmSpec};
 use vmtest_core::state::{ProcessId, StateDir, VmRecord};
 use vmtest_core::{CheckStatus, ErrorKind, ExitStatus, Hypervisor, Vm};
@@ -45,6 +45,11 @@ fn spec() -> VmSpec {
 
 fn fast_retry() -> RetryPolicy {
     RetryPolicy { attempts: 3, backoff: Duration::from_millis(1) }
+}
+
+/// What `vmtest run` passes, with fast retries.
+fn run_opts() -> RunOptions<'static> {
+    RunOptions { retry: fast_retry(), ..Default::default() }
 }
 
 fn never() -> std::future::Pending<&'static str> {
@@ -135,17 +140,8 @@ async fn a_run_launches_execs_and_deletes_with_the_documented_calls() {
         let state = StateDir::at(tmp.path());
         f.user_instance("users-own");
         f.clear_calls();
-        let out = run_command(
-            &backend(&f),
-            &state,
-            spec(),
-            sh("exit 33"),
-            fast_retry(),
-            KeepPolicy::Never,
-            never(),
-        )
-        .await
-        .unwrap();
+        let out =
+            run_command(&backend(&f), &state, spec(), sh("exit 33"), run_opts(), never()).await.unwrap();
         assert_eq!(out.status, ExitStatus::Code(33), "{v}");
         let launches = f.calls_of("launch");
         assert_eq!(launches.len(), 1);
@@ -374,7 +370,7 @@ async fn run_with_launch_failures(
     let mut s = spec();
     tweak(&mut opts, &mut s);
     let b = MultipassBackend::new(opts);
-    let r = run_command(&b, &state, s, sh("exit 0"), fast_retry(), KeepPolicy::Never, never()).await;
+    let r = run_command(&b, &state, s, sh("exit 0"), run_opts(), never()).await;
     assert!(state.records().is_empty(), "records left: {:?}", state.records());
     (f, r)
 }
@@ -557,16 +553,8 @@ async fn daemon_down_at_launch_is_a_preflight_error() {
     let mut f = fake("main");
     f.set("FAKE_MULTIPASS_DAEMON", "down");
     let tmp = tempfile::tempdir().unwrap();
-    let r = run_command(
-        &backend(&f),
-        &StateDir::at(tmp.path()),
-        spec(),
-        sh("true"),
-        fast_retry(),
-        KeepPolicy::Never,
-        never(),
-    )
-    .await;
+    let r =
+        run_command(&backend(&f), &StateDir::at(tmp.path()), spec(), sh("true"), run_opts(), never()).await;
     let err = r.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Preflight);
     assert_eq!(err.exit_code(), 69);
@@ -579,17 +567,9 @@ async fn kernel_boot_is_a_usage_error() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = spec();
     s.boot = BootSpec::Kernel { kernel: Some("/boot/vmlinuz".into()) };
-    let err = run_command(
-        &backend(&f),
-        &StateDir::at(tmp.path()),
-        s,
-        sh("true"),
-        fast_retry(),
-        KeepPolicy::Never,
-        never(),
-    )
-    .await
-    .unwrap_err();
+    let err = run_command(&backend(&f), &StateDir::at(tmp.path()), s, sh("true"), run_opts(), never())
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Usage);
     assert!(err.message().contains("--backend qemu"), "{err}");
 }
@@ -724,4 +704,53 @@ async fn console_is_unsupported_and_capabilities_say_so() {
     assert!(vm.console().err().unwrap().message().contains("no serial console"));
     vm.kill().await.unwrap();
     assert!(f.instances().is_empty());
+}
+
+#[test]
+fn the_fake_prints_what_the_reference_pins() {
+    for v in VERSIONS {
+        let f = fake(v);
+        let empty: serde_json::Value =
+            serde_json::from_slice(&f.mp(&["list", "--format", "json"]).stdout).unwrap();
+        assert_eq!(empty, serde_json::json!({"list": []}));
+        assert_eq!(String::from_utf8_lossy(&f.mp(&["list"]).stdout), "No instances found.\n");
+        let out = f.mp(&["launch", "--name", "pinned"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains("\x1b[2K\x1b[0A\x1b[0E"), "spinner bytes even when piped");
+        let launched = if v == "main" { "Launched: pinned in zone1\n" } else { "Launched: pinned\n" };
+        assert!(stdout.ends_with(launched), "{v}: {stdout:?}");
+        let list = String::from_utf8_lossy(&f.mp(&["list", "--format", "json"]).stdout).into_owned();
+        let pos = |k: &str| list.find(&format!("\"{k}\"")).unwrap();
+        if v == "main" {
+            assert!(pos("name") < pos("state") && pos("state") < pos("ipv4") && pos("release") < pos("zone"));
+        } else {
+            assert!(
+                pos("ipv4") < pos("name") && pos("name") < pos("release") && pos("release") < pos("state")
+            );
+            assert!(!list.contains("zone"));
+        }
+        let info: serde_json::Value =
+            serde_json::from_slice(&f.mp(&["info", "pinned", "--format", "json"]).stdout).unwrap();
+        assert_eq!(info["errors"], serde_json::json!([]));
+        assert!(
+            info["info"]["pinned"]["cpu_count"].is_string()
+                && info["info"]["pinned"]["memory"]["total"].is_u64()
+        );
+        // One missing name: exit 2, nothing on stdout, nothing deleted.
+        let out = f.mp(&["delete", "--purge", "pinned", "nope"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "delete failed: The following errors occurred:\ninstance \"nope\" does not exist\n"
+        );
+        assert_eq!(f.instances().len(), 1);
+        let out = f.mp(&["frobnicate"]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).starts_with("Error: Unknown command or alias 'frobnicate'")
+        );
+        let out = f.mp(&["exec", "pinned", "ls", "-l"]);
+        assert_eq!(out.status.code(), Some(1), "inner options need --");
+    }
 }
