@@ -15,7 +15,12 @@ fn main() {
     }
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest.parent().unwrap();
-    for dir in ["vmtest-agent/src", "vmtest-agent/Cargo.toml", "vmtest-core/src/protocol.rs", "vmtest-core/Cargo.toml"] {
+    for dir in [
+        "vmtest-agent/src",
+        "vmtest-agent/Cargo.toml",
+        "vmtest-core/src/protocol.rs",
+        "vmtest-core/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     let target = env::var("TARGET").unwrap();

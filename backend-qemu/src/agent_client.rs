@@ -106,10 +106,16 @@ impl AgentClient {
             groups: req.user.groups.clone(),
             stdin: !matches!(req.stdin, StdinSource::Null),
         };
+        tracing::debug!("exec #{id}: {}", req.display_argv());
         self.send(&HostMessage::Exec(start))?;
         self.feed_stdin(id, req.stdin);
 
-        let mut out = ExecOutput { status: ExitStatus::Code(0), stdout: Vec::new(), stderr: Vec::new(), duration: Duration::ZERO };
+        let mut out = ExecOutput {
+            status: ExitStatus::Code(0),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            duration: Duration::ZERO,
+        };
         let mut sink = req.output;
         let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
         loop {
@@ -119,7 +125,11 @@ impl AgentClient {
                     Err(_) => {
                         // Kill the whole process group, give the agent a moment to report.
                         let _ = self.send(&HostMessage::Signal { id, signal: libc::SIGKILL });
-                        let _ = tokio::time::timeout(Duration::from_secs(2), drain_until_exit(rx, &mut out, &mut sink)).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            drain_until_exit(rx, &mut out, &mut sink),
+                        )
+                        .await;
                         out.duration = started.elapsed();
                         return Err(AgentError::TimedOut { partial: out });
                     }
@@ -128,7 +138,9 @@ impl AgentClient {
             };
             match msg {
                 None => return Err(AgentError::Disconnected),
-                Some(GuestMessage::Output { stream, data, .. }) => deliver(&mut sink, &mut out, stream, &data),
+                Some(GuestMessage::Output { stream, data, .. }) => {
+                    deliver(&mut sink, &mut out, stream, &data)
+                }
                 Some(GuestMessage::Exited { status, .. }) => {
                     out.status = status;
                     out.duration = started.elapsed();
@@ -139,7 +151,8 @@ impl AgentClient {
                         libc::ENOENT => (127, "command not found in the guest"),
                         _ => (126, "cannot run command in the guest"),
                     };
-                    let program = req.argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+                    let program =
+                        req.argv.first().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
                     let line = format!("vmtest: {what}: {program}: {error}\n");
                     deliver(&mut sink, &mut out, Stream::Stderr, line.as_bytes());
                     out.status = ExitStatus::Code(code);
@@ -227,7 +240,9 @@ impl AgentClient {
                             return Ok(data);
                         }
                     }
-                    Some(GuestMessage::FileDone { error: Some(e), .. }) => return Err(AgentError::Refused(e)),
+                    Some(GuestMessage::FileDone { error: Some(e), .. }) => {
+                        return Err(AgentError::Refused(e))
+                    }
                     Some(_) => {}
                     None => return Err(AgentError::Disconnected),
                 }
@@ -249,7 +264,11 @@ fn deliver(sink: &mut OutputMode, out: &mut ExecOutput, stream: Stream, data: &[
     }
 }
 
-async fn drain_until_exit(rx: &mut UnboundedReceiver<GuestMessage>, out: &mut ExecOutput, sink: &mut OutputMode) {
+async fn drain_until_exit(
+    rx: &mut UnboundedReceiver<GuestMessage>,
+    out: &mut ExecOutput,
+    sink: &mut OutputMode,
+) {
     while let Some(msg) = rx.recv().await {
         match msg {
             GuestMessage::Output { stream, data, .. } => deliver(sink, out, stream, &data),
@@ -270,7 +289,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, mut frames: UnboundedR
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, routes: Routes, control: UnboundedSender<GuestMessage>) {
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
+    routes: Routes,
+    control: UnboundedSender<GuestMessage>,
+) {
     loop {
         let mut prefix = [0u8; 4];
         if reader.read_exact(&mut prefix).await.is_err() {
@@ -281,6 +304,7 @@ async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, routes: Routes, control:
         if reader.read_exact(&mut body).await.is_err() {
             break;
         }
+        tracing::trace!("frame of {len} bytes from the agent");
         let msg: GuestMessage = match protocol::decode(&body) {
             Ok(m) => m,
             Err(e) => {

@@ -20,9 +20,11 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
     })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let first = stderr.lines().find(|l| l.starts_with("E:")).or_else(|| stderr.lines().next()).unwrap_or("");
-        return Err(Error::preflight(format!("{what} failed: {}", first.trim()))
-            .with_detail(stderr.into_owned()));
+        let first =
+            stderr.lines().find(|l| l.starts_with("E:")).or_else(|| stderr.lines().next()).unwrap_or("");
+        return Err(
+            Error::preflight(format!("{what} failed: {}", first.trim())).with_detail(stderr.into_owned())
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -39,7 +41,9 @@ pub fn resolve_package(requested: Option<&str>) -> Result<String> {
         None => METAPACKAGES.to_vec(),
     };
     for meta in &metas {
-        let Ok(show) = run(Command::new("apt-cache").args(["show", "--no-all-versions", meta]), "apt-cache show") else {
+        let Ok(show) =
+            run(Command::new("apt-cache").args(["show", "--no-all-versions", meta]), "apt-cache show")
+        else {
             continue;
         };
         let depends = show.lines().find_map(|l| l.strip_prefix("Depends:")).unwrap_or("");
@@ -73,11 +77,16 @@ pub fn fetch(cache: &Cache, requested: Option<&str>) -> Result<Kernel> {
         .map_err(|e| Error::io(format!("cannot create a temporary dir in {}", kernels.display()), e))?;
     let mut packages = vec![package.clone()];
     let modules_pkg = format!("linux-modules-{release}");
-    if run(Command::new("apt-cache").args(["show", "--no-all-versions", &modules_pkg]), "apt-cache show").is_ok() {
+    if run(Command::new("apt-cache").args(["show", "--no-all-versions", &modules_pkg]), "apt-cache show")
+        .is_ok()
+    {
         packages.push(modules_pkg);
     }
     tracing::info!("downloading {}", packages.join(" "));
-    run(Command::new("apt-get").arg("download").args(&packages).current_dir(work.path()), "apt-get download")?;
+    run(
+        Command::new("apt-get").arg("download").args(&packages).current_dir(work.path()),
+        "apt-get download",
+    )?;
     let root = work.path().join("root");
     for deb in std::fs::read_dir(work.path()).into_iter().flatten().flatten() {
         if deb.path().extension().is_some_and(|e| e == "deb") {
@@ -86,7 +95,9 @@ pub fn fetch(cache: &Cache, requested: Option<&str>) -> Result<Kernel> {
     }
     make_readable(&root.join("boot"));
     if find_image(&root).is_none() {
-        return Err(Error::preflight(format!("{package} holds no /boot/vmlinuz-*; pass --kernel PATH instead")));
+        return Err(Error::preflight(format!(
+            "{package} holds no /boot/vmlinuz-*; pass --kernel PATH instead"
+        )));
     }
     match std::fs::rename(&root, &dest) {
         Ok(()) => {}

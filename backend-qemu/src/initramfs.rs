@@ -3,7 +3,7 @@
 //! kernel unpacks it fastest), cached under its content hash.
 
 use crate::cache::{digest, Cache};
-use crate::modules::{read_module, Module};
+use crate::modules::{read_module, strip_signature, Module};
 use std::path::PathBuf;
 use vmtest_core::Result;
 
@@ -76,10 +76,12 @@ impl Cpio {
 }
 
 /// Build (or find in the cache) the initramfs for this agent and these modules.
-pub fn build(cache: &Cache, agent: &[u8], modules: &[Module]) -> Result<PathBuf> {
+/// `strip_signatures` only where the kernel does not enforce module signatures.
+pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: bool) -> Result<PathBuf> {
     let mut loaded = Vec::with_capacity(modules.len());
     for m in modules {
-        loaded.push((m.name.clone(), read_module(&m.path)?));
+        let bytes = read_module(&m.path)?;
+        loaded.push((m.name.clone(), if strip_signatures { strip_signature(bytes) } else { bytes }));
     }
     let mut parts: Vec<&[u8]> = vec![agent];
     for (name, bytes) in &loaded {
@@ -111,7 +113,7 @@ pub fn build(cache: &Cache, agent: &[u8], modules: &[Module]) -> Result<PathBuf>
 
 /// An initramfs whose init powers off at once: the raw boot floor the benchmark compares to.
 pub fn build_poweroff(cache: &Cache, agent: &[u8]) -> Result<PathBuf> {
-    build(cache, agent, &[])
+    build(cache, agent, &[], false)
 }
 
 #[cfg(test)]
@@ -140,9 +142,9 @@ mod tests {
     fn builds_are_cached_by_content() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::at(tmp.path());
-        let a = build(&cache, b"agent-1", &[]).unwrap();
-        let b = build(&cache, b"agent-1", &[]).unwrap();
-        let c = build(&cache, b"agent-2", &[]).unwrap();
+        let a = build(&cache, b"agent-1", &[], false).unwrap();
+        let b = build(&cache, b"agent-1", &[], true).unwrap();
+        let c = build(&cache, b"agent-2", &[], false).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

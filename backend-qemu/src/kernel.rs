@@ -21,6 +21,8 @@ pub struct Kernel {
     pub modules: Option<PathBuf>,
     /// Where it came from, for messages: `--kernel`, `$VMTEST_KERNEL`, `/boot`, `cache`.
     pub origin: &'static str,
+    /// Its build configuration (`config-<release>` beside it or in /boot), when found.
+    pub config: Option<PathBuf>,
 }
 
 impl Kernel {
@@ -41,7 +43,22 @@ impl Kernel {
             ))
         })?;
         let modules = modules_dir_for(image, &release);
-        Ok(Kernel { image: image.to_owned(), release, modules, origin })
+        let config = [
+            image.with_file_name(format!("config-{release}")),
+            PathBuf::from(format!("/boot/config-{release}")),
+        ]
+        .into_iter()
+        .find(|p| p.is_file());
+        Ok(Kernel { image: image.to_owned(), release, modules, origin, config })
+    }
+
+    /// True only when the kernel's config is known and does not force module signatures,
+    /// so unsigned modules load.
+    pub fn accepts_unsigned_modules(&self) -> bool {
+        let Some(config) = self.config.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) else {
+            return false;
+        };
+        !config.lines().any(|l| l.trim() == "CONFIG_MODULE_SIG_FORCE=y")
     }
 }
 
@@ -95,9 +112,7 @@ fn newest_first(dir: &Path) -> Vec<PathBuf> {
 /// Compare kernel versions numerically where they are numbers (6.10 > 6.9).
 pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let parts = |s: &str| -> Vec<(u64, String)> {
-        s.split(|c: char| c == '.' || c == '-' || c == '+' || c == '_')
-            .map(|p| (p.parse().unwrap_or(0), p.to_owned()))
-            .collect()
+        s.split(['.', '-', '+', '_']).map(|p| (p.parse().unwrap_or(0), p.to_owned())).collect()
     };
     parts(a).cmp(&parts(b))
 }
@@ -143,7 +158,8 @@ pub struct BootImage {
 
 /// Extract (once) and return the fastest bootable form of `kernel`.
 pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
-    let id = file_identity(&kernel.image).map_err(|e| Error::io(format!("cannot stat {}", kernel.image.display()), e))?;
+    let id = file_identity(&kernel.image)
+        .map_err(|e| Error::io(format!("cannot stat {}", kernel.image.display()), e))?;
     let dir = cache.dir("vmlinux")?;
     let key = digest([id.as_bytes()]);
     let elf_path = dir.join(format!("{}-{key}", kernel.release));
@@ -154,7 +170,8 @@ pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
     if no_pvh_marker.is_file() {
         return Ok(BootImage { path: kernel.image.clone(), pvh: false });
     }
-    let bytes = std::fs::read(&kernel.image).map_err(|e| Error::io(format!("cannot read {}", kernel.image.display()), e))?;
+    let bytes = std::fs::read(&kernel.image)
+        .map_err(|e| Error::io(format!("cannot read {}", kernel.image.display()), e))?;
     let elf = if bytes.starts_with(b"\x7fELF") { Some(bytes) } else { extract_vmlinux(&bytes) };
     match elf.filter(|e| has_pvh_note(e)) {
         Some(elf) => {
@@ -162,7 +179,10 @@ pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
             Ok(BootImage { path: elf_path, pvh: true })
         }
         None => {
-            tracing::info!("{} has no PVH entry point; booting the compressed image (slower)", kernel.image.display());
+            tracing::info!(
+                "{} has no PVH entry point; booting the compressed image (slower)",
+                kernel.image.display()
+            );
             Cache::write_atomic(&no_pvh_marker, b"")?;
             Ok(BootImage { path: kernel.image.clone(), pvh: false })
         }
@@ -175,7 +195,8 @@ pub fn extract_vmlinux(bz: &[u8]) -> Option<Vec<u8>> {
     const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
     const GZIP: &[u8] = &[0x1f, 0x8b, 0x08];
     let find = |magic: &[u8]| bz.windows(magic.len()).position(|w| w == magic);
-    let candidates: [(Option<usize>, fn(&[u8]) -> Option<Vec<u8>>); 3] = [
+    type Decoder = fn(&[u8]) -> Option<Vec<u8>>;
+    let candidates: [(Option<usize>, Decoder); 3] = [
         (find(XZ), xz_single_stream),
         (find(ZSTD), |d| {
             let mut out = Vec::new();

@@ -105,7 +105,10 @@ impl QemuBackend {
                  run `vmtest kernel fetch` or pass --kernel PATH",
             ));
         }
-        eprintln!("vmtest: no kernel found; fetching the distro's kernel package into {} (once)", self.cache.root().display());
+        eprintln!(
+            "vmtest: no kernel found; fetching the distro's kernel package into {} (once)",
+            self.cache.root().display()
+        );
         fetch::fetch(&self.cache, None)
     }
 
@@ -132,11 +135,13 @@ impl QemuBackend {
             tokio::task::spawn_blocking(move || -> Result<(BootImage, PathBuf)> {
                 let boot = kernel::boot_image(&kernel, &cache)?;
                 let modules = match &kernel.modules {
-                    Some(dir) => modules::ModuleTree::open(dir)?.resolve(MachineKind::for_kernel(&boot).guest_modules())?,
+                    Some(dir) => modules::ModuleTree::open(dir)?
+                        .resolve(MachineKind::for_kernel(&boot).guest_modules())?,
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).
                     None => Vec::new(),
                 };
-                Ok((boot.clone(), initramfs::build(&cache, AGENT, &modules)?))
+                let strip = kernel.accepts_unsigned_modules();
+                Ok((boot.clone(), initramfs::build(&cache, AGENT, &modules, strip)?))
             })
             .await
             .map_err(|e| Error::infra(format!("initramfs build: {e}")))??
@@ -164,7 +169,11 @@ impl QemuBackend {
 
     /// The raw boot floor: the same QEMU, kernel and machine, with an initramfs whose init
     /// powers off at once. What `cargo xtask bench` compares `vmtest run -- true` against.
-    pub async fn floor_command(&self, spec: &VmSpec, dir: &Path) -> Result<(PathBuf, Vec<std::ffi::OsString>)> {
+    pub async fn floor_command(
+        &self,
+        spec: &VmSpec,
+        dir: &Path,
+    ) -> Result<(PathBuf, Vec<std::ffi::OsString>)> {
         let p = self.prepare(spec).await?;
         let floor = initramfs::build_poweroff(&self.cache, AGENT)?;
         let mut cmd = self.command(&p, spec, dir, false);
@@ -177,11 +186,14 @@ impl QemuBackend {
 /// Resolve a program name on `PATH` (or check a path), as a shell would.
 pub fn find_executable(name: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let is_exec = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    let is_exec =
+        |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
     if name.components().count() > 1 {
         return is_exec(name).then(|| name.to_owned());
     }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).map(|d| d.join(name)).find(|p| is_exec(p))
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(name))
+        .find(|p| is_exec(p))
 }
 
 fn now_unix() -> (i64, u32) {
@@ -224,14 +236,25 @@ impl Hypervisor for QemuBackend {
             }
         }
         match kernel::locate(None, &self.cache) {
-            Ok(Some(k)) => pf.push(Check::ok("kernel", format!("{} {} (from {})", k.image.display(), k.release, k.origin))),
+            Ok(Some(k)) => pf.push(Check::ok(
+                "kernel",
+                format!("{} {} (from {})", k.image.display(), k.release, k.origin),
+            )),
             Ok(None) if self.opts.auto_fetch => pf.push(Check::warn(
                 "kernel",
                 "no kernel found yet; the first run fetches the distro's kernel package",
                 "run `vmtest kernel fetch` now, or pass --kernel PATH",
             )),
-            Ok(None) => pf.push(Check::fail("kernel", "no kernel found", "run `vmtest kernel fetch` or pass --kernel PATH")),
-            Err(e) => pf.push(Check::fail("kernel", e.message().to_owned(), "pass a readable kernel with --kernel PATH")),
+            Ok(None) => pf.push(Check::fail(
+                "kernel",
+                "no kernel found",
+                "run `vmtest kernel fetch` or pass --kernel PATH",
+            )),
+            Err(e) => pf.push(Check::fail(
+                "kernel",
+                e.message().to_owned(),
+                "pass a readable kernel with --kernel PATH",
+            )),
         }
         pf
     }
@@ -262,8 +285,14 @@ impl Hypervisor for QemuBackend {
             unix_time_nanos: nanos,
             overlay_size: "50%".into(),
         };
-        let vm = vm::QemuVm::boot(&cmd, &mut record, run, setup, spec.boot_timeout, self.opts.die_with_parent).await?;
+        let vm =
+            vm::QemuVm::boot(&cmd, &mut record, run, setup, spec.boot_timeout, self.opts.die_with_parent)
+                .await?;
         Ok(Box::new(vm))
+    }
+
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {
+        Ok(Box::new(vm::QemuVm::attach(record).await?))
     }
 
     async fn destroy_record(&self, record: &VmRecord) -> Result<()> {

@@ -29,7 +29,11 @@ pub struct ModuleTree {
 
 /// `9p-foo.ko.xz` -> `9p_foo`.
 pub fn module_name(file: &str) -> Option<String> {
-    let base = file.strip_suffix(".xz").or_else(|| file.strip_suffix(".zst")).or_else(|| file.strip_suffix(".gz")).unwrap_or(file);
+    let base = file
+        .strip_suffix(".xz")
+        .or_else(|| file.strip_suffix(".zst"))
+        .or_else(|| file.strip_suffix(".gz"))
+        .unwrap_or(file);
     base.strip_suffix(".ko").map(|n| n.replace('-', "_"))
 }
 
@@ -51,7 +55,8 @@ impl ModuleTree {
                 .filter_map(|line| {
                     let (m, rest) = line.split_once(':')?;
                     let name = module_name(m.rsplit('/').next()?)?;
-                    let deps = rest.split_whitespace().filter_map(|d| module_name(d.rsplit('/').next()?)).collect();
+                    let deps =
+                        rest.split_whitespace().filter_map(|d| module_name(d.rsplit('/').next()?)).collect();
                     Some((name, deps))
                 })
                 .collect()
@@ -74,7 +79,13 @@ impl ModuleTree {
         Ok(order)
     }
 
-    fn visit(&self, name: &str, seen: &mut HashSet<String>, order: &mut Vec<Module>, stack: &mut Vec<String>) -> Result<()> {
+    fn visit(
+        &self,
+        name: &str,
+        seen: &mut HashSet<String>,
+        order: &mut Vec<Module>,
+        stack: &mut Vec<String>,
+    ) -> Result<()> {
         let name = name.replace('-', "_");
         if seen.contains(&name) || self.is_builtin(&name) || stack.contains(&name) {
             return Ok(());
@@ -121,7 +132,8 @@ fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
 
 /// A module's bytes, decompressed.
 pub fn read_module(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(format!("cannot read module {}", path.display()), e))?;
+    let raw =
+        std::fs::read(path).map_err(|e| Error::io(format!("cannot read module {}", path.display()), e))?;
     let name = path.to_string_lossy();
     let mut out = Vec::new();
     let res = if name.ends_with(".xz") {
@@ -137,19 +149,53 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The module minus its appended signature, when it has one. Verifying an RSA signature per
+/// module is a large share of module loading under TCG; a kernel that does not enforce
+/// signatures loads an unsigned module all the same (it only notes a taint).
+pub fn strip_signature(mut module: Vec<u8>) -> Vec<u8> {
+    const MARKER: &[u8] = b"~Module signature appended~\n";
+    // struct module_signature: 12 bytes before the marker, ending in a big-endian sig_len.
+    if !module.ends_with(MARKER) || module.len() < MARKER.len() + 12 {
+        return module;
+    }
+    let info_end = module.len() - MARKER.len();
+    let len_bytes: [u8; 4] = module[info_end - 4..info_end].try_into().unwrap();
+    let sig_len = u32::from_be_bytes(len_bytes) as usize;
+    match info_end.checked_sub(12 + sig_len) {
+        Some(end) => {
+            module.truncate(end);
+            module
+        }
+        None => module,
+    }
+}
+
 /// A `key=value` field from a module's `.modinfo` section.
 pub fn modinfo(elf: &[u8], key: &str) -> Option<String> {
     use object::{Object, ObjectSection};
     let file = object::File::parse(elf).ok()?;
     let data = file.section_by_name(".modinfo")?.data().ok()?;
     let prefix = format!("{key}=");
-    data.split(|b| *b == 0)
-        .find_map(|field| field.strip_prefix(prefix.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned()))
+    data.split(|b| *b == 0).find_map(|field| {
+        field.strip_prefix(prefix.as_bytes()).map(|v| String::from_utf8_lossy(v).into_owned())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appended_signatures_are_stripped_exactly() {
+        let body = b"\x7fELF module body".to_vec();
+        let mut signed = body.clone();
+        signed.extend_from_slice(&[0xAA; 300]); // the signature
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&300u32.to_be_bytes());
+        signed.extend_from_slice(b"~Module signature appended~\n");
+        assert_eq!(strip_signature(signed), body);
+        assert_eq!(strip_signature(body.clone()), body, "an unsigned module is left alone");
+    }
 
     #[test]
     fn names_are_normalized() {
@@ -175,7 +221,8 @@ mod tests {
         .unwrap();
         std::fs::write(d.join("modules.builtin"), "kernel/fs/overlayfs/overlay.ko\n").unwrap();
         let tree = ModuleTree::open(d).unwrap();
-        let names: Vec<String> = tree.resolve(&["9p", "overlay"]).unwrap().into_iter().map(|m| m.name).collect();
+        let names: Vec<String> =
+            tree.resolve(&["9p", "overlay"]).unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["9pnet", "netfs", "fscache", "9p"]);
         let err = tree.resolve(&["virtio_console"]).unwrap_err();
         assert!(err.message().contains("lack `virtio_console`"), "{err}");

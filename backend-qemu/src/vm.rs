@@ -1,6 +1,6 @@
 //! One running QEMU guest: the process, its console, its agent connection.
 
-use crate::agent_client::{AgentClient, AgentError};
+use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
 use crate::command::QemuCommand;
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -62,7 +62,6 @@ impl QemuVm {
         let t0 = Instant::now();
         let args = cmd.args();
         tracing::debug!("starting {}", crate::command::display(&cmd.qemu, &args));
-        let log_dir = cmd.console_socket.parent().unwrap_or(Path::new("/")).to_owned();
         let mut child = {
             let mut c = tokio::process::Command::new(&cmd.qemu);
             c.args(&args)
@@ -81,7 +80,10 @@ impl QemuVm {
                 });
             }
             c.spawn().map_err(|e| {
-                Error::preflight(format!("cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86)", cmd.qemu.display()))
+                Error::preflight(format!(
+                    "cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86)",
+                    cmd.qemu.display()
+                ))
             })?
         };
         let pid = child.id().unwrap_or(0);
@@ -104,41 +106,36 @@ impl QemuVm {
         let (exit_tx, exited) = watch::channel(None);
         tokio::spawn(async move {
             let status = child.wait().await.ok();
-            let _ = exit_tx.send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
+            let _ = exit_tx
+                .send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
         });
 
-        let qemu_said = |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
-        let connect = async {
-            let console = connect_socket(&cmd.console_socket, &exited).await?;
-            let agent = connect_socket(&cmd.agent_socket, &exited).await?;
-            Ok::<_, ()>((console, agent))
-        };
-        let (console_stream, agent_stream) = match tokio::time::timeout(Duration::from_secs(30), connect).await {
-            Ok(Ok(pair)) => pair,
-            _ => {
+        let qemu_said =
+            |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+        let (mut vm, mut control) = match QemuVm::connect(
+            &record.name,
+            pid,
+            &cmd.agent_socket,
+            &cmd.console_socket,
+            stderr.clone(),
+            exited,
+        )
+        .await
+        {
+            Ok(pair) => pair,
+            Err(()) => {
                 kill_pid(pid);
                 // Give the stderr reader a moment to collect QEMU's last words.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let said = qemu_said(&stderr);
                 let first = said.lines().next().unwrap_or("it exited without a message").to_owned();
                 let err = Error::boot(format!("QEMU did not start: {first}")).with_detail(said.clone());
-                return Err(if said.contains("temporarily unavailable") { Error::transient(err.message()) } else { err });
+                return Err(if said.contains("temporarily unavailable") {
+                    Error::transient(err.message())
+                } else {
+                    err
+                });
             }
-        };
-        let (con_r, con_w) = console_stream.into_split();
-        let console = ConsoleLog::spawn(con_r, Some(Box::new(con_w)), &log_dir.join("console.log"))?;
-        let (agent_r, agent_w) = agent_stream.into_split();
-        let (agent, mut control) = AgentClient::start(agent_r, agent_w);
-
-        let mut vm = QemuVm {
-            name: record.name.clone(),
-            pid,
-            agent,
-            console,
-            stderr,
-            exited,
-            detached: AtomicBool::new(false),
-            timings: Vec::new(),
         };
 
         // Boot: wait for the agent's hello, or QEMU's exit, or the deadline.
@@ -147,7 +144,9 @@ impl QemuVm {
             Ok(Some(GuestMessage::Hello(h))) => h,
             Ok(_) => {
                 vm.wait_exit(Duration::from_secs(2)).await;
-                return Err(vm.failure(format!("the guest stopped before vmtest-agent came up ({})", vm.exit_text())));
+                return Err(
+                    vm.failure(format!("the guest stopped before vmtest-agent came up ({})", vm.exit_text()))
+                );
             }
             Err(_) => {
                 vm.kill_now().await;
@@ -174,7 +173,9 @@ impl QemuVm {
         );
 
         let t1 = Instant::now();
-        vm.agent.send(&HostMessage::Setup(setup)).map_err(|_| vm.failure("the guest went away during setup".into()))?;
+        vm.agent
+            .send(&HostMessage::Setup(setup))
+            .map_err(|_| vm.failure("the guest went away during setup".into()))?;
         match tokio::time::timeout(Duration::from_secs(60), control.recv()).await {
             Ok(Some(GuestMessage::SetupDone { error: None })) => {}
             Ok(Some(GuestMessage::SetupDone { error: Some(e) })) => {
@@ -183,10 +184,89 @@ impl QemuVm {
             }
             _ => {
                 vm.kill_now().await;
-                return Err(vm.failure("the guest did not finish setup (mounting the host root) within 60s".into()));
+                return Err(
+                    vm.failure("the guest did not finish setup (mounting the host root) within 60s".into())
+                );
             }
         }
         vm.timings.push(("setup", t1.elapsed()));
+        Ok(vm)
+    }
+
+    /// Connect to a running QEMU's console and agent sockets. `Err(())`: QEMU exited or the
+    /// sockets never appeared.
+    async fn connect(
+        name: &str,
+        pid: u32,
+        agent_socket: &Path,
+        console_socket: &Path,
+        stderr: Arc<Mutex<Vec<u8>>>,
+        exited: watch::Receiver<Option<std::process::ExitStatus>>,
+    ) -> std::result::Result<(QemuVm, ControlReceiver), ()> {
+        let connect = async {
+            let console = connect_socket(console_socket, &exited).await?;
+            let agent = connect_socket(agent_socket, &exited).await?;
+            Ok::<_, ()>((console, agent))
+        };
+        let (console_stream, agent_stream) =
+            tokio::time::timeout(Duration::from_secs(30), connect).await.map_err(|_| ())??;
+        let log_dir = console_socket.parent().unwrap_or(Path::new("/"));
+        let (con_r, con_w) = console_stream.into_split();
+        let console =
+            ConsoleLog::spawn(con_r, Some(Box::new(con_w)), &log_dir.join("console.log")).map_err(|_| ())?;
+        let (agent_r, agent_w) = agent_stream.into_split();
+        let (agent, control) = AgentClient::start(agent_r, agent_w);
+        let vm = QemuVm {
+            name: name.to_owned(),
+            pid,
+            agent,
+            console,
+            stderr,
+            exited,
+            detached: AtomicBool::new(false),
+            timings: Vec::new(),
+        };
+        Ok((vm, control))
+    }
+
+    /// Reach a kept VM from its record. The handle is detached: dropping it leaves QEMU up.
+    pub async fn attach(record: &VmRecord) -> Result<QemuVm> {
+        let gone = || {
+            Error::usage(format!(
+                "{} is not running any more; `vmtest destroy {}` cleans up",
+                record.name, record.name
+            ))
+        };
+        let process = *record.processes.first().ok_or_else(gone)?;
+        if !process.is_alive() {
+            return Err(gone());
+        }
+        let path = |key: &str| record.backend_data.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
+        let (Some(agent_socket), Some(console_socket)) = (path("agent_socket"), path("console_socket"))
+        else {
+            return Err(Error::infra(format!("the record of {} lacks its socket paths", record.name)));
+        };
+        // Not our child: watch the pid instead of waiting on it.
+        let (exit_tx, exited) = watch::channel(None);
+        tokio::spawn(async move {
+            while process.is_alive() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = exit_tx.send(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        });
+        let (vm, _control) = QemuVm::connect(
+            &record.name,
+            process.pid,
+            &agent_socket,
+            &console_socket,
+            Arc::default(),
+            exited,
+        )
+        .await
+        .map_err(|()| {
+            Error::infra(format!("cannot connect to {}: its sockets do not answer", record.name))
+        })?;
+        vm.detach();
         Ok(vm)
     }
 
@@ -234,7 +314,10 @@ impl QemuVm {
     }
 }
 
-async fn connect_socket(path: &Path, exited: &watch::Receiver<Option<std::process::ExitStatus>>) -> std::result::Result<UnixStream, ()> {
+async fn connect_socket(
+    path: &Path,
+    exited: &watch::Receiver<Option<std::process::ExitStatus>>,
+) -> std::result::Result<UnixStream, ()> {
     loop {
         if let Ok(s) = UnixStream::connect(path).await {
             return Ok(s);
@@ -260,7 +343,13 @@ impl Vm for QemuVm {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { network: false, snapshots: false, concurrent_exec: true, console: true, host_root: true }
+        Capabilities {
+            network: false,
+            snapshots: false,
+            concurrent_exec: true,
+            console: true,
+            host_root: true,
+        }
     }
 
     async fn exec(&self, req: ExecRequest) -> Result<ExecOutput> {
@@ -281,10 +370,13 @@ impl Vm for QemuVm {
     async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()> {
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::fs::PermissionsExt;
-        let data = std::fs::read(host).map_err(|e| Error::usage(format!("cannot read {}: {e}", host.display())))?;
+        let data =
+            std::fs::read(host).map_err(|e| Error::usage(format!("cannot read {}: {e}", host.display())))?;
         let mode = std::fs::metadata(host).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
         self.agent.write_file(guest.as_os_str().as_bytes(), mode, &data).await.map_err(|e| match e {
-            AgentError::Refused(why) => Error::infra(format!("cannot write {} in {}: {why}", guest.display(), self.name)),
+            AgentError::Refused(why) => {
+                Error::infra(format!("cannot write {} in {}: {why}", guest.display(), self.name))
+            }
             _ => Error::infra(format!("lost {} while copying {} in", self.name, host.display())),
         })
     }
@@ -292,7 +384,9 @@ impl Vm for QemuVm {
     async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {
         use std::os::unix::ffi::OsStrExt;
         let data = self.agent.read_file(guest.as_os_str().as_bytes()).await.map_err(|e| match e {
-            AgentError::Refused(why) => Error::infra(format!("cannot read {} in {}: {why}", guest.display(), self.name)),
+            AgentError::Refused(why) => {
+                Error::infra(format!("cannot read {} in {}: {why}", guest.display(), self.name))
+            }
             _ => Error::infra(format!("lost {} while copying {} out", self.name, guest.display())),
         })?;
         std::fs::write(host, data).map_err(|e| Error::io(format!("cannot write {}", host.display()), e))
@@ -321,6 +415,27 @@ impl Vm for QemuVm {
 
     fn detach(&self) {
         self.detached.store(true, Ordering::SeqCst);
+    }
+
+    async fn prepare_interactive_console(&self) -> Result<()> {
+        // Kernel mode runs no getty: put a root shell on the serial port, as its session's
+        // controlling terminal (so Ctrl-C works), unless one is already there.
+        // The exec returns only once the shell is up: ending it earlier can take the
+        // half-started shell down with it.
+        let script = "m=/run/vmtest-serial-shell; [ -e $m ] && exit 0; \
+            setsid -f -c sh -c 'touch /run/vmtest-serial-shell; sh -i; rm -f /run/vmtest-serial-shell' \
+                </dev/ttyS0 >/dev/ttyS0 2>&1; \
+            i=0; while [ ! -e $m ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; sleep 0.2; [ -e $m ]";
+        let mut req = ExecRequest::shell(script);
+        req.timeout = Some(Duration::from_secs(30));
+        let out = self.exec(req).await?;
+        if !out.status.success() {
+            return Err(Error::infra(format!(
+                "cannot start a shell on the serial console: {}",
+                out.stderr_lossy().trim()
+            )));
+        }
+        Ok(())
     }
 
     fn boot_timings(&self) -> Vec<(&'static str, Duration)> {

@@ -161,7 +161,13 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> 
     sys::mount("proc", &root.join("proc"), "proc", nodev, "")?;
     sys::mount("sysfs", &root.join("sys"), "sysfs", nodev, "")?;
     sys::move_mount(Path::new("/dev"), &root.join("dev"))?;
-    sys::mount("devpts", &root.join("dev/pts"), "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "mode=0620,ptmxmode=0666")?;
+    sys::mount(
+        "devpts",
+        &root.join("dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "mode=0620,ptmxmode=0666",
+    )?;
     sys::mount("tmpfs", &root.join("dev/shm"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
     // A real tmpfs /tmp: open-unlink-fstat works, and nothing is shared with the host's /tmp.
     sys::mount("tmpfs", &root.join("tmp"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;

@@ -30,30 +30,31 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 /// Serve the host on `port` until it asks to shut down. As init, a host that disconnects
 /// (a kept VM whose runner exited) is waited for, not treated as the end.
+///
+/// The port stays open across disconnects: closing it would make the guest driver discard
+/// data a reconnecting host already sent, and a read on a port with no host simply returns
+/// end-of-file until one connects.
 pub fn serve(port: &Path, as_init: bool) -> io::Result<()> {
     let table: Table = Arc::default();
-    let mut hello_sent = false;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", port.display())))?;
+    let (tx, rx) = mpsc::channel::<GuestMessage>();
+    let writer = file.try_clone()?;
+    std::thread::spawn(move || write_loop(writer, rx));
+    let _ = tx.send(GuestMessage::Hello(AgentHello {
+        protocol: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        kernel_release: sys::kernel_release(),
+        uptime_ms: sys::uptime_ms(),
+        init_ms: init::INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
+        modules_ms: init::MODULES_MS.load(std::sync::atomic::Ordering::Relaxed),
+    }));
     loop {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(port)
-            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", port.display())))?;
-        let (tx, rx) = mpsc::channel::<GuestMessage>();
-        let writer = file.try_clone()?;
-        std::thread::spawn(move || write_loop(writer, rx));
-        if !hello_sent {
-            let _ = tx.send(GuestMessage::Hello(AgentHello {
-                protocol: PROTOCOL_VERSION,
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                kernel_release: sys::kernel_release(),
-                uptime_ms: sys::uptime_ms(),
-                init_ms: init::INIT_MS.load(std::sync::atomic::Ordering::Relaxed),
-                modules_ms: init::MODULES_MS.load(std::sync::atomic::Ordering::Relaxed),
-            }));
-            hello_sent = true;
-        }
-        let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, file);
+        // A fresh buffer per connection: nothing of a half-sent frame carries over.
+        let mut reader = BufReader::with_capacity(CHUNK_LEN + 64, &file);
         loop {
             match protocol::read_frame::<_, HostMessage>(&mut reader) {
                 Ok(Some(msg)) => handle(msg, &tx, &table),
@@ -67,16 +68,16 @@ pub fn serve(port: &Path, as_init: bool) -> io::Result<()> {
         if !as_init {
             return Ok(());
         }
-        // The host went away; wait for it to come back.
-        std::thread::sleep(Duration::from_millis(100));
+        // No host now; wait for the next one.
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn write_loop(mut port: File, rx: mpsc::Receiver<GuestMessage>) {
     for msg in rx {
-        if protocol::write_frame(&mut port, &msg).is_err() {
-            return;
-        }
+        // A write blocks while no host is connected and goes to the next one; a failed
+        // write means the host is gone, which the reader notices.
+        let _ = protocol::write_frame(&mut port, &msg);
     }
 }
 
@@ -149,7 +150,8 @@ fn read_file(id: u64, path: &[u8], tx: &Sender<GuestMessage>) {
                 let _ = tx.send(GuestMessage::FileChunk { id, data: buf[..n].to_vec(), eof: false });
             }
             Err(e) => {
-                let _ = tx.send(GuestMessage::FileDone { id, error: Some(format!("{}: {e}", path.display())) });
+                let _ =
+                    tx.send(GuestMessage::FileDone { id, error: Some(format!("{}: {e}", path.display())) });
                 return;
             }
         }
@@ -172,7 +174,10 @@ fn exec(start: ExecStart, tx: Sender<GuestMessage>, table: Table) {
             } else {
                 ""
             };
-            return fail(format!("working directory {shown} does not exist in the guest{hint}"), libc::ENOTDIR);
+            return fail(
+                format!("working directory {shown} does not exist in the guest{hint}"),
+                libc::ENOTDIR,
+            );
         }
     }
     let mut cmd = Command::new(OsStr::from_bytes(program));

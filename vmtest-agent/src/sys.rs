@@ -6,7 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 pub fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
 }
 
 fn check(ret: libc::c_int) -> io::Result<()> {
@@ -42,8 +43,10 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::create_dir_all(to)?;
     let (f, t) = (cstr(from)?, cstr(to)?);
     // SAFETY: valid strings; MS_MOVE ignores fstype and data.
-    let ret = unsafe { libc::mount(f.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
-    check(ret).map_err(|e| io::Error::new(e.kind(), format!("move {} to {}: {e}", from.display(), to.display())))
+    let ret =
+        unsafe { libc::mount(f.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
+    check(ret)
+        .map_err(|e| io::Error::new(e.kind(), format!("move {} to {}: {e}", from.display(), to.display())))
 }
 
 /// Load a kernel module from a file. Already loaded is fine.

@@ -1,6 +1,6 @@
 //! The command-line definition.
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -26,29 +26,76 @@ pub enum Command {
     /// Works as a cargo runner:
     /// CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="vmtest run --" cargo test
     Run(RunArgs),
+    /// Show the VMs vmtest knows of: running, kept, orphaned.
+    List {
+        /// One JSON object per VM, in an array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a kept VM.
+    Exec(ExecArgs),
+    /// Attach to a kept VM's serial console (Ctrl-] to leave).
+    Console {
+        /// The VM's name, as `vmtest list` shows it.
+        name: String,
+    },
+    /// Tear down a VM and everything it used.
+    Destroy {
+        /// The VM's name, as `vmtest list` shows it.
+        name: String,
+    },
+    /// Destroy VMs that dead vmtest runs left behind.
+    Cleanup(CleanupArgs),
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
     /// Check that this host can run VMs, and say how to fix what is missing.
-    Doctor,
+    Doctor {
+        /// The backend whose failure makes doctor fail (default: auto).
+        #[arg(long, env = "VMTEST_BACKEND", default_value = "auto", value_name = "NAME")]
+        backend: String,
+    },
     /// Print the raw QEMU boot floor's command line as JSON (for `cargo xtask bench`).
-    #[command(hide = true)]
-    FloorCommand(FloorArgs),
+    #[command(hide = true, name = "floor-command")]
+    Floor(FloorArgs),
 }
 
+/// When a VM is left running after `vmtest run`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    Never,
+    /// When the command fails, times out or errors after boot.
+    OnFailure,
+    Always,
+}
+
+/// How the guest command runs: shared by `run` and `exec`.
 #[derive(Args, Debug)]
-pub struct FloorArgs {
-    /// Where the floor guest's sockets go (the caller creates and removes it).
+pub struct CommandArgs {
+    /// Kill the command after this long, e.g. 30s, 5m (exit code 124).
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+
+    /// Set NAME=VALUE in the guest, or pass the host's NAME through (with --clear-env, or
+    /// one of the host-only variables dropped by default).
+    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
+    pub env: Vec<OsString>,
+
+    /// Do not pass this host variable.
+    #[arg(long, value_name = "NAME")]
+    pub unset_env: Vec<OsString>,
+
+    /// Start the guest environment empty instead of from the host's.
     #[arg(long)]
-    pub dir: PathBuf,
+    pub clear_env: bool,
+
+    /// Run the command as root instead of as the invoking user.
     #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    #[arg(long, default_value = "auto")]
-    pub accel: String,
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
-    #[arg(long, default_value = "512M")]
-    pub memory: String,
+    pub root: bool,
+
+    /// Working directory in the guest. Default: the current directory.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -75,45 +122,59 @@ pub struct RunArgs {
     #[arg(long, default_value = "512M", value_name = "SIZE")]
     pub memory: String,
 
-    /// Kill the command after this long, e.g. 30s, 5m (exit code 124).
-    #[arg(long, value_name = "DUR")]
-    pub timeout: Option<String>,
-
     /// Give up if the guest is not ready after this long.
     #[arg(long, default_value = "120s", value_name = "DUR")]
     pub boot_timeout: String,
-
-    /// Set NAME=VALUE in the guest, or pass the host's NAME through (with --clear-env).
-    #[arg(short, long = "env", value_name = "NAME[=VALUE]")]
-    pub env: Vec<OsString>,
-
-    /// Do not pass this host variable.
-    #[arg(long, value_name = "NAME")]
-    pub unset_env: Vec<OsString>,
-
-    /// Start the guest environment empty instead of from the host's.
-    #[arg(long)]
-    pub clear_env: bool,
-
-    /// Run the command as root instead of as the invoking user.
-    #[arg(long)]
-    pub root: bool,
-
-    /// Working directory in the guest. Default: the current directory.
-    #[arg(long, value_name = "DIR")]
-    pub cwd: Option<PathBuf>,
 
     /// Extra kernel command-line words.
     #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
 
+    /// Leave the VM running after the run: `--keep` alone keeps it when the command fails.
+    #[arg(long, value_enum, num_args = 0..=1, default_value = "never", default_missing_value = "on-failure")]
+    pub keep: Keep,
+
+    /// At most this many VMs at once, counted over every vmtest process of this user
+    /// (1: strictly one at a time). Default: what the cores and memory allow.
+    #[arg(long, env = "VMTEST_MAX_VMS", value_name = "N")]
+    pub max_vms: Option<usize>,
+
     /// Print how long boot, setup, the command and teardown took.
     #[arg(long)]
     pub timings: bool,
 
+    #[command(flatten)]
+    pub command_args: CommandArgs,
+
     /// The command and its arguments, passed exactly.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// The VM's name, as `vmtest list` shows it.
+    pub name: String,
+
+    #[command(flatten)]
+    pub command_args: CommandArgs,
+
+    /// The command and its arguments, passed exactly.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+pub struct CleanupArgs {
+    /// Only show what would be destroyed.
+    #[arg(long)]
+    pub list_only: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub force: bool,
+    /// Also kept VMs and VMs of runs still in progress (careful).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -128,4 +189,19 @@ pub enum KernelCommand {
     },
     /// Show the kernel vmtest would use, and the cached ones.
     List,
+}
+
+#[derive(Args, Debug)]
+pub struct FloorArgs {
+    /// Where the floor guest's sockets go (the caller creates and removes it).
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
 }

@@ -30,7 +30,19 @@ fn argv_is_passed_exactly_and_stdin_is_forwarded() {
     let vt = Vmtest::new();
     let mut child = vt
         .cmd()
-        .args(["run", "--", "sh", "-c", r#"printf '[%s]' "$@"; tr a-z A-Z"#, "sh", "a b", "", "it's", "$HOME", "*"])
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            r#"printf '[%s]' "$@"; tr a-z A-Z"#,
+            "sh",
+            "a b",
+            "",
+            "it's",
+            "$HOME",
+            "*",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -58,7 +70,8 @@ fn runs_in_the_host_cwd_with_the_host_environment_and_user() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let uid = unsafe { libc_getuid() };
-    let expected = format!("{}\nfrom-host 1 unset\n{uid}\nvm\n", dir.path().canonicalize().unwrap().display());
+    let expected =
+        format!("{}\nfrom-host 1 unset\n{uid}\nvm\n", dir.path().canonicalize().unwrap().display());
     assert_eq!(stdout(&out), expected);
     vt.assert_clean();
 }
@@ -123,7 +136,11 @@ fn missing_command_is_127_and_a_missing_cwd_126_with_messages() {
     let vt = Vmtest::new();
     let out = vt.run(&[], &["no-such-command-anywhere"]);
     assert_eq!(out.status.code(), Some(127));
-    assert!(stderr(&out).contains("command not found in the guest: no-such-command-anywhere"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("command not found in the guest: no-such-command-anywhere"),
+        "{}",
+        stderr(&out)
+    );
     // The host's /tmp is not the guest's: a cwd there is explained.
     let tmp = tempfile::tempdir_in("/tmp").unwrap();
     let out = vt.cmd().current_dir(tmp.path()).args(["run", "--", "true"]).output().unwrap();
@@ -160,7 +177,11 @@ fn boot_timeout_is_explained() {
     let vt = Vmtest::new();
     let out = vt.run(&["--boot-timeout", "300ms"], &["true"]);
     assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
-    assert!(error_line(&out).contains("did not reach vmtest-agent within 300ms; raise --boot-timeout"), "{}", stderr(&out));
+    assert!(
+        error_line(&out).contains("did not reach vmtest-agent within 300ms; raise --boot-timeout"),
+        "{}",
+        stderr(&out)
+    );
     vt.assert_clean();
 }
 
@@ -185,7 +206,12 @@ fn bad_input_is_a_usage_error() {
 #[test]
 fn missing_qemu_is_a_preflight_error_with_the_install_hint() {
     let vt = Vmtest::new();
-    let out = vt.cmd().env("VMTEST_QEMU", "/nonexistent/qemu").args(["run", "--backend", "qemu", "--", "true"]).output().unwrap();
+    let out = vt
+        .cmd()
+        .env("VMTEST_QEMU", "/nonexistent/qemu")
+        .args(["run", "--backend", "qemu", "--", "true"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
     assert!(error_line(&out).contains("apt-get install qemu-system-x86"), "{}", stderr(&out));
     vt.assert_clean();
@@ -196,7 +222,8 @@ fn timings_name_every_phase() {
     let vt = Vmtest::new();
     let out = vt.run(&["--timings"], &["true"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let line = stderr(&out).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned();
+    let line =
+        stderr(&out).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned();
     for phase in ["boot ", "setup ", "launch ", "command ", "teardown "] {
         assert!(line.contains(phase), "{phase} missing from {line}");
     }

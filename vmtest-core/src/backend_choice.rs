@@ -28,9 +28,10 @@ pub async fn choose(requested: &str, candidates: Vec<Box<dyn Hypervisor>>) -> Re
                 BACKENDS.join(", ")
             )));
         }
-        return candidates.into_iter().find(|c| c.name() == requested).ok_or_else(|| {
-            Error::preflight(format!("backend `{requested}` is not available on this OS"))
-        });
+        return candidates
+            .into_iter()
+            .find(|c| c.name() == requested)
+            .ok_or_else(|| Error::preflight(format!("backend `{requested}` is not available on this OS")));
     }
     let mut reasons = Vec::new();
     for c in candidates {

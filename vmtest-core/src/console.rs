@@ -22,6 +22,10 @@ pub trait Console: Send {
 
     /// The last `lines` lines of everything the console printed.
     fn tail(&self, lines: usize) -> String;
+
+    /// The next bytes after the cursor, waiting until there are some; `None` once the
+    /// console is closed. For interactive use (`vmtest console`).
+    async fn read(&mut self) -> Option<Vec<u8>>;
 }
 
 /// Memory kept for matching and tails; older output lives only in `console.log`.
@@ -47,7 +51,11 @@ pub struct ConsoleLog {
 impl ConsoleLog {
     /// Start reading `reader` into memory and into `log_path` (appended). `writer` is where
     /// [`Console::send`] goes, if the console takes input.
-    pub fn spawn<R>(reader: R, writer: Option<Box<dyn AsyncWrite + Send + Unpin>>, log_path: &Path) -> Result<Self>
+    pub fn spawn<R>(
+        reader: R,
+        writer: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+        log_path: &Path,
+    ) -> Result<Self>
     where
         R: AsyncRead + Send + Unpin + 'static,
     {
@@ -165,6 +173,21 @@ impl Console for ConsoleHandle {
 
     fn tail(&self, lines: usize) -> String {
         self.log.tail(lines)
+    }
+
+    async fn read(&mut self) -> Option<Vec<u8>> {
+        let mut seen = self.log.seen.clone();
+        loop {
+            {
+                let buf = self.log.buffer.lock().unwrap();
+                let start = self.cursor.saturating_sub(buf.base) as usize;
+                if start < buf.data.len() {
+                    self.cursor = buf.base + buf.data.len() as u64;
+                    return Some(buf.data[start..].to_vec());
+                }
+            }
+            seen.changed().await.ok()?;
+        }
     }
 }
 

@@ -29,7 +29,8 @@ impl EnvRules {
         match bytes.iter().position(|b| *b == b'=') {
             Some(i) => {
                 use std::os::unix::ffi::OsStrExt;
-                self.set.push((OsStr::from_bytes(&bytes[..i]).into(), OsStr::from_bytes(&bytes[i + 1..]).into()));
+                self.set
+                    .push((OsStr::from_bytes(&bytes[..i]).into(), OsStr::from_bytes(&bytes[i + 1..]).into()));
             }
             None => self.pass.push(arg.into()),
         }

@@ -93,10 +93,7 @@ impl ExecRequest {
         ExecRequest {
             argv: argv.into_iter().map(Into::into).collect(),
             cwd: None,
-            env: vec![(
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            )],
+            env: vec![("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())],
             stdin: StdinSource::Null,
             output: OutputMode::Capture,
             timeout: None,

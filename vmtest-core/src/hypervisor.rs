@@ -106,6 +106,12 @@ pub trait Hypervisor: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Reach a VM that outlived its runner (`--keep`), from its record: exec, console.
+    /// Dropping the handle leaves the VM running. Default: unsupported.
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {
+        Err(crate::Error::usage(format!("the {} backend cannot attach to {}", self.name(), record.name)))
+    }
+
     /// Destroy what a record describes (the orphan sweep, `vmtest destroy`). Idempotent: a
     /// part already gone is not an error.
     async fn destroy_record(&self, record: &VmRecord) -> Result<()>;
@@ -137,6 +143,12 @@ pub trait Vm: Send + Sync {
 
     /// Let the VM outlive this handle (`--keep`): dropping it no longer tears anything down.
     fn detach(&self);
+
+    /// Make the serial console interactive (e.g. start a shell on it where the guest runs
+    /// no getty). Default: nothing to do.
+    async fn prepare_interactive_console(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// How long each boot phase took (e.g. `boot`, `agent-ready`), in order.
     fn boot_timings(&self) -> Vec<(&'static str, std::time::Duration)> {

@@ -18,6 +18,8 @@ pub mod exec;
 #[cfg(feature = "host")]
 pub mod hypervisor;
 #[cfg(feature = "host")]
+pub mod lock;
+#[cfg(feature = "host")]
 pub mod retry;
 #[cfg(feature = "host")]
 pub mod runner;
@@ -27,6 +29,8 @@ pub mod shell;
 pub mod spec;
 #[cfg(feature = "host")]
 pub mod state;
+#[cfg(feature = "host")]
+pub mod sweep;
 
 #[cfg(feature = "host")]
 pub use error::{Error, ErrorKind, Result};

@@ -116,14 +116,31 @@ pub struct ExecStart {
 pub enum HostMessage {
     Setup(GuestSetup),
     Exec(ExecStart),
-    Stdin { id: u64, data: Vec<u8> },
-    CloseStdin { id: u64 },
+    Stdin {
+        id: u64,
+        data: Vec<u8>,
+    },
+    CloseStdin {
+        id: u64,
+    },
     /// Sent to the command's whole process group.
-    Signal { id: u64, signal: i32 },
+    Signal {
+        id: u64,
+        signal: i32,
+    },
     /// Write a file; the first chunk creates or truncates it, later ones append.
-    WriteFile { id: u64, path: Vec<u8>, mode: u32, data: Vec<u8>, append: bool },
+    WriteFile {
+        id: u64,
+        path: Vec<u8>,
+        mode: u32,
+        data: Vec<u8>,
+        append: bool,
+    },
     /// Read a whole file, answered by `FileChunk`s ending with `eof`.
-    ReadFile { id: u64, path: Vec<u8> },
+    ReadFile {
+        id: u64,
+        path: Vec<u8>,
+    },
     /// Sync and power off.
     Shutdown,
 }
@@ -144,17 +161,42 @@ pub struct AgentHello {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub enum GuestMessage {
     Hello(AgentHello),
-    SetupDone { error: Option<String> },
-    Started { id: u64, pid: u32 },
+    SetupDone {
+        error: Option<String>,
+    },
+    Started {
+        id: u64,
+        pid: u32,
+    },
     /// The command could not be started (not found, not executable, bad cwd...).
-    SpawnFailed { id: u64, error: String, errno: i32 },
-    Output { id: u64, stream: Stream, data: Vec<u8> },
-    Exited { id: u64, status: ExitStatus },
-    FileChunk { id: u64, data: Vec<u8>, eof: bool },
+    SpawnFailed {
+        id: u64,
+        error: String,
+        errno: i32,
+    },
+    Output {
+        id: u64,
+        stream: Stream,
+        data: Vec<u8>,
+    },
+    Exited {
+        id: u64,
+        status: ExitStatus,
+    },
+    FileChunk {
+        id: u64,
+        data: Vec<u8>,
+        eof: bool,
+    },
     /// Result of a `WriteFile` or a failed `ReadFile`.
-    FileDone { id: u64, error: Option<String> },
+    FileDone {
+        id: u64,
+        error: Option<String>,
+    },
     /// A line for the host's log (module load failures and the like).
-    Log { message: String },
+    Log {
+        message: String,
+    },
 }
 
 /// Encode one message as a frame.

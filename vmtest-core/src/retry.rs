@@ -64,7 +64,13 @@ mod tests {
             .run(
                 |n| {
                     tries.set(n);
-                    async move { if n < 3 { Err(Error::transient("flaky")) } else { Ok(n) } }
+                    async move {
+                        if n < 3 {
+                            Err(Error::transient("flaky"))
+                        } else {
+                            Ok(n)
+                        }
+                    }
                 },
                 || {
                     cleanups.set(cleanups.get() + 1);

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::exec::ExecRequest;
 use crate::hypervisor::{Hypervisor, Vm};
+use crate::lock::{Holder, SlotPool, Slots};
 use crate::protocol::ExitStatus;
 use crate::retry::RetryPolicy;
 use crate::spec::VmSpec;
@@ -49,6 +50,48 @@ pub struct RunOutcome {
 /// Why a run was cancelled (a signal name, for the message).
 pub type CancelReason = &'static str;
 
+/// Things a run tells its user about while it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// All slots are busy; the run waits (said once per wait).
+    WaitingForSlots { needed: usize, max: usize, holders: &'a [Holder] },
+    /// The VM was left running on purpose.
+    Kept { name: &'a str },
+}
+
+/// Receives [`Event`]s (the CLI prints them; a library user may log them).
+pub trait Reporter: Sync {
+    fn event(&self, event: &Event<'_>);
+}
+
+/// A reporter that ignores everything.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn event(&self, _: &Event<'_>) {}
+}
+
+/// How a run behaves around its VM.
+pub struct RunOptions<'a> {
+    pub retry: RetryPolicy,
+    pub keep: KeepPolicy,
+    /// VM slots to take before launching (`--max-vms`); `None` takes none.
+    pub slots: Option<SlotPool>,
+    pub reporter: &'a dyn Reporter,
+}
+
+impl Default for RunOptions<'_> {
+    fn default() -> Self {
+        RunOptions { retry: RetryPolicy::default(), keep: KeepPolicy::Never, slots: None, reporter: &Silent }
+    }
+}
+
+/// Take `n` slots from the pool, reporting a wait once.
+pub async fn take_slots(pool: &SlotPool, n: usize, reporter: &dyn Reporter) -> Result<Slots> {
+    pool.acquire(n, |holders| reporter.event(&Event::WaitingForSlots { needed: n, max: pool.max(), holders }))
+        .await
+}
+
 /// Run one command in a fresh VM of `spec`'s shape. `spec.name` is replaced by the run's
 /// unique name. `cancel` resolves when the run must stop (e.g. SIGINT).
 pub async fn run_command<C>(
@@ -56,14 +99,22 @@ pub async fn run_command<C>(
     state: &StateDir,
     mut spec: VmSpec,
     req: ExecRequest,
-    retry: RetryPolicy,
-    keep: KeepPolicy,
+    opts: RunOptions<'_>,
     cancel: C,
 ) -> Result<RunOutcome>
 where
     C: Future<Output = CancelReason>,
 {
     tokio::pin!(cancel);
+    let RunOptions { retry, keep, slots, reporter } = opts;
+    // Held until the VM is gone (or kept); released on drop, also on error.
+    let _slots = match &slots {
+        Some(pool) => Some(tokio::select! {
+            r = take_slots(pool, 1, reporter) => r?,
+            reason = &mut cancel => return Err(Error::interrupted(reason)),
+        }),
+        None => None,
+    };
     let run = state.create_run()?;
     spec.name = run.vm_name(&spec.node);
     let mut timings = Timings::default();
@@ -102,6 +153,7 @@ where
     let kept = if keep_it {
         vm.detach();
         mark_kept(&run, &spec.node);
+        reporter.event(&Event::Kept { name: vm.name() });
         Some(vm.name().to_owned())
     } else {
         let down = if interrupted { vm.kill().await } else { vm.shutdown().await };

@@ -25,9 +25,7 @@ impl std::str::FromStr for AccelChoice {
             "auto" => Ok(AccelChoice::Auto),
             "kvm" => Ok(AccelChoice::Kvm),
             "tcg" => Ok(AccelChoice::Tcg),
-            other => Err(Error::usage(format!(
-                "unknown accelerator `{other}`; use one of auto, kvm, tcg"
-            ))),
+            other => Err(Error::usage(format!("unknown accelerator `{other}`; use one of auto, kvm, tcg"))),
         }
     }
 }

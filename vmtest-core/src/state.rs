@@ -44,8 +44,11 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
 /// The command line of a process, for "who holds this" messages.
 pub fn process_command(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let words: Vec<String> =
-        raw.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+    let words: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
     (!words.is_empty()).then(|| words.join(" "))
 }
 
@@ -132,7 +135,11 @@ impl StateDir {
             let id = new_run_id();
             let path = self.root.join(&id);
             match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(RunDir { id, path }),
+                Ok(()) => {
+                    let run = RunDir { id, path };
+                    run.write_owner()?;
+                    return Ok(run);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io(format!("cannot create run dir {}", path.display()), e)),
             }
@@ -140,24 +147,31 @@ impl StateDir {
         Err(Error::infra(format!("could not pick a free run id under {}", self.root.display())))
     }
 
+    /// Every run dir, records or not.
+    pub fn runs(&self) -> Vec<RunDir> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+            .filter_map(|e| {
+                let id = e.file_name().to_str()?.to_owned();
+                (id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| RunDir { id, path: e.path() })
+            })
+            .collect()
+    }
+
+    /// The record of the VM called `name`.
+    pub fn find(&self, name: &str) -> Option<(RunDir, VmRecord)> {
+        self.records().into_iter().find(|(_, r)| r.name == name)
+    }
+
     /// Every VM record under the state dir, with the run dir that holds it.
     pub fn records(&self) -> Vec<(RunDir, VmRecord)> {
-        let mut out = Vec::new();
-        let Ok(runs) = std::fs::read_dir(&self.root) else { return out };
-        for run in runs.flatten() {
-            let path = run.path();
-            let Some(id) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else { continue };
-            let Ok(files) = std::fs::read_dir(&path) else { continue };
-            for f in files.flatten() {
-                let p = f.path();
-                if p.extension().is_some_and(|e| e == "json") && p.file_name().is_some_and(|n| n != "run.json") {
-                    if let Some(rec) = std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
-                        out.push((RunDir { id: id.clone(), path: path.clone() }, rec));
-                    }
-                }
-            }
-        }
-        out
+        self.runs()
+            .into_iter()
+            .flat_map(|run| run.records().into_iter().map(move |r| (run.clone(), r)))
+            .collect()
     }
 }
 
@@ -180,6 +194,34 @@ impl RunDir {
     /// The unique VM name for a node of this run.
     pub fn vm_name(&self, node: &str) -> String {
         format!("vmt-{}-{node}", self.id)
+    }
+
+    fn owner_path(&self) -> PathBuf {
+        self.path.join("run.json")
+    }
+
+    fn write_owner(&self) -> Result<()> {
+        let owner = serde_json::to_vec(&ProcessId::current()).expect("serializes");
+        std::fs::write(self.owner_path(), owner)
+            .map_err(|e| Error::io(format!("cannot write {}", self.owner_path().display()), e))
+    }
+
+    /// The process that created this run, when known.
+    pub fn owner(&self) -> Option<ProcessId> {
+        std::fs::read(self.owner_path()).ok().and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// The records in this run dir.
+    pub fn records(&self) -> Vec<VmRecord> {
+        let Ok(files) = std::fs::read_dir(&self.path) else { return Vec::new() };
+        files
+            .flatten()
+            .map(|f| f.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "json") && p.file_name().is_some_and(|n| n != "run.json")
+            })
+            .filter_map(|p| std::fs::read(&p).ok().and_then(|b| serde_json::from_slice(&b).ok()))
+            .collect()
     }
 
     /// A VM's private directory inside the run dir (sockets must stay under 108 bytes).

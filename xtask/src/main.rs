@@ -51,7 +51,8 @@ fn step(name: &str, cmd: &mut Command) -> Result<()> {
 }
 
 fn vmtest_binary(profile: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     target.join(profile).join("vmtest")
 }
 
@@ -63,7 +64,10 @@ fn ci() -> Result<()> {
     step("build vmtest", cargo().args(["build", "-p", "vmtest-cli"]))?;
     let vmtest = vmtest_binary("debug");
     // One kernel fetch up front, instead of one per concurrently booting test.
-    step("vmtest kernel fetch (if none found)", Command::new(&vmtest).args(["kernel", "fetch", "--if-missing"]))?;
+    step(
+        "vmtest kernel fetch (if none found)",
+        Command::new(&vmtest).args(["kernel", "fetch", "--if-missing"]),
+    )?;
     step("cargo test (unit, contract and real-VM tests)", cargo().args(["test", "--workspace"]))?;
     cargo_runner_proof(&vmtest)
 }
@@ -71,7 +75,10 @@ fn ci() -> Result<()> {
 /// The in-VM example through the cargo runner: passes, and fails when it should.
 fn cargo_runner_proof(vmtest: &Path) -> Result<()> {
     let runner = format!("{} run --", vmtest.display());
-    step("cargo test through the vmtest runner", cargo().env(RUNNER_VAR, &runner).args(["test", "-p", "in-vm-example"]))?;
+    step(
+        "cargo test through the vmtest runner",
+        cargo().env(RUNNER_VAR, &runner).args(["test", "-p", "in-vm-example"]),
+    )?;
     step(
         "cargo nextest run through the vmtest runner",
         cargo().env(RUNNER_VAR, &runner).args(["nextest", "run", "-p", "in-vm-example", "--no-fail-fast"]),
@@ -79,12 +86,25 @@ fn cargo_runner_proof(vmtest: &Path) -> Result<()> {
     eprintln!("\n==> a failing test fails through the runner");
     let out = cargo()
         .env(RUNNER_VAR, &runner)
-        .args(["test", "-p", "in-vm-example", "--test", "in_vm", "--", "--ignored", "--exact", "expected_failure"])
+        .args([
+            "test",
+            "-p",
+            "in-vm-example",
+            "--test",
+            "in_vm",
+            "--",
+            "--ignored",
+            "--exact",
+            "expected_failure",
+        ])
         .output()
         .map_err(|e| e.to_string())?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let expected_message = "this failure came from inside the VM (expected)";
-    if out.status.success() || !text.contains(expected_message) || !text.contains("test result: FAILED. 0 passed; 1 failed") {
+    if out.status.success()
+        || !text.contains(expected_message)
+        || !text.contains("test result: FAILED. 0 passed; 1 failed")
+    {
         return Err(format!("the expected failure did not come back through the runner:\n{text}"));
     }
     eprintln!("<== ok: status {}, message and test result came back from the VM", out.status);
@@ -138,7 +158,8 @@ fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Resu
     if !floor_json.status.success() {
         return Err(format!("floor-command: {}", String::from_utf8_lossy(&floor_json.stderr)));
     }
-    let floor: Vec<String> = serde_json::from_slice(&floor_json.stdout).map_err(|e| format!("floor-command output: {e}"))?;
+    let floor: Vec<String> =
+        serde_json::from_slice(&floor_json.stdout).map_err(|e| format!("floor-command output: {e}"))?;
     let ours_cmd = || {
         let mut c = Command::new(vmtest);
         c.args(["run", "--accel", accel, "--", "true"]).env("VMTEST_LOG", "error");
@@ -156,14 +177,22 @@ fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Resu
     for i in 0..runs {
         ours.push(time(&mut ours_cmd())?);
         raw.push(time(&mut floor_cmd())?);
-        eprintln!("run {}/{runs}: vmtest {:.3}s, floor {:.3}s", i + 1, ours[i].as_secs_f64(), raw[i].as_secs_f64());
+        eprintln!(
+            "run {}/{runs}: vmtest {:.3}s, floor {:.3}s",
+            i + 1,
+            ours[i].as_secs_f64(),
+            raw[i].as_secs_f64()
+        );
     }
     let (m_ours, m_raw) = (median(&mut ours), median(&mut raw));
     let ratio = m_ours.as_secs_f64() / m_raw.as_secs_f64();
     println!("| what | median of {runs} |");
     println!("|---|---|");
     println!("| `vmtest run -- true` (release, accel {accel}) | {:.3} s |", m_ours.as_secs_f64());
-    println!("| raw QEMU floor: same kernel, machine and accel, init powers off at once | {:.3} s |", m_raw.as_secs_f64());
+    println!(
+        "| raw QEMU floor: same kernel, machine and accel, init powers off at once | {:.3} s |",
+        m_raw.as_secs_f64()
+    );
     println!("| ratio vmtest / floor | {ratio:.3} |");
     Ok(())
 }

@@ -1,10 +1,14 @@
 //! One module per subcommand.
 
 mod backends;
+mod cleanup;
 mod doctor;
 mod floor;
 mod kernel;
+mod reporter;
+mod request;
 mod run;
+mod vms;
 
 use crate::cli::{Cli, Command};
 use vmtest_core::Result;
@@ -13,8 +17,13 @@ use vmtest_core::Result;
 pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args).await,
+        Command::List { json } => vms::list(json).await,
+        Command::Exec(args) => vms::exec(args).await,
+        Command::Console { name } => vms::console(&name).await,
+        Command::Destroy { name } => vms::destroy(&name).await,
+        Command::Cleanup(args) => cleanup::cleanup(args).await,
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
-        Command::Doctor => doctor::doctor().await,
-        Command::FloorCommand(args) => floor::floor_command(args).await,
+        Command::Doctor { backend } => doctor::doctor(&backend).await,
+        Command::Floor(args) => floor::floor_command(args).await,
     }
 }
