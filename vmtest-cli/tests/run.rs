@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{error_line, stderr, stdout, Vmtest};
+use common::{error_line, kill, stderr, stdout, Vmtest};
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -264,8 +264,4 @@ fn sigterm_during_boot_tears_everything_down() {
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(error_line(&out).contains("interrupted by SIGTERM"), "{}", stderr(&out));
     vt.assert_clean();
-}
-
-extern "C" {
-    fn kill(pid: i32, sig: i32) -> i32;
 }

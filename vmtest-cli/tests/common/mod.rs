@@ -26,13 +26,33 @@ impl Vmtest {
         self.cmd().arg("run").args(args).arg("--").args(command).output().unwrap()
     }
 
-    /// Assert nothing of this test's runs is left: no run dir, no QEMU using the state dir.
+    /// Assert nothing of this test's runs is left: no run dir, no socket, no QEMU using the
+    /// state dir, no slot lock held (the slot files themselves stay, by design).
     pub fn assert_clean(&self) {
         let left: Vec<PathBuf> = std::fs::read_dir(self.state.path())
-            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .map(|d| d.flatten().map(|e| e.path()).filter(|p| !p.ends_with("locks")).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "state dir not empty: {left:?}");
         assert_eq!(qemu_pids_using(self.state.path()), Vec::<u32>::new(), "QEMU still running");
+        for slot in std::fs::read_dir(self.state.path().join("locks")).into_iter().flatten().flatten() {
+            let f = std::fs::File::open(slot.path()).unwrap();
+            let free = unsafe { flock(std::os::fd::AsRawFd::as_raw_fd(&f), 2 | 4) } == 0; // LOCK_EX|LOCK_NB
+            assert!(free, "{} is still locked", slot.path().display());
+        }
+    }
+}
+
+extern "C" {
+    fn flock(fd: i32, op: i32) -> i32;
+    pub fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Wait until `cond` holds, up to `secs`; panic with `what` otherwise.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 
