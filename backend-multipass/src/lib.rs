@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use vmtest_core::spec::{BootSpec, VmSpec};
-use vmtest_core::state::{ProcessId, RunDir, VmRecord};
+use vmtest_core::state::{ProcessId, RunDir, StateDir, VmRecord};
 use vmtest_core::{Check, Error, ErrorKind, Hypervisor, Preflight, Result, Vm};
 
 pub use vm::MultipassVm;
@@ -497,11 +497,28 @@ impl Hypervisor for MultipassBackend {
         Ok(self.list_instances().await?.iter().filter_map(record_from_instance).collect())
     }
 
-    async fn destroy_record(&self, record: &VmRecord) -> Result<()> {
-        let name =
-            record.backend_data.get("instance").and_then(|v| v.as_str()).unwrap_or(&record.name).to_owned();
-        self.delete_instance(&name).await
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {
+        let name = instance_name(record);
+        let run =
+            StateDir::from_env().runs().into_iter().find(|r| r.id() == record.run_id).ok_or_else(|| {
+                Error::usage(format!("the run dir of {} is gone; `vmtest cleanup` tidies up", record.name))
+            })?;
+        let mp = self.multipass()?;
+        let confined = self.confined(&mp);
+        let vm = MultipassVm::new(name, record.node.clone(), mp, run, confined, Duration::ZERO);
+        // A handle on a kept VM: dropping it must leave the instance alone.
+        vm.detach();
+        Ok(Box::new(vm))
     }
+
+    async fn destroy_record(&self, record: &VmRecord) -> Result<()> {
+        self.delete_instance(&instance_name(record)).await
+    }
+}
+
+/// The Multipass instance a record names.
+fn instance_name(record: &VmRecord) -> String {
+    record.backend_data.get("instance").and_then(|v| v.as_str()).unwrap_or(&record.name).to_owned()
 }
 
 impl MultipassBackend {

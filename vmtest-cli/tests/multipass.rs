@@ -213,3 +213,67 @@ fn the_vm_gets_the_requested_shape() {
     );
     e.assert_clean();
 }
+
+#[test]
+fn keep_then_exec_then_destroy() {
+    let e = env("main");
+    let o = e.vmtest(
+        &["run", "--backend", "multipass", "--keep", "--", "sh", "-c", "echo kept > marker; exit 4"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert_eq!(e.fake.calls_of("delete").len(), 0, "a kept VM is not deleted");
+    let list = e.vmtest(&["list", "--json"], None);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rows.len(), 1, "{}", String::from_utf8_lossy(&list.stdout));
+    let name = rows[0]["name"].as_str().unwrap().to_owned();
+    assert!(stderr(&o).contains(&format!("vmtest exec {name} -- CMD")), "{}", stderr(&o));
+
+    let x = e.vmtest(&["exec", &name, "--", "cat", "marker"], None);
+    assert_eq!(x.status.code(), Some(0), "{}", stderr(&x));
+    assert_eq!(String::from_utf8_lossy(&x.stdout), "kept\n");
+    assert_eq!(e.fake.calls_of("delete").len(), 0, "exec on a kept VM deletes nothing");
+
+    let d = e.vmtest(&["destroy", &name], None);
+    assert!(d.status.success(), "{}", stderr(&d));
+    let deletes = e.fake.calls_of("delete");
+    assert_eq!(deletes.len(), 1, "one delete --purge NAME: {deletes:?}");
+    e.assert_clean();
+}
+
+#[test]
+fn cleanup_after_kill_9_deletes_only_the_orphan_by_name() {
+    let e = env("1.16");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmtest"))
+        .args(["run", "--backend", "multipass", "--", "sh", "-c", "echo started; sleep 600"])
+        .env("VMTEST_MULTIPASS", &e.fake.exe)
+        .env("VMTEST_STATE_DIR", e.state.path())
+        .env("VMTEST_MULTIPASS_STORAGE", e.fake.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    child.kill().unwrap(); // SIGKILL: no teardown runs
+    child.wait().unwrap();
+    assert_eq!(e.fake.calls_of("delete").len(), 0);
+    let dry = e.vmtest(&["cleanup", "--list-only"], None);
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("orphan"),
+        "{}",
+        String::from_utf8_lossy(&dry.stdout)
+    );
+    assert_eq!(e.fake.calls_of("delete").len(), 0, "--list-only deletes nothing");
+    let c = e.vmtest(&["cleanup", "--force"], None);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let deletes = e.fake.calls_of("delete");
+    assert_eq!(deletes.len(), 1, "{deletes:?}");
+    assert!(
+        deletes[0].iter().any(|a| a.starts_with("vmt-")) && deletes[0].contains(&"--purge".to_owned()),
+        "{deletes:?}"
+    );
+    e.assert_clean();
+}

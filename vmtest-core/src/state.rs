@@ -24,13 +24,28 @@ impl ProcessId {
         process_start_time(pid).map(|start_time| ProcessId { pid, start_time })
     }
 
-    /// True while this very process (same pid, same start time) runs.
+    /// True while this very process (same pid, same start time) runs. Where there is no
+    /// Linux-style `/proc` (FreeBSD, illumos, macOS), the pid alone is checked.
     pub fn is_alive(&self) -> bool {
+        if !has_linux_proc() {
+            return pid_exists(self.pid);
+        }
         match process_start_time(self.pid) {
             Some(t) => self.start_time == 0 || t == self.start_time,
             None => false,
         }
     }
+}
+
+fn has_linux_proc() -> bool {
+    std::path::Path::new("/proc/self/stat").exists()
+}
+
+/// `kill(pid, 0)`: the process exists (EPERM means it exists but is not ours).
+fn pid_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    let ret = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    ret == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Start time of a process from `/proc/<pid>/stat`, `None` when it does not exist.
