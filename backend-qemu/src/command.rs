@@ -28,7 +28,21 @@ pub struct QemuCommand {
     pub console_socket: PathBuf,
     /// Extra words for the kernel command line.
     pub kernel_args: Vec<String>,
+    /// NICs on private networks: QEMU `-netdev dgram` over unix sockets to the switch.
+    pub nics: Vec<QemuNic>,
 }
+
+/// One NIC: QEMU binds `local` and sends every frame to the switch port at `remote`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuNic {
+    pub mac: String,
+    pub local: PathBuf,
+    pub remote: PathBuf,
+}
+
+/// Modules a guest with a NIC needs on top of [`MachineKind::guest_modules`]
+/// (virtio_net pulls in net_failover and failover through the dependency resolver).
+pub const NET_MODULES: &[&str] = &["virtio_net"];
 
 /// Which devices a machine type takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +149,20 @@ impl QemuCommand {
             push("-device");
             push(&format!("{},fsdev=root,mount_tag={ROOT_TAG}", m.device("virtio-9p")));
         }
+        for (i, nic) in self.nics.iter().enumerate() {
+            a.push("-netdev".into());
+            a.push(
+                format!(
+                    "dgram,id=net{i},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    nic.local.display(),
+                    nic.remote.display()
+                )
+                .into(),
+            );
+            a.push("-device".into());
+            let rom = if m == MachineKind::Pc { ",romfile=" } else { "" };
+            a.push(format!("{},netdev=net{i},mac={}{rom}", m.device("virtio-net"), nic.mac).into());
+        }
         a.push("-kernel".into());
         a.push(self.kernel.path.clone().into());
         a.push("-initrd".into());
@@ -183,7 +211,23 @@ mod tests {
             agent_socket: "/run/a.sock".into(),
             console_socket: "/run/c.sock".into(),
             kernel_args: vec!["extra=1".into()],
+            nics: Vec::new(),
         }
+    }
+
+    #[test]
+    fn nics_are_dgram_netdevs_with_their_macs() {
+        let mut c = cmd(true, Accel::Tcg);
+        c.nics.push(QemuNic { mac: "52:54:00:12:01:02".into(), local: "/r/n0".into(), remote: "/r/sw".into() });
+        let args: Vec<String> = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(
+            &"dgram,id=net0,local.type=unix,local.path=/r/n0,remote.type=unix,remote.path=/r/sw".to_owned()
+        ));
+        assert!(args.contains(&"virtio-net-device,netdev=net0,mac=52:54:00:12:01:02".to_owned()));
+        let mut c = cmd(false, Accel::Tcg);
+        c.nics.push(QemuNic { mac: "52:54:00:12:01:02".into(), local: "/r/n0".into(), remote: "/r/sw".into() });
+        let args: Vec<String> = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:12:01:02,romfile=".to_owned()));
     }
 
     #[test]

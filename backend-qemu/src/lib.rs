@@ -132,11 +132,17 @@ impl QemuBackend {
         };
         let (boot, initramfs) = {
             let (kernel, cache) = (kernel.clone(), cache.clone());
+            let with_net = !spec.nics.is_empty();
             tokio::task::spawn_blocking(move || -> Result<(BootImage, PathBuf)> {
                 let boot = kernel::boot_image(&kernel, &cache)?;
                 let modules = match &kernel.modules {
-                    Some(dir) => modules::ModuleTree::open(dir)?
-                        .resolve(MachineKind::for_kernel(&boot).guest_modules())?,
+                    Some(dir) => {
+                        let mut wanted = MachineKind::for_kernel(&boot).guest_modules().to_vec();
+                        if with_net {
+                            wanted.extend_from_slice(command::NET_MODULES);
+                        }
+                        modules::ModuleTree::open(dir)?.resolve(&wanted)?
+                    }
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).
                     None => Vec::new(),
                 };
@@ -164,6 +170,15 @@ impl QemuBackend {
             agent_socket,
             console_socket,
             kernel_args: self.opts.kernel_args.clone(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| command::QemuNic {
+                    mac: n.mac_string(),
+                    local: n.guest_socket.clone(),
+                    remote: n.switch_socket.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -284,6 +299,12 @@ impl Hypervisor for QemuBackend {
             unix_time_secs: secs,
             unix_time_nanos: nanos,
             overlay_size: "50%".into(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| vmtest_core::protocol::GuestNic { mac: n.mac, address: n.address, prefix: n.prefix })
+                .collect(),
+            hosts: spec.hosts.clone(),
         };
         let vm =
             vm::QemuVm::boot(&cmd, &mut record, run, setup, spec.boot_timeout, self.opts.die_with_parent)

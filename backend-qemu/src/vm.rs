@@ -344,7 +344,7 @@ impl Vm for QemuVm {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            network: false,
+            network: true,
             snapshots: false,
             concurrent_exec: true,
             console: true,

@@ -134,6 +134,7 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
         let flags = if share.read_only { libc::MS_RDONLY } else { 0 };
         sys::mount(&share.tag, target, "9p", flags, NINEP_OPTS)?;
     }
+    crate::net::configure(s)?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! its first argument, or the one named [`AGENT_PORT_NAME`].
 
 mod init;
+mod net;
 mod server;
 mod sys;
 

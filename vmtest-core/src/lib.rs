@@ -18,7 +18,13 @@ pub mod exec;
 #[cfg(feature = "host")]
 pub mod hypervisor;
 #[cfg(feature = "host")]
+pub mod junit;
+#[cfg(feature = "host")]
 pub mod lock;
+#[cfg(feature = "host")]
+pub mod machine;
+#[cfg(feature = "host")]
+pub mod network;
 #[cfg(feature = "host")]
 pub mod retry;
 #[cfg(feature = "host")]
@@ -31,6 +37,10 @@ pub mod spec;
 pub mod state;
 #[cfg(feature = "host")]
 pub mod sweep;
+#[cfg(feature = "host")]
+pub mod testfile;
+#[cfg(feature = "host")]
+pub mod testrun;
 
 #[cfg(feature = "host")]
 pub use error::{Error, ErrorKind, Result};

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a message changes shape; the host refuses an agent that disagrees.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The name of the virtio-serial port the agent talks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT_NAME: &str = "org.vmtest.agent.0";
@@ -93,6 +93,25 @@ pub struct GuestSetup {
     pub unix_time_nanos: u32,
     /// Size of the tmpfs that takes the guest's writes, e.g. "50%".
     pub overlay_size: String,
+    /// Network interfaces to configure, found by MAC.
+    pub nics: Vec<GuestNic>,
+    /// Lines to add to `/etc/hosts` (every node of a multi-VM test).
+    pub hosts: Vec<HostsEntry>,
+}
+
+/// One network interface the agent configures: up, with one IPv4 address.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GuestNic {
+    pub mac: [u8; 6],
+    pub address: [u8; 4],
+    pub prefix: u8,
+}
+
+/// One `/etc/hosts` line: an address and its names.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HostsEntry {
+    pub address: String,
+    pub names: Vec<String>,
 }
 
 /// One command to run.

@@ -53,6 +53,33 @@ pub struct VmSpec {
     pub accel: AccelChoice,
     /// How long the guest may take to reach "agent ready".
     pub boot_timeout: Duration,
+    /// Network interfaces on private networks (multi-VM tests); empty for none.
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// `/etc/hosts` lines for the guest (the other nodes' names).
+    #[serde(default)]
+    pub hosts: Vec<crate::protocol::HostsEntry>,
+}
+
+/// One NIC attached to a private network switch (see [`crate::network`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NicSpec {
+    /// The network number: addresses are `192.168.<network>.<node>`.
+    pub network: u8,
+    pub mac: [u8; 6],
+    pub address: [u8; 4],
+    pub prefix: u8,
+    /// The switch port's unix datagram socket (the switch binds it).
+    pub switch_socket: PathBuf,
+    /// The guest side's unix datagram socket (the hypervisor binds it; the switch sends there).
+    pub guest_socket: PathBuf,
+}
+
+impl NicSpec {
+    /// `52:54:00:12:34:56`.
+    pub fn mac_string(&self) -> String {
+        self.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    }
 }
 
 impl VmSpec {
@@ -66,6 +93,8 @@ impl VmSpec {
             boot: BootSpec::Kernel { kernel: None },
             accel: AccelChoice::Auto,
             boot_timeout: Duration::from_secs(120),
+            nics: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 }
