@@ -2,10 +2,10 @@
 //! few directories and device nodes init expects. An uncompressed newc cpio archive (the
 //! kernel unpacks it fastest), cached under its content hash.
 
-use crate::cache::{digest, Cache};
+use crate::cache::{digest, file_identity, Cache};
 use crate::modules::{read_module, strip_signature, Module};
 use std::path::PathBuf;
-use vmtest_core::Result;
+use vmtest_core::{Error, Result};
 
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
@@ -77,20 +77,25 @@ impl Cpio {
 
 /// Build (or find in the cache) the initramfs for this agent and these modules.
 /// `strip_signatures` only where the kernel does not enforce module signatures.
+///
+/// The cache key is the agent's content and the modules' file identities (path, size,
+/// mtime, inode), so a cache hit reads no module.
 pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: bool) -> Result<PathBuf> {
+    let mut key = vec![agent.to_vec(), vec![strip_signatures as u8]];
+    for m in modules {
+        let id = file_identity(&m.path)
+            .map_err(|e| Error::io(format!("cannot stat module {}", m.path.display()), e))?;
+        key.push(m.name.clone().into_bytes());
+        key.push(id.into_bytes());
+    }
+    let path = cache.dir("initramfs")?.join(format!("{}.cpio", digest(key.iter().map(Vec::as_slice))));
+    if path.is_file() {
+        return Ok(path);
+    }
     let mut loaded = Vec::with_capacity(modules.len());
     for m in modules {
         let bytes = read_module(&m.path)?;
         loaded.push((m.name.clone(), if strip_signatures { strip_signature(bytes) } else { bytes }));
-    }
-    let mut parts: Vec<&[u8]> = vec![agent];
-    for (name, bytes) in &loaded {
-        parts.push(name.as_bytes());
-        parts.push(bytes);
-    }
-    let path = cache.dir("initramfs")?.join(format!("{}.cpio", digest(parts)));
-    if path.is_file() {
-        return Ok(path);
     }
     let mut cpio = Cpio::default();
     for d in ["dev", "proc", "sys", "mnt", "lib", "lib/modules", "lib/modules/vmtest"] {
@@ -139,13 +144,21 @@ mod tests {
     }
 
     #[test]
-    fn builds_are_cached_by_content() {
+    fn builds_are_cached_by_agent_and_module_identity() {
         let tmp = tempfile::tempdir().unwrap();
-        let cache = Cache::at(tmp.path());
-        let a = build(&cache, b"agent-1", &[], false).unwrap();
-        let b = build(&cache, b"agent-1", &[], true).unwrap();
-        let c = build(&cache, b"agent-2", &[], false).unwrap();
-        assert_eq!(a, b);
-        assert_ne!(a, c);
+        let cache = Cache::at(tmp.path().join("cache"));
+        let module = Module { name: "m".into(), path: tmp.path().join("m.ko") };
+        std::fs::write(&module.path, b"module v1").unwrap();
+        let mods = std::slice::from_ref(&module);
+        let a = build(&cache, b"agent-1", mods, false).unwrap();
+        assert_eq!(a, build(&cache, b"agent-1", mods, false).unwrap());
+        assert_ne!(a, build(&cache, b"agent-2", mods, false).unwrap());
+        // A rebuilt module (new size and mtime) is a new initramfs holding the new bytes.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&module.path, b"module v2!").unwrap();
+        let b = build(&cache, b"agent-1", mods, false).unwrap();
+        assert_ne!(a, b);
+        let cpio = std::fs::read(&b).unwrap();
+        assert!(cpio.windows(10).any(|w| w == b"module v2!"));
     }
 }

@@ -28,7 +28,7 @@ pub struct Kernel {
 impl Kernel {
     /// Describe a kernel image found at `image`.
     pub fn from_image(image: &Path, origin: &'static str) -> Result<Kernel> {
-        let bytes = std::fs::read(image).map_err(|e| {
+        let bytes = read_head(image).map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 "; it is readable only by root: copy it somewhere readable or run `vmtest kernel fetch`"
             } else {
@@ -60,6 +60,17 @@ impl Kernel {
         };
         !config.lines().any(|l| l.trim() == "CONFIG_MODULE_SIG_FORCE=y")
     }
+}
+
+/// The first 2 MiB of a bzImage (its header and version string are near the start), or a
+/// whole ELF vmlinux (its version string may be anywhere).
+fn read_head(image: &Path) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    std::fs::File::open(image)?.take(2 << 20).read_to_end(&mut head)?;
+    if head.starts_with(b"\x7fELF") {
+        return std::fs::read(image);
+    }
+    Ok(head)
 }
 
 /// Find a kernel without fetching one. `Ok(None)`: nothing found anywhere.
