@@ -245,6 +245,7 @@ impl Hypervisor for QemuBackend {
                 )),
             }
         }
+        pf.push(disk_check(self.cache.root()));
         match kernel::locate(None, &self.cache) {
             Ok(Some(k)) => pf.push(Check::ok(
                 "kernel",
@@ -333,6 +334,36 @@ impl Hypervisor for QemuBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// Free space where VM files go (the cache: kernels, initramfs, images), warned under 10 GB.
+fn disk_check(dir: &Path) -> Check {
+    const WARN_BELOW: u64 = 10 << 30;
+    let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
+    match free_bytes(existing) {
+        Some(free) if free < WARN_BELOW => Check::warn(
+            "disk",
+            format!("{:.1} GB free on the filesystem of {}", free as f64 / 1e9, existing.display()),
+            "free some space, or set VMTEST_CACHE_DIR to a larger filesystem",
+        ),
+        Some(free) => Check::ok(
+            "disk",
+            format!("{:.1} GB free on the filesystem of {}", free as f64 / 1e9, existing.display()),
+        ),
+        None => {
+            Check::warn("disk", format!("cannot tell the free space of {}", existing.display()), "check `df`")
+        }
+    }
+}
+
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a valid path and a zeroed out-struct.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
     }
 }
 

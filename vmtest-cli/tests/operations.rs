@@ -248,9 +248,16 @@ fn doctor_reports_every_backend_and_fails_for_an_unusable_one() {
     let out = vt.cmd().args(["doctor"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     let text = stdout(&out);
-    for line in
-        ["backend qemu:", "backend bhyve:", "backend multipass:", "vmtest will use: qemu", "[ok  ] qemu:"]
-    {
+    for line in [
+        "backend qemu:",
+        "backend bhyve:",
+        "backend multipass:",
+        "vmtest will use: qemu",
+        "[ok  ] qemu:",
+        "] disk:",
+        "] kernel:",
+        "] acceleration:",
+    ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
     let out = vt
