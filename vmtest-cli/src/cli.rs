@@ -55,13 +55,30 @@ pub enum Command {
         #[arg(long, env = "VMTEST_BACKEND", default_value = "auto", value_name = "NAME")]
         backend: String,
     },
+    /// Print the effective `vmtest run` settings and where each value came from.
+    ///
+    /// Layers, lowest first: built-in defaults, vmtest.toml (found by walking up from the
+    /// current directory), its [target.NAME] table, environment variables, flags.
+    Config(ConfigArgs),
+    /// Print a shell completion script, e.g. `vmtest completions bash > /etc/bash_completion.d/vmtest`.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page (roff), e.g. `vmtest man | man -l -`.
+    Man {
+        /// Write vmtest.1 and one page per subcommand (vmtest-run.1, ...) into this directory.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
     /// Print the raw QEMU boot floor's command line as JSON (for `cargo xtask bench`).
     #[command(hide = true, name = "floor-command")]
     Floor(FloorArgs),
 }
 
 /// When a VM is left running after `vmtest run`.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Keep {
     Never,
     /// When the command fails, times out or errors after boot.
@@ -98,50 +115,92 @@ pub struct CommandArgs {
     pub cwd: Option<PathBuf>,
 }
 
-#[derive(Args, Debug)]
-pub struct RunArgs {
+/// VM settings of `vmtest run`. Each one overrides the same key of the nearest `vmtest.toml`
+/// (and its `--target`), which overrides the built-in default; `vmtest config` shows the
+/// result and where each value came from.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunSettings {
+    /// The project config file. Default: the first vmtest.toml found walking up from the
+    /// current directory ($VMTEST_CONFIG; `none` ignores config files).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// A named target of the config file (its [target.NAME] table) ($VMTEST_TARGET).
+    #[arg(short = 't', long, value_name = "NAME")]
+    pub target: Option<String>,
+
     /// Hypervisor backend: qemu, bhyve, multipass, or auto (the first whose pre-flight
-    /// passes, in a per-OS order).
-    #[arg(long, env = "VMTEST_BACKEND", default_value = "auto", value_name = "NAME")]
-    pub backend: String,
+    /// passes, in a per-OS order) ($VMTEST_BACKEND). Default: auto.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
 
     /// Guest kernel image (bzImage or vmlinux). Default: $VMTEST_KERNEL, the newest readable
     /// /boot/vmlinuz-*, or the cache (fetched on first use).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub kernel: Option<PathBuf>,
 
-    /// CPU acceleration: kvm only when proven to work (auto), or forced.
-    #[arg(long, default_value = "auto", value_name = "auto|kvm|tcg")]
-    pub accel: String,
+    /// Boot this image of the backend's image store instead of a kernel (bhyve, multipass).
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
 
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub cpus: u32,
+    /// CPU acceleration: kvm only when proven to work (auto), or forced. Default: auto.
+    #[arg(long, value_name = "auto|kvm|tcg")]
+    pub accel: Option<String>,
 
-    /// Guest memory, e.g. 512M or 2G (a bare number is MiB).
-    #[arg(long, default_value = "512M", value_name = "SIZE")]
-    pub memory: String,
+    /// Virtual CPUs. Default: 1.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
 
-    /// Give up if the guest is not ready after this long.
-    #[arg(long, default_value = "120s", value_name = "DUR")]
-    pub boot_timeout: String,
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB). Default: 512M.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// Give up if the guest is not ready after this long. Default: 120s.
+    #[arg(long, value_name = "DUR")]
+    pub boot_timeout: Option<String>,
 
     /// Extra kernel command-line words.
     #[arg(long, value_name = "ARGS")]
     pub kernel_args: Option<String>,
 
     /// Leave the VM running after the run: `--keep` alone keeps it when the command fails.
-    #[arg(long, value_enum, num_args = 0..=1, default_value = "never", default_missing_value = "on-failure")]
-    pub keep: Keep,
+    /// Default: never.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "on-failure")]
+    pub keep: Option<Keep>,
 
     /// At most this many VMs at once, counted over every vmtest process of this user
-    /// (1: strictly one at a time). Default: what the cores and memory allow.
-    #[arg(long, env = "VMTEST_MAX_VMS", value_name = "N")]
+    /// (1: strictly one at a time) ($VMTEST_MAX_VMS). Default: what the cores and memory allow.
+    #[arg(long, value_name = "N")]
     pub max_vms: Option<usize>,
+}
+
+/// How `vmtest run` reports what it does.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MessageFormat {
+    /// Progress for people on stderr: a live status line on a terminal, timestamped lines
+    /// otherwise (or with CI=true).
+    #[default]
+    Human,
+    /// One JSON event per line on stderr (schema: docs/events.md).
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub settings: RunSettings,
 
     /// Print how long boot, setup, the command and teardown took.
     #[arg(long)]
     pub timings: bool,
+
+    /// How progress and results are reported on stderr ($VMTEST_MESSAGE_FORMAT).
+    #[arg(long, value_enum, value_name = "FMT", env = "VMTEST_MESSAGE_FORMAT", default_value = "human")]
+    pub message_format: MessageFormat,
+
+    /// Also write the JSON event stream to this file (any --message-format).
+    #[arg(long, value_name = "PATH")]
+    pub events_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub command_args: CommandArgs,
@@ -149,6 +208,30 @@ pub struct RunArgs {
     /// The command and its arguments, passed exactly.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    #[command(flatten)]
+    pub settings: RunSettings,
+
+    #[command(flatten)]
+    pub command_args: CommandArgs,
+
+    /// Print a JSON object instead of annotated TOML.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A shell to generate completions for.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+    Elvish,
+    #[value(name = "powershell")]
+    PowerShell,
 }
 
 #[derive(Args, Debug)]

@@ -3,7 +3,10 @@
 
 mod cli;
 mod commands;
+mod config;
+mod events;
 mod signals;
+mod ui;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -26,17 +29,27 @@ fn main() -> ExitCode {
 
 /// Print an error as one line (plus its detail block) and pick its exit code.
 fn report(e: &Error) -> ExitCode {
-    eprintln!("vmtest: error: {}", e.message());
+    let mut text = format!("vmtest: error: {}", e.message());
     if let Some(detail) = e.detail() {
         for line in detail.lines() {
-            eprintln!("  {line}");
+            text.push_str(&format!("\n  {line}"));
         }
     }
+    ui::set_status(None);
+    ui::line(&text);
     ExitCode::from(e.exit_code() as u8)
 }
 
+/// Logs go through the terminal lock (never inside the status line or a command's line).
+/// `VMTEST_LOG` takes a `RUST_LOG`-style filter (e.g. `debug`, `backend_qemu=trace`) and
+/// wins over -q/-v.
 fn init_logging(verbose: u8, quiet: bool) {
     use tracing_subscriber::EnvFilter;
+    ui::set_verbosity(match (quiet, verbose) {
+        (true, _) => ui::Verbosity::Quiet,
+        (false, 0) => ui::Verbosity::Normal,
+        _ => ui::Verbosity::Verbose,
+    });
     let default = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
@@ -45,5 +58,5 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("VMTEST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(ui::log_writer).with_target(false).init();
 }

@@ -57,6 +57,18 @@ pub enum Event<'a> {
     WaitingForSlots { needed: usize, max: usize, holders: &'a [Holder] },
     /// The VM was left running on purpose.
     Kept { name: &'a str },
+    /// A launch attempt of VM `name` on `backend` starts (attempt 1, then retries).
+    Booting { name: &'a str, backend: &'a str, attempt: u32 },
+    /// The VM is up and its agent answers; `boot` is the time since the first attempt began.
+    Ready { name: &'a str, boot: Duration },
+    /// The command starts in the VM.
+    ExecStarted { name: &'a str, argv: &'a [std::ffi::OsString] },
+    /// The command ended: with a status, or with an error (timeout, lost connection...).
+    ExecFinished { name: &'a str, status: Option<ExitStatus>, error: Option<&'a Error>, duration: Duration },
+    /// Teardown starts: a clean shutdown, or a kill after an interruption.
+    TearingDown { name: &'a str, kill: bool },
+    /// The run is over (the VM is gone, or kept); all phase timings.
+    Finished { name: &'a str, timings: &'a Timings },
 }
 
 /// Receives [`Event`]s (the CLI prints them; a library user may log them).
@@ -121,7 +133,7 @@ where
 
     let started = Instant::now();
     let launched = tokio::select! {
-        r = launch_with_retry(hv, &spec, &run, retry) => r,
+        r = launch_with_retry(hv, &spec, &run, retry, reporter) => r,
         reason = &mut cancel => Err(Error::interrupted(reason)),
     };
     let vm = match launched {
@@ -137,13 +149,22 @@ where
         timings.push(phase, d);
     }
     timings.push("launch", started.elapsed());
+    reporter.event(&Event::Ready { name: vm.name(), boot: started.elapsed() });
 
+    let argv = req.argv.clone();
+    reporter.event(&Event::ExecStarted { name: vm.name(), argv: &argv });
     let command_started = Instant::now();
     let result = tokio::select! {
         r = vm.exec(req) => r,
         reason = &mut cancel => Err(Error::interrupted(reason)),
     };
     timings.push("command", command_started.elapsed());
+    reporter.event(&Event::ExecFinished {
+        name: vm.name(),
+        status: result.as_ref().ok().map(|o| o.status),
+        error: result.as_ref().err(),
+        duration: command_started.elapsed(),
+    });
 
     let failed = !matches!(&result, Ok(out) if out.status.success());
     let interrupted = matches!(&result, Err(e) if e.kind() == crate::ErrorKind::Interrupted);
@@ -156,6 +177,7 @@ where
         reporter.event(&Event::Kept { name: vm.name() });
         Some(vm.name().to_owned())
     } else {
+        reporter.event(&Event::TearingDown { name: vm.name(), kill: interrupted });
         let down = if interrupted { vm.kill().await } else { vm.shutdown().await };
         if let Err(e) = down {
             tracing::warn!("teardown of {}: {e}", vm.name());
@@ -166,6 +188,7 @@ where
         None
     };
     timings.push("teardown", teardown_started.elapsed());
+    reporter.event(&Event::Finished { name: &spec.name, timings: &timings });
 
     let out = result?;
     Ok(RunOutcome { status: out.status, timings, kept })
@@ -176,8 +199,17 @@ async fn launch_with_retry(
     spec: &VmSpec,
     run: &RunDir,
     retry: RetryPolicy,
+    reporter: &dyn Reporter,
 ) -> Result<Box<dyn Vm>> {
-    retry.run(|_| hv.launch(spec, run), || destroy_leftovers(hv, run)).await
+    retry
+        .run(
+            |attempt| {
+                reporter.event(&Event::Booting { name: &spec.name, backend: hv.name(), attempt });
+                hv.launch(spec, run)
+            },
+            || destroy_leftovers(hv, run),
+        )
+        .await
 }
 
 /// Destroy whatever records in this run dir still describe, then forget them.

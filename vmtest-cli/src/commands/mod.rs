@@ -2,6 +2,8 @@
 
 mod backends;
 mod cleanup;
+mod completions;
+mod config;
 mod doctor;
 mod floor;
 mod kernel;
@@ -25,5 +27,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
         Command::Doctor { backend } => doctor::doctor(&backend).await,
         Command::Floor(args) => floor::floor_command(args).await,
+        Command::Config(args) => config::config(args),
+        Command::Completions { shell } => completions::completions(shell),
+        Command::Man { out_dir } => completions::man(out_dir.as_deref()),
     }
 }

@@ -1,25 +1,112 @@
-//! How run events reach the user: one plain line each, on stderr.
+//! How run events reach people: a live status line on a terminal, timestamped lines in CI,
+//! and the notices (slot waits, kept VMs) in both.
 
+use crate::ui::{self, Verbosity};
+use std::time::SystemTime;
+use vmtest_core::exec::display_argv;
 use vmtest_core::runner::{Event, Reporter};
 
-pub struct Stderr;
+/// Human progress on stderr.
+pub struct Human {
+    /// A status line on a terminal (else timestamped lines).
+    pub live: bool,
+    pub verbosity: Verbosity,
+}
 
-impl Reporter for Stderr {
+impl Human {
+    pub fn new() -> Self {
+        let live = ui::live_status_wanted();
+        if live {
+            ui::enable_live_status();
+        }
+        Human { live, verbosity: ui::verbosity() }
+    }
+
+    /// A phase line: timestamped in CI; on a terminal only with -v (the status line shows it).
+    fn phase(&self, msg: String) {
+        if self.verbosity == Verbosity::Quiet {
+            return;
+        }
+        if !self.live {
+            ui::line(&format!("{} vmtest: {msg}", ui::rfc3339(SystemTime::now())));
+        } else if self.verbosity >= Verbosity::Verbose {
+            ui::line(&format!("vmtest: {msg}"));
+        }
+    }
+
+    fn status(&self, text: Option<String>) {
+        if self.live && self.verbosity > Verbosity::Quiet {
+            ui::set_status(text);
+        }
+    }
+}
+
+impl Reporter for Human {
     fn event(&self, event: &Event<'_>) {
         match event {
             Event::WaitingForSlots { needed, max, holders } => {
                 let who: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
-                eprintln!(
+                ui::line(&format!(
                     "vmtest: waiting for {needed} of {max} VM slot(s), held by: {}",
                     if who.is_empty() { "processes that are exiting".to_owned() } else { who.join("; ") }
-                );
+                ));
+                self.status(Some(format!("Waiting for a VM slot ({needed} of {max})")));
+            }
+            Event::Booting { name, backend, attempt } => {
+                let again = if *attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
+                self.phase(format!("booting {name} ({backend}{again})"));
+                self.status(Some(format!("Booting {name} ({backend}{again})")));
+            }
+            Event::Ready { name, boot } => {
+                self.phase(format!("{name} ready after {}", ui::format_secs(*boot)));
+            }
+            Event::ExecStarted { name, argv } => {
+                let cmd = display_argv(argv);
+                self.phase(format!("running: {cmd}"));
+                self.status(Some(format!("Running in {name}: {cmd}")));
+            }
+            Event::ExecFinished { status, error, duration, .. } => {
+                let how = match (status, error) {
+                    (Some(s), _) => s.to_string(),
+                    (None, Some(e)) => format!("failed: {}", e.message()),
+                    (None, None) => "ended".to_owned(),
+                };
+                self.phase(format!("command {how} after {}", ui::format_secs(*duration)));
+                self.status(None);
+            }
+            Event::TearingDown { name, kill } => {
+                self.status(Some(format!("Tearing down {name}{}", if *kill { " (kill)" } else { "" })));
             }
             Event::Kept { name } => {
-                eprintln!("vmtest: the VM is kept running: {name}");
-                eprintln!("  vmtest console {name}        # serial console (Ctrl-] to leave)");
-                eprintln!("  vmtest exec {name} -- CMD    # run a command in it");
-                eprintln!("  vmtest destroy {name}        # tear it down");
+                self.status(None);
+                ui::line(&format!(
+                    "vmtest: the VM is kept running: {name}\n  \
+                     vmtest console {name}        # serial console (Ctrl-] to leave)\n  \
+                     vmtest exec {name} -- CMD    # run a command in it\n  \
+                     vmtest destroy {name}        # tear it down"
+                ));
             }
+            Event::Finished { name, timings } => {
+                self.status(None);
+                let parts: Vec<String> = ["launch", "command", "teardown"]
+                    .iter()
+                    .filter_map(|p| timings.get(p).map(|d| format!("{p} {}", ui::format_secs(d))))
+                    .collect();
+                self.phase(format!("{name} done ({})", parts.join(", ")));
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+}
+
+/// Several reporters at once.
+pub struct Fanout(pub Vec<Box<dyn Reporter + Send>>);
+
+impl Reporter for Fanout {
+    fn event(&self, event: &Event<'_>) {
+        for r in &self.0 {
+            r.event(event);
         }
     }
 }

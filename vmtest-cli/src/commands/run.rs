@@ -1,27 +1,72 @@
 //! `vmtest run`.
 
-use crate::cli::{Keep, RunArgs};
+use crate::cli::{Keep, MessageFormat, RunArgs};
+use crate::config::{self, blame, Effective};
+use crate::events::{self, JsonEvents};
 use crate::signals::Signals;
+use crate::ui;
 use backend_qemu::QemuOptions;
+use serde_json::json;
+use std::time::Instant;
 use vmtest_core::lock::{self, SlotPool};
 use vmtest_core::retry::RetryPolicy;
-use vmtest_core::runner::{self, KeepPolicy, RunOptions};
+use vmtest_core::runner::{self, KeepPolicy, Reporter, RunOptions};
 use vmtest_core::spec::{self, BootSpec, VmSpec};
 use vmtest_core::state::StateDir;
 use vmtest_core::{sweep, Error, Result};
 
 pub async fn run(args: RunArgs) -> Result<i32> {
+    let start = Instant::now();
+    let mut json_sinks: Vec<JsonEvents> = Vec::new();
+    if args.message_format == MessageFormat::Json {
+        json_sinks.push(JsonEvents::stderr(start));
+    }
+    if let Some(path) = &args.events_file {
+        json_sinks.push(JsonEvents::file(path, start)?);
+    }
+    let result = run_inner(&args, &json_sinks).await;
+    for j in &json_sinks {
+        let (code, error) = match &result {
+            Ok(code) => (*code, None),
+            Err(e) => (e.exit_code(), Some(events::error_json(e))),
+        };
+        j.emit("run_finished", json!({"exit_code": code, "error": error}));
+    }
+    result
+}
+
+async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
-    let spec = spec_from(&args)?;
-    let req = super::request::exec_request(&args.command_args, &args.command)?;
-    let keep = match args.keep {
+    let cwd = std::env::current_dir().map_err(|e| {
+        Error::usage(format!("cannot read the current directory: {e}; cd to an existing directory"))
+    })?;
+    let eff = config::resolve(&args.settings, &args.command_args, &config::process_env, &cwd)?;
+    for j in json_sinks {
+        j.emit(
+            "run_started",
+            json!({
+                "schema_version": events::SCHEMA_VERSION,
+                "vmtest_version": env!("CARGO_PKG_VERSION"),
+                "config_file": eff.file,
+                "target": eff.target.as_ref().map(|t| &t.value),
+                "argv": args.command.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let spec = spec_from(&eff)?;
+    let timeout = eff.timeout.value.as_deref().map(spec::parse_duration).transpose();
+    let timeout = blame(timeout, &eff.timeout.source)?;
+    let req =
+        super::request::exec_request_with(&args.command_args, &eff.env_rules(), timeout, &args.command)?;
+    let keep = match eff.keep.value {
         Keep::Never => KeepPolicy::Never,
         Keep::OnFailure => KeepPolicy::OnFailure,
         Keep::Always => KeepPolicy::Always,
     };
     let qemu = QemuOptions {
-        kernel_args: args
+        kernel_args: eff
             .kernel_args
+            .value
             .as_deref()
             .map(|a| a.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default(),
@@ -32,18 +77,28 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     let state = StateDir::from_env();
     let all = super::backends::all(qemu);
     sweep::sweep_orphans(&state, &super::backends::refs(&all)).await;
-    let backend = super::backends::choose(&args.backend, all).await?;
-    let max_vms = args.max_vms.unwrap_or_else(|| lock::default_max_vms(spec.memory_mib));
+    let backend = blame(super::backends::choose(&eff.backend.value, all).await, &eff.backend.source)?;
+    let max_vms = eff.max_vms.value.unwrap_or_else(|| lock::default_max_vms(spec.memory_mib));
     if max_vms == 0 {
-        return Err(Error::usage("--max-vms must be at least 1"));
+        return Err(Error::usage(format!("max-vms (from {}) must be at least 1", eff.max_vms.source)));
     }
+
+    let mut reporters: Vec<Box<dyn Reporter + Send>> = Vec::new();
+    if args.message_format == MessageFormat::Human {
+        reporters.push(Box::new(super::reporter::Human::new()));
+    }
+    let json_reporter = JsonFan(json_sinks);
+    let fanout = super::reporter::Fanout(reporters);
+    let both = Both(&fanout, &json_reporter);
     let opts = RunOptions {
         retry: RetryPolicy::default(),
         keep,
         slots: Some(SlotPool::from_env(state.path(), max_vms)?),
-        reporter: &super::reporter::Stderr,
+        reporter: &both,
     };
-    let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await?;
+    let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await;
+    ui::set_status(None);
+    let outcome = outcome?;
     if args.timings {
         let parts: Vec<String> = outcome
             .timings
@@ -51,20 +106,42 @@ pub async fn run(args: RunArgs) -> Result<i32> {
             .iter()
             .map(|(p, d)| format!("{p} {}", spec::format_duration(*d)))
             .collect();
-        eprintln!("vmtest: timings: {}", parts.join(", "));
+        ui::line(&format!("vmtest: timings: {}", parts.join(", ")));
     }
     Ok(outcome.status.shell_code())
 }
 
-fn spec_from(args: &RunArgs) -> Result<VmSpec> {
-    if args.cpus == 0 {
-        return Err(Error::usage("--cpus must be at least 1"));
+struct JsonFan<'a>(&'a [JsonEvents]);
+
+impl Reporter for JsonFan<'_> {
+    fn event(&self, event: &vmtest_core::runner::Event<'_>) {
+        for j in self.0 {
+            j.event(event);
+        }
+    }
+}
+
+struct Both<'a>(&'a dyn Reporter, &'a dyn Reporter);
+
+impl Reporter for Both<'_> {
+    fn event(&self, event: &vmtest_core::runner::Event<'_>) {
+        self.0.event(event);
+        self.1.event(event);
+    }
+}
+
+pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
+    if eff.cpus.value == 0 {
+        return blame(Err(Error::usage("cpus must be at least 1")), &eff.cpus.source);
     }
     let mut spec = VmSpec::new("", "vm");
-    spec.cpus = args.cpus;
-    spec.memory_mib = spec::parse_memory_mib(&args.memory)?;
-    spec.accel = args.accel.parse()?;
-    spec.boot_timeout = spec::parse_duration(&args.boot_timeout)?;
-    spec.boot = BootSpec::Kernel { kernel: args.kernel.clone() };
+    spec.cpus = eff.cpus.value;
+    spec.memory_mib = blame(spec::parse_memory_mib(&eff.memory.value), &eff.memory.source)?;
+    spec.accel = blame(eff.accel.value.parse(), &eff.accel.source)?;
+    spec.boot_timeout = blame(spec::parse_duration(&eff.boot_timeout.value), &eff.boot_timeout.source)?;
+    spec.boot = match &eff.image.value {
+        Some(name) => BootSpec::Image { name: name.clone() },
+        None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
+    };
     Ok(spec)
 }

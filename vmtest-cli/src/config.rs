@@ -1,0 +1,553 @@
+//! The project config file, `vmtest.toml`, and how it combines with the environment and the
+//! command line into the effective settings of `vmtest run`.
+//!
+//! Layers, lowest first: built-in defaults; the file's top-level keys; its `[target.NAME]`
+//! table (picked by `--target`, `$VMTEST_TARGET` or `default-target`); environment
+//! variables; flags. The file is the first `vmtest.toml` found walking up from the current
+//! directory, as Cargo finds `Cargo.toml`, so it also applies when vmtest runs as a cargo
+//! runner (cwd = the package directory).
+
+use crate::cli::{CommandArgs, Keep, RunSettings};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use vmtest_core::environment::EnvRules;
+use vmtest_core::{Error, Result};
+
+pub const FILE_NAME: &str = "vmtest.toml";
+
+/// The `env` table: rules added to the guest environment (see `vmtest run --help`).
+#[derive(Deserialize, Default, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EnvTable {
+    /// Start the guest environment empty.
+    pub clear: Option<bool>,
+    /// Host variables to pass through.
+    #[serde(default)]
+    pub pass: Vec<String>,
+    /// Host variables to drop.
+    #[serde(default)]
+    pub unset: Vec<String>,
+    /// Variables to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+}
+
+macro_rules! settings {
+    ($(#[$m:meta])* $name:ident { $($extra:tt)* }) => {
+        $(#[$m])*
+        #[derive(Deserialize, Default, Debug, Clone, PartialEq)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        pub struct $name {
+            pub backend: Option<String>,
+            pub kernel: Option<PathBuf>,
+            pub image: Option<String>,
+            pub accel: Option<String>,
+            pub cpus: Option<u32>,
+            pub memory: Option<String>,
+            pub boot_timeout: Option<String>,
+            pub timeout: Option<String>,
+            pub kernel_args: Option<String>,
+            pub keep: Option<Keep>,
+            pub max_vms: Option<usize>,
+            pub env: Option<EnvTable>,
+            $($extra)*
+        }
+    };
+}
+
+settings!(
+    /// One `[target.NAME]` table.
+    TargetSettings {}
+);
+
+settings!(
+    /// A whole `vmtest.toml`: defaults at the top level, named targets below.
+    ConfigFile {
+        /// The target used when neither --target nor $VMTEST_TARGET names one.
+        pub default_target: Option<String>,
+        #[serde(default)]
+        pub target: BTreeMap<String, TargetSettings>,
+    }
+);
+
+impl ConfigFile {
+    fn defaults(&self) -> TargetSettings {
+        TargetSettings {
+            backend: self.backend.clone(),
+            kernel: self.kernel.clone(),
+            image: self.image.clone(),
+            accel: self.accel.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone(),
+            boot_timeout: self.boot_timeout.clone(),
+            timeout: self.timeout.clone(),
+            kernel_args: self.kernel_args.clone(),
+            keep: self.keep,
+            max_vms: self.max_vms,
+            env: self.env.clone(),
+        }
+    }
+
+    /// Parse `text`, read from `path` (for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<ConfigFile> {
+        toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                    format!(":{line}:{col}")
+                })
+                .unwrap_or_default();
+            let msg = e.message().replace('\n', " ");
+            let msg = msg.trim();
+            Error::usage(format!("{}{at}: {msg}; see `vmtest config --help` for the keys", path.display()))
+        })
+    }
+}
+
+/// Where a value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Target(String, PathBuf),
+    Env(&'static str),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Target(t, p) => write!(f, "{} [target.{t}]", p.display()),
+            Source::Env(v) => write!(f, "env {v}"),
+            Source::Flag(fl) => write!(f, "{fl}"),
+        }
+    }
+}
+
+/// A value and its origin.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Val<T> {
+    pub value: T,
+    pub source: Source,
+}
+
+/// One environment rule and its origin.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EnvRule {
+    Clear,
+    Pass(String),
+    Unset(String),
+    Set(String, String),
+}
+
+/// The effective settings of one `vmtest run`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Effective {
+    pub file: Option<PathBuf>,
+    pub target: Option<Val<String>>,
+    pub backend: Val<String>,
+    pub kernel: Val<Option<PathBuf>>,
+    pub image: Val<Option<String>>,
+    pub accel: Val<String>,
+    pub cpus: Val<u32>,
+    pub memory: Val<String>,
+    pub boot_timeout: Val<String>,
+    pub timeout: Val<Option<String>>,
+    pub kernel_args: Val<Option<String>>,
+    pub keep: Val<Keep>,
+    pub max_vms: Val<Option<usize>>,
+    /// In the order they apply (config first, flags last, so flags win).
+    pub env: Vec<(EnvRule, Source)>,
+}
+
+impl Effective {
+    /// The guest environment rules.
+    pub fn env_rules(&self) -> EnvRules {
+        let mut rules = EnvRules::default();
+        for (rule, _) in &self.env {
+            match rule {
+                EnvRule::Clear => rules.clear = true,
+                EnvRule::Pass(n) => rules.pass.push(n.into()),
+                EnvRule::Unset(n) => rules.unset.push(n.into()),
+                EnvRule::Set(k, v) => rules.set.push((k.into(), v.into())),
+            }
+        }
+        rules
+    }
+}
+
+/// Turn an error about a value into one that says where the value came from.
+pub fn blame<T>(r: Result<T>, source: &Source) -> Result<T> {
+    r.map_err(|e| match source {
+        Source::Default => e,
+        s => Error::usage(format!("{} (set by {s})", e.message())),
+    })
+}
+
+/// The config file that applies: `--config`, `$VMTEST_CONFIG`, else the first vmtest.toml
+/// walking up from `cwd`. `none` turns config files off.
+pub fn locate(
+    flag: Option<&Path>,
+    env: &dyn Fn(&str) -> Option<String>,
+    cwd: &Path,
+) -> Result<Option<PathBuf>> {
+    let (chosen, how) = match (flag, env("VMTEST_CONFIG").filter(|v| !v.is_empty())) {
+        (Some(p), _) => (Some(p.to_path_buf()), "--config"),
+        (None, Some(v)) => (Some(PathBuf::from(v)), "$VMTEST_CONFIG"),
+        (None, None) => (None, ""),
+    };
+    match chosen {
+        Some(p) if p.as_os_str() == "none" => Ok(None),
+        Some(p) => {
+            let p = cwd.join(p);
+            if p.is_file() {
+                Ok(Some(p))
+            } else {
+                Err(Error::usage(format!(
+                    "config file {} (from {how}) does not exist; fix the path, or use `none` for no config file",
+                    p.display()
+                )))
+            }
+        }
+        None => Ok(cwd.ancestors().map(|d| d.join(FILE_NAME)).find(|p| p.is_file())),
+    }
+}
+
+/// Combine defaults, the config file, the environment and the flags.
+pub fn resolve(
+    flags: &RunSettings,
+    cmd: &CommandArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    cwd: &Path,
+) -> Result<Effective> {
+    let file = locate(flags.config.as_deref(), env, cwd)?;
+    let parsed = match &file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Error::usage(format!("cannot read {}: {e}; check its permissions", p.display()))
+            })?;
+            Some(ConfigFile::parse(&text, p)?)
+        }
+        None => None,
+    };
+    let target = match (&flags.target, env("VMTEST_TARGET").filter(|v| !v.is_empty())) {
+        (Some(t), _) => Some(Val { value: t.clone(), source: Source::Flag("--target") }),
+        (None, Some(t)) => Some(Val { value: t, source: Source::Env("VMTEST_TARGET") }),
+        (None, None) => parsed
+            .as_ref()
+            .and_then(|c| c.default_target.clone())
+            .map(|t| Val { value: t, source: Source::File(file.clone().unwrap_or_default()) }),
+    };
+
+    // The config layers, lowest first, with their sources and base directories.
+    let mut layers: Vec<(TargetSettings, Source, PathBuf)> = Vec::new();
+    if let (Some(cfg), Some(path)) = (&parsed, &file) {
+        let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        layers.push((cfg.defaults(), Source::File(path.clone()), dir.clone()));
+        if let Some(t) = &target {
+            let Some(ts) = cfg.target.get(&t.value) else {
+                let names: Vec<&str> = cfg.target.keys().map(String::as_str).collect();
+                return Err(Error::usage(format!(
+                    "no target `{}` (from {}) in {}; {}",
+                    t.value,
+                    t.source,
+                    path.display(),
+                    if names.is_empty() {
+                        "it defines none: add a [target.NAME] table".to_owned()
+                    } else {
+                        format!("its targets: {}", names.join(", "))
+                    }
+                )));
+            };
+            layers.push((ts.clone(), Source::Target(t.value.clone(), path.clone()), dir));
+        }
+    } else if let Some(t) = &target {
+        return Err(Error::usage(format!(
+            "target `{}` (from {}) needs a config file, and no {FILE_NAME} was found in {} or above; \
+             create one with a [target.{}] table, or pass --config PATH",
+            t.value,
+            t.source,
+            cwd.display(),
+            t.value
+        )));
+    }
+
+    // Pick the highest layer that sets a key.
+    macro_rules! pick {
+        ($field:ident, $default:expr, $env:expr, $flag:expr, $flagname:expr) => {{
+            let mut v = Val { value: $default, source: Source::Default };
+            for (l, src, _) in &layers {
+                if let Some(x) = &l.$field {
+                    v = Val { value: x.clone().into(), source: src.clone() };
+                }
+            }
+            if let Some((name, x)) = $env {
+                v = Val { value: x, source: Source::Env(name) };
+            }
+            if let Some(x) = $flag {
+                v = Val { value: x.clone().into(), source: Source::Flag($flagname) };
+            }
+            v
+        }};
+    }
+    let env_val = |name: &'static str| env(name).filter(|v| !v.is_empty()).map(|v| (name, v));
+    let env_parse = |name: &'static str| -> Result<Option<(&'static str, usize)>> {
+        match env_val(name) {
+            Some((n, v)) => v.trim().parse().map(|x| Some((n, x))).map_err(|_| {
+                Error::usage(format!(
+                    "${name} is `{v}`, not a number; set it to a positive integer or unset it"
+                ))
+            }),
+            None => Ok(None),
+        }
+    };
+
+    let backend =
+        pick!(backend, "auto".to_owned(), env_val("VMTEST_BACKEND"), flags.backend.as_ref(), "--backend");
+    let mut kernel: Val<Option<PathBuf>> = Val { value: None, source: Source::Default };
+    for (l, src, dir) in &layers {
+        if let Some(k) = &l.kernel {
+            // Relative to the file that names it (like danobi/vmtest#94 asks).
+            kernel = Val { value: Some(dir.join(k)), source: src.clone() };
+        }
+    }
+    if let Some((n, v)) = env_val("VMTEST_KERNEL") {
+        kernel = Val { value: Some(PathBuf::from(v)), source: Source::Env(n) };
+    }
+    if let Some(k) = &flags.kernel {
+        kernel = Val { value: Some(cwd.join(k)), source: Source::Flag("--kernel") };
+    }
+    let image: Val<Option<String>> =
+        pick!(image, None, None, flags.image.as_ref().map(|i| Some(i.clone())), "--image");
+    // A flag for one boot source overrides the other one from a lower layer.
+    let (kernel, image) = match (&kernel.source, &image.source) {
+        (Source::Flag(_), _) if flags.image.is_none() => {
+            (kernel, Val { value: None, source: Source::Flag("--kernel") })
+        }
+        (_, Source::Flag(_)) => (Val { value: None, source: Source::Flag("--image") }, image),
+        _ => (kernel, image),
+    };
+    if let (Some(_), Some(_)) = (&kernel.value, &image.value) {
+        return Err(Error::usage(format!(
+            "both a kernel (from {}) and an image (from {}) are set; keep one (in a config file, a target's \
+             `kernel` or `image` replaces neither: remove one of them)",
+            kernel.source, image.source
+        )));
+    }
+    let accel = pick!(accel, "auto".to_owned(), None, flags.accel.as_ref(), "--accel");
+    let cpus = pick!(cpus, 1u32, None, flags.cpus.as_ref(), "--cpus");
+    let memory = pick!(memory, "512M".to_owned(), None, flags.memory.as_ref(), "--memory");
+    let boot_timeout =
+        pick!(boot_timeout, "120s".to_owned(), None, flags.boot_timeout.as_ref(), "--boot-timeout");
+    let timeout: Val<Option<String>> =
+        pick!(timeout, None, None, cmd.timeout.as_ref().map(|t| Some(t.clone())), "--timeout");
+    let kernel_args: Val<Option<String>> =
+        pick!(kernel_args, None, None, flags.kernel_args.as_ref().map(|t| Some(t.clone())), "--kernel-args");
+    let keep = pick!(keep, Keep::Never, None, flags.keep.as_ref(), "--keep");
+    let max_vms: Val<Option<usize>> = pick!(
+        max_vms,
+        None,
+        env_parse("VMTEST_MAX_VMS")?.map(|(n, x)| (n, Some(x))),
+        flags.max_vms.map(Some).as_ref(),
+        "--max-vms"
+    );
+
+    let mut rules = Vec::new();
+    for (l, src, _) in &layers {
+        if let Some(e) = &l.env {
+            if e.clear == Some(true) {
+                rules.push((EnvRule::Clear, src.clone()));
+            }
+            rules.extend(e.unset.iter().map(|n| (EnvRule::Unset(n.clone()), src.clone())));
+            rules.extend(e.pass.iter().map(|n| (EnvRule::Pass(n.clone()), src.clone())));
+            rules.extend(e.set.iter().map(|(k, v)| (EnvRule::Set(k.clone(), v.clone()), src.clone())));
+        }
+    }
+    if cmd.clear_env {
+        rules.push((EnvRule::Clear, Source::Flag("--clear-env")));
+    }
+    for n in &cmd.unset_env {
+        rules.push((EnvRule::Unset(lossy(n)), Source::Flag("--unset-env")));
+    }
+    for e in &cmd.env {
+        let s = lossy(e);
+        let rule = match s.split_once('=') {
+            Some((k, v)) => EnvRule::Set(k.to_owned(), v.to_owned()),
+            None => EnvRule::Pass(s),
+        };
+        rules.push((rule, Source::Flag("--env")));
+    }
+
+    Ok(Effective {
+        file,
+        target,
+        backend,
+        kernel,
+        image,
+        accel,
+        cpus,
+        memory,
+        boot_timeout,
+        timeout,
+        kernel_args,
+        keep,
+        max_vms,
+        env: rules,
+    })
+}
+
+fn lossy(s: &OsString) -> String {
+    s.to_string_lossy().into_owned()
+}
+
+/// The real process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join(FILE_NAME);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn cmd() -> CommandArgs {
+        CommandArgs {
+            timeout: None,
+            env: vec![],
+            unset_env: vec![],
+            clear_env: false,
+            root: false,
+            cwd: None,
+        }
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap();
+        assert_eq!(e.file, None);
+        assert_eq!(e.cpus, Val { value: 1, source: Source::Default });
+        assert_eq!(e.memory.value, "512M");
+        assert_eq!(e.backend.value, "auto");
+        assert!(e.env.is_empty());
+    }
+
+    #[test]
+    fn found_walking_up_and_layered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            r#"
+cpus = 2
+memory = "1G"
+kernel = "k/bzImage"
+timeout = "5m"
+[env]
+set = { A = "1" }
+pass = ["HOME"]
+[target.big]
+cpus = 4
+env = { unset = ["SECRET"] }
+"#,
+        );
+        let sub = dir.path().join("a/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        let flags =
+            RunSettings { target: Some("big".into()), memory: Some("2G".into()), ..Default::default() };
+        let mut c = cmd();
+        c.env.push("A=2".into());
+        let e = resolve(&flags, &c, &no_env, &sub).unwrap();
+        assert_eq!(e.file.as_deref(), Some(path.as_path()));
+        assert_eq!(e.cpus, Val { value: 4, source: Source::Target("big".into(), path.clone()) });
+        assert_eq!(e.memory, Val { value: "2G".into(), source: Source::Flag("--memory") });
+        assert_eq!(e.timeout, Val { value: Some("5m".into()), source: Source::File(path.clone()) });
+        assert_eq!(e.kernel.value, Some(dir.path().join("k/bzImage")));
+        let rules = e.env_rules();
+        assert_eq!(rules.unset, vec![OsString::from("SECRET")]);
+        assert_eq!(rules.pass, vec![OsString::from("HOME")]);
+        // The flag comes last, so it wins.
+        assert_eq!(rules.set.last().unwrap(), &(OsString::from("A"), OsString::from("2")));
+    }
+
+    #[test]
+    fn env_vars_beat_the_file_and_flags_beat_env_vars() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "backend = \"multipass\"\nmax-vms = 3\n");
+        let env = |n: &str| match n {
+            "VMTEST_BACKEND" => Some("qemu".to_owned()),
+            "VMTEST_MAX_VMS" => Some("2".to_owned()),
+            _ => None,
+        };
+        let e = resolve(&RunSettings::default(), &cmd(), &env, dir.path()).unwrap();
+        assert_eq!(e.backend, Val { value: "qemu".into(), source: Source::Env("VMTEST_BACKEND") });
+        assert_eq!(e.max_vms, Val { value: Some(2), source: Source::Env("VMTEST_MAX_VMS") });
+        let flags = RunSettings { max_vms: Some(1), ..Default::default() };
+        let e = resolve(&flags, &cmd(), &env, dir.path()).unwrap();
+        assert_eq!(e.max_vms, Val { value: Some(1), source: Source::Flag("--max-vms") });
+    }
+
+    #[test]
+    fn default_target_and_unknown_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "default-target = \"a\"\n[target.a]\ncpus = 3\n[target.b]\ncpus = 5\n");
+        let e = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap();
+        assert_eq!(e.cpus.value, 3);
+        let env = |n: &str| (n == "VMTEST_TARGET").then(|| "b".to_owned());
+        assert_eq!(resolve(&RunSettings::default(), &cmd(), &env, dir.path()).unwrap().cpus.value, 5);
+        let flags = RunSettings { target: Some("c".into()), ..Default::default() };
+        let err = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap_err();
+        assert!(err.message().contains("no target `c` (from --target)"), "{}", err.message());
+        assert!(err.message().ends_with("its targets: a, b"), "{}", err.message());
+    }
+
+    #[test]
+    fn typos_name_the_line_and_the_key() {
+        let err = ConfigFile::parse("cpus = 2\ncpu = 3\n", Path::new("/p/vmtest.toml")).unwrap_err();
+        let m = err.message();
+        assert!(m.starts_with("/p/vmtest.toml:2:1: unknown field `cpu`"), "{m}");
+        assert!(!m.contains('\n'));
+        let err = ConfigFile::parse("[target.x]\nmemory = 512\n", Path::new("v.toml")).unwrap_err();
+        assert!(err.message().contains("v.toml:2:"), "{}", err.message());
+    }
+
+    #[test]
+    fn config_none_and_missing_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "cpus = 2\n");
+        let flags = RunSettings { config: Some("none".into()), ..Default::default() };
+        assert_eq!(resolve(&flags, &cmd(), &no_env, dir.path()).unwrap().cpus.value, 1);
+        let flags = RunSettings { config: Some("nope.toml".into()), ..Default::default() };
+        let err = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap_err();
+        assert!(err.message().contains("nope.toml (from --config) does not exist"), "{}", err.message());
+    }
+
+    #[test]
+    fn kernel_flag_overrides_an_image_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "image = \"noble\"\n");
+        let flags = RunSettings { kernel: Some("/k".into()), ..Default::default() };
+        let e = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap();
+        assert_eq!(e.kernel.value, Some(PathBuf::from("/k")));
+        assert_eq!(e.image.value, None);
+        write(dir.path(), "image = \"noble\"\nkernel = \"/k\"\n");
+        let err = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap_err();
+        assert!(err.message().contains("both a kernel"), "{}", err.message());
+    }
+}

@@ -1,0 +1,120 @@
+//! The machine-readable event stream: one JSON object per line (schema: docs/events.md).
+
+use crate::ui;
+use serde_json::{json, Map, Value};
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+use vmtest_core::protocol::ExitStatus;
+use vmtest_core::runner::{Event, Reporter};
+use vmtest_core::Error;
+
+/// Bumped when a field changes meaning or goes away (new fields and events do not bump it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+enum Dest {
+    /// Whole lines on stderr, through the shared terminal lock.
+    Stderr,
+    File(Mutex<std::fs::File>),
+}
+
+/// Writes events as JSON lines.
+pub struct JsonEvents {
+    dest: Dest,
+    start: Instant,
+}
+
+impl JsonEvents {
+    pub fn stderr(start: Instant) -> Self {
+        JsonEvents { dest: Dest::Stderr, start }
+    }
+
+    pub fn file(path: &std::path::Path, start: Instant) -> vmtest_core::Result<Self> {
+        let f = std::fs::File::create(path).map_err(|e| {
+            Error::usage(format!(
+                "cannot create the events file {}: {e}; check that its directory exists",
+                path.display()
+            ))
+        })?;
+        Ok(JsonEvents { dest: Dest::File(Mutex::new(f)), start })
+    }
+
+    /// Emit one event of `kind` with these extra fields.
+    pub fn emit(&self, kind: &str, fields: Value) {
+        let mut obj = Map::new();
+        obj.insert("type".into(), kind.into());
+        obj.insert("time".into(), ui::rfc3339(SystemTime::now()).into());
+        obj.insert("elapsed".into(), secs(self.start.elapsed()));
+        if let Value::Object(f) = fields {
+            obj.extend(f);
+        }
+        let line = Value::Object(obj).to_string();
+        match &self.dest {
+            Dest::Stderr => ui::line(&line),
+            Dest::File(f) => {
+                let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(f, "{line}").and_then(|_| f.flush());
+            }
+        }
+    }
+}
+
+fn secs(d: Duration) -> Value {
+    json!((d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+pub fn status_json(s: ExitStatus) -> Value {
+    match s {
+        ExitStatus::Code(c) => json!({"code": c, "signal": null}),
+        ExitStatus::Signal(n) => json!({"code": null, "signal": n}),
+    }
+}
+
+pub fn error_json(e: &Error) -> Value {
+    json!({
+        "kind": format!("{:?}", e.kind()).to_lowercase(),
+        "message": e.message(),
+        "detail": e.detail(),
+        "exit_code": e.exit_code(),
+    })
+}
+
+impl Reporter for JsonEvents {
+    fn event(&self, event: &Event<'_>) {
+        match event {
+            Event::WaitingForSlots { needed, max, holders } => self.emit(
+                "waiting_for_slots",
+                json!({"needed": needed, "max": max, "holders": holders.iter().map(|h| h.to_string()).collect::<Vec<_>>()}),
+            ),
+            Event::Booting { name, backend, attempt } => {
+                self.emit("booting", json!({"vm": name, "backend": backend, "attempt": attempt}))
+            }
+            Event::Ready { name, boot } => self.emit("ready", json!({"vm": name, "boot_secs": secs(*boot)})),
+            Event::ExecStarted { name, argv } => self.emit(
+                "exec_started",
+                json!({"vm": name, "argv": argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>()}),
+            ),
+            Event::ExecFinished { name, status, error, duration } => self.emit(
+                "exec_finished",
+                json!({
+                    "vm": name,
+                    "status": status.map(status_json),
+                    "exit_code": status.map(|s| s.shell_code()),
+                    "error": error.map(error_json),
+                    "duration_secs": secs(*duration),
+                }),
+            ),
+            Event::TearingDown { name, kill } => {
+                self.emit("tearing_down", json!({"vm": name, "action": if *kill { "kill" } else { "shutdown" }}))
+            }
+            Event::Kept { name } => self.emit("kept", json!({"vm": name})),
+            Event::Finished { name, timings } => {
+                let t: Map<String, Value> = timings.phases.iter().map(|(p, d)| (p.clone(), secs(*d))).collect();
+                self.emit("finished", json!({"vm": name, "timings": t}))
+            }
+            // Events added to the core later are not part of the documented schema yet.
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+}
