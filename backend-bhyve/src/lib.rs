@@ -267,6 +267,14 @@ impl Hypervisor for BhyveBackend {
         "bhyve"
     }
 
+    async fn import_image(&self, file: &Path, name: &str, force: bool) -> Result<String> {
+        BhyveBackend::import_image(self, file, name, force).await
+    }
+
+    async fn list_images(&self) -> Result<Vec<String>> {
+        BhyveBackend::list_images(self).await
+    }
+
     async fn preflight(&self) -> Preflight {
         let mut pf = Preflight::default();
         let cfg = match self.config() {

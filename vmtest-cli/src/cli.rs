@@ -49,6 +49,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Manage base images of backends that have an image store.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Check that this host can run VMs, and say how to fix what is missing.
     Doctor {
         /// The backend whose failure makes doctor fail (default: auto).
@@ -258,6 +261,27 @@ pub struct CleanupArgs {
     /// Also kept VMs and VMs of runs still in progress (careful).
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a raw disk image as a named base image (bhyve: a ZFS volume with @base).
+    Import {
+        #[arg(long, env = "VMTEST_BACKEND", value_name = "NAME")]
+        backend: String,
+        /// The raw image file.
+        file: PathBuf,
+        /// The image's name.
+        name: String,
+        /// Replace an image of that name.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List a backend's base images.
+    List {
+        #[arg(long, env = "VMTEST_BACKEND", value_name = "NAME")]
+        backend: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

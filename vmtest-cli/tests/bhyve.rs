@@ -140,3 +140,28 @@ fn listed_errors_map_to_their_exit_codes() {
     let out = h.vmtest(&[("VMTEST_BHYVE_FLAVOR", "")], &["run", "--backend", "bhyve", "--", "true"]);
     assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn image_import_then_a_kept_run_then_destroy() {
+    let h = Host::new("freebsd");
+    let raw = h.p("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let out = h.vmtest(&[], &["image", "import", "--backend", "bhyve", raw.to_str().unwrap(), "img1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let list = h.vmtest(&[], &["image", "list", "--backend", "bhyve"]);
+    assert!(String::from_utf8_lossy(&list.stdout).lines().any(|l| l.contains("img1")), "{list:?}");
+
+    // A failing run with --keep stays up until destroyed.
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--keep", "--", "sh", "-c", "exit 2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.leftovers().1, 1, "the kept VM is still in /dev/vmm");
+    let rows: serde_json::Value = serde_json::from_slice(&h.vmtest(&[], &["list", "--json"]).stdout).unwrap();
+    let name = rows[0]["name"].as_str().unwrap().to_owned();
+    assert_eq!(rows[0]["status"], "kept");
+    let out = h.vmtest(&[], &["destroy", &name]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(h.leftovers(), (vec![], 0));
+    // The base image is never touched by teardown.
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(h.p("s/state.json")).unwrap()).unwrap();
+    assert!(s["datasets"].as_object().unwrap().keys().any(|k| k == "tank/vmtest/img/img1"), "{s}");
+}

@@ -106,6 +106,21 @@ pub trait Hypervisor: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Import a raw disk image file as the named base image (`vmtest image import`).
+    /// Returns where it now lives. Default: this backend has no image store.
+    async fn import_image(&self, file: &Path, name: &str, force: bool) -> Result<String> {
+        let _ = (file, force);
+        Err(crate::Error::usage(format!(
+            "the {} backend cannot import images (asked for `{name}`)",
+            self.name()
+        )))
+    }
+
+    /// The names of the base images this backend has. Default: none.
+    async fn list_images(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     /// Reach a VM that outlived its runner (`--keep`), from its record: exec, console.
     /// Dropping the handle leaves the VM running. Default: unsupported.
     async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {

@@ -6,6 +6,7 @@ mod completions;
 mod config;
 mod doctor;
 mod floor;
+mod image;
 mod kernel;
 mod reporter;
 mod request;
@@ -25,6 +26,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Destroy { name } => vms::destroy(&name).await,
         Command::Cleanup(args) => cleanup::cleanup(args).await,
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
+        Command::Image(cmd) => image::image(cmd).await,
         Command::Doctor { backend } => doctor::doctor(&backend).await,
         Command::Floor(args) => floor::floor_command(args).await,
         Command::Config(args) => config::config(args),
