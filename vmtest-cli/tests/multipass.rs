@@ -217,10 +217,11 @@ fn the_vm_gets_the_requested_shape() {
 #[test]
 fn keep_then_exec_then_destroy() {
     let e = env("main");
-    let o = e.vmtest(
-        &["run", "--backend", "multipass", "--keep", "--", "sh", "-c", "echo kept > marker; exit 4"],
-        None,
-    );
+    // The fake's "guest" is this host: keep what the command writes out of the source tree.
+    let scratch = tempfile::tempdir().unwrap();
+    let marker = scratch.path().join("marker");
+    let script = format!("echo kept > {}; exit 4", marker.display());
+    let o = e.vmtest(&["run", "--backend", "multipass", "--keep", "--", "sh", "-c", &script], None);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert_eq!(e.fake.calls_of("delete").len(), 0, "a kept VM is not deleted");
     let list = e.vmtest(&["list", "--json"], None);
@@ -229,7 +230,7 @@ fn keep_then_exec_then_destroy() {
     let name = rows[0]["name"].as_str().unwrap().to_owned();
     assert!(stderr(&o).contains(&format!("vmtest exec {name} -- CMD")), "{}", stderr(&o));
 
-    let x = e.vmtest(&["exec", &name, "--", "cat", "marker"], None);
+    let x = e.vmtest(&["exec", &name, "--", "cat", marker.to_str().unwrap()], None);
     assert_eq!(x.status.code(), Some(0), "{}", stderr(&x));
     assert_eq!(String::from_utf8_lossy(&x.stdout), "kept\n");
     assert_eq!(e.fake.calls_of("delete").len(), 0, "exec on a kept VM deletes nothing");
