@@ -26,6 +26,9 @@ pub enum Command {
     /// Works as a cargo runner:
     /// CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="vmtest run --" cargo test
     Run(RunArgs),
+    /// Run declarative multi-VM test files (TOML): boot the nodes on a private network,
+    /// run the steps, write JUnit, tear everything down.
+    Test(TestArgs),
     /// Show the VMs vmtest knows of: running, kept, orphaned.
     List {
         /// One JSON object per VM, in an array.
@@ -235,6 +238,47 @@ pub enum CompletionShell {
     Elvish,
     #[value(name = "powershell")]
     PowerShell,
+}
+
+#[derive(Args, Debug)]
+pub struct TestArgs {
+    /// Test files (TOML). All are checked before anything boots.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Write a JUnit XML report here (one test case per subtest).
+    #[arg(long, value_name = "PATH")]
+    pub junit: Option<PathBuf>,
+
+    /// On failure, leave the machines running and print how to reach them.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Only run subtests whose name contains this (steps outside subtests always run).
+    #[arg(long, value_name = "SUBTEST")]
+    pub filter: Option<String>,
+
+    /// Run only share K of N of the files (1-based, e.g. 2/3), for sharding over CI machines.
+    #[arg(long, value_name = "K/N")]
+    pub partition: Option<String>,
+
+    /// Only check the files; boot nothing.
+    #[arg(long)]
+    pub check: bool,
+
+    /// Hypervisor backend (multi-VM networks need qemu).
+    #[arg(long, default_value = "qemu", value_name = "NAME")]
+    pub backend: String,
+
+    /// CPU acceleration: kvm only when proven to work (auto), or forced.
+    #[arg(long, default_value = "auto", value_name = "auto|kvm|tcg")]
+    pub accel: String,
+
+    /// At most this many VMs at once over every vmtest process of this user. A test takes
+    /// a slot per node, all at once. Default: what the cores and memory allow, but at least
+    /// the largest test's node count.
+    #[arg(long, env = "VMTEST_MAX_VMS", value_name = "N")]
+    pub max_vms: Option<usize>,
 }
 
 #[derive(Args, Debug)]

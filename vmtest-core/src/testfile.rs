@@ -1,0 +1,1181 @@
+//! Declarative multi-VM test files (TOML): nodes, networks and ordered steps.
+//!
+//! ```toml
+//! [test]
+//! name = "web"            # default: the file's stem
+//! timeout = "10m"         # the whole test
+//! step_timeout = "2m"     # default deadline of each step
+//!
+//! [defaults]              # every node: cpus, memory, kernel | image, networks, files, boot_timeout
+//! memory = "512M"
+//!
+//! [nodes.server]
+//! files = [{ src = "index.html", dst = "/srv/www/index.html" }]   # src: relative to this file
+//! [nodes.client]
+//!
+//! [networks.1]            # optional: loss (percent) and delay on every link of network 1
+//! delay = "10ms"
+//!
+//! [[step]]                # one action each; `on` = a node, a list, or "*" (in parallel)
+//! on = "server"
+//! succeed = "cd /srv/www && setsid python3 -m http.server 80 >/dev/null 2>&1 &"
+//! [[step]]
+//! subtest = "fetch"       # consecutive steps with one subtest name form a JUnit case
+//! on = "client"
+//! wait_until_succeeds = "curl -fsS http://server/"
+//! expect_stdout = "hello" # a regex over the action's stdout
+//! timeout = "30s"
+//! ```
+//!
+//! The whole file is checked before anything boots, and every problem is reported as
+//! `FILE:LINE: message`.
+
+use crate::error::{Error, Result};
+use crate::spec::{parse_duration, parse_memory_mib};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A value and the byte range it came from. Like `toml::Spanned`, but also accepts the
+/// implicit tables of dotted headers (`[nodes.a]` makes `nodes` without a span), which
+/// `toml::Spanned` refuses; those get an empty span at the start.
+#[derive(Clone, Debug)]
+struct Spanned<T> {
+    span: std::ops::Range<usize>,
+    value: T,
+}
+
+impl<T> Spanned<T> {
+    fn new(span: std::ops::Range<usize>, value: T) -> Self {
+        Spanned { span, value }
+    }
+    fn span(&self) -> std::ops::Range<usize> {
+        self.span.clone()
+    }
+    fn get_ref(&self) -> &T {
+        &self.value
+    }
+    fn into_inner(self) -> T {
+        self.value
+    }
+}
+
+const SPANNED: &str = "$__serde_spanned_private_Spanned";
+const SPAN_START: &str = "$__serde_spanned_private_start";
+const SPAN_END: &str = "$__serde_spanned_private_end";
+const SPAN_VALUE: &str = "$__serde_spanned_private_value";
+
+impl<'de> Deserialize<'de> for Spanned<Val> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Spanned<Val>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+                let Some(first) = map.next_key::<String>()? else {
+                    return Ok(Spanned::new(0..0, Val::Table(Vec::new())));
+                };
+                if first != SPAN_START {
+                    // A table without a span: read it as one.
+                    let mut items = Vec::new();
+                    let v = map.next_value::<Spanned<Val>>()?;
+                    items.push((Spanned::new(v.span(), first), v));
+                    while let Some(k) = map.next_key::<String>()? {
+                        let v = map.next_value::<Spanned<Val>>()?;
+                        items.push((Spanned::new(v.span(), k), v));
+                    }
+                    let start = items.first().map(|(_, v)| v.span.start).unwrap_or(0);
+                    return Ok(Spanned::new(start..start, Val::Table(items)));
+                }
+                let start: usize = map.next_value()?;
+                let mut end = start;
+                let mut value = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    if k == SPAN_END {
+                        end = map.next_value()?;
+                    } else if k == SPAN_VALUE {
+                        value = Some(map.next_value::<Val>()?);
+                    } else {
+                        let _ = map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                let value = value.ok_or_else(|| serde::de::Error::missing_field(SPAN_VALUE))?;
+                Ok(Spanned::new(start..end, value))
+            }
+        }
+        d.deserialize_struct(SPANNED, &[SPAN_START, SPAN_END, SPAN_VALUE], V)
+    }
+}
+
+/// A TOML value that remembers where each of its parts is.
+#[derive(Clone, Debug)]
+enum Val {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Array(Vec<Spanned<Val>>),
+    Table(Vec<(Spanned<String>, Spanned<Val>)>),
+}
+
+impl Val {
+    fn kind(&self) -> &'static str {
+        match self {
+            Val::Str(_) => "a string",
+            Val::Int(_) => "an integer",
+            Val::Float(_) => "a number",
+            Val::Bool(_) => "a boolean",
+            Val::Array(_) => "an array",
+            Val::Table(_) => "a table",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Val {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Val, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Val;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a TOML value")
+            }
+            fn visit_bool<E>(self, v: bool) -> std::result::Result<Val, E> {
+                Ok(Val::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> std::result::Result<Val, E> {
+                Ok(Val::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> std::result::Result<Val, E> {
+                Ok(Val::Int(v as i64))
+            }
+            fn visit_f64<E>(self, v: f64) -> std::result::Result<Val, E> {
+                Ok(Val::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> std::result::Result<Val, E> {
+                Ok(Val::Str(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> std::result::Result<Val, E> {
+                Ok(Val::Str(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Val, A::Error> {
+                let mut items = Vec::new();
+                while let Some(v) = seq.next_element::<Spanned<Val>>()? {
+                    items.push(v);
+                }
+                Ok(Val::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Val, A::Error> {
+                let mut items = Vec::new();
+                // Keys carry no span of their own here (toml only spans borrowed keys): a key
+                // is placed where its value is, which is its line for `key = value` and the
+                // table's header for `[table]`.
+                while let Some(k) = map.next_key::<String>()? {
+                    let v = map.next_value::<Spanned<Val>>()?;
+                    items.push((Spanned::new(v.span(), k), v));
+                }
+                Ok(Val::Table(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Where an action runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A network-wide action (partition, heal, loss, delay, sleep).
+    None,
+    /// These nodes, in parallel when more than one.
+    Nodes(Vec<String>),
+}
+
+/// One action of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Succeed(String),
+    Fail(String),
+    Execute(String),
+    WaitUntilSucceeds(String),
+    WaitUntilFails(String),
+    WaitForFile(String),
+    WaitForUnixSocket(String),
+    WaitForOpenPort(u16),
+    WaitForClosedPort(u16),
+    WaitForConsole(String),
+    WaitForUnit(String),
+    Systemctl(String),
+    CopyTo { src: PathBuf, dst: PathBuf },
+    CopyFrom { src: PathBuf, dst: PathBuf },
+    Block,
+    Unblock,
+    Start,
+    Shutdown,
+    Crash,
+    Reboot,
+    Partition(Vec<Vec<String>>),
+    Heal,
+    /// Percent of frames dropped, on one link or (None) every link.
+    Loss { percent: f64, link: Option<(String, String)> },
+    Delay { delay: Duration, link: Option<(String, String)> },
+    Sleep(Duration),
+}
+
+impl Action {
+    /// `succeed "curl ..."`, for messages and JUnit.
+    pub fn describe(&self) -> String {
+        let link = |l: &Option<(String, String)>| match l {
+            Some((a, b)) => format!(" on {a}<->{b}"),
+            None => " on every link".into(),
+        };
+        match self {
+            Action::Succeed(c) => format!("succeed `{c}`"),
+            Action::Fail(c) => format!("fail `{c}`"),
+            Action::Execute(c) => format!("execute `{c}`"),
+            Action::WaitUntilSucceeds(c) => format!("wait_until_succeeds `{c}`"),
+            Action::WaitUntilFails(c) => format!("wait_until_fails `{c}`"),
+            Action::WaitForFile(p) => format!("wait_for_file {p}"),
+            Action::WaitForUnixSocket(p) => format!("wait_for_unix_socket {p}"),
+            Action::WaitForOpenPort(p) => format!("wait_for_open_port {p}"),
+            Action::WaitForClosedPort(p) => format!("wait_for_closed_port {p}"),
+            Action::WaitForConsole(r) => format!("wait_for_console `{r}`"),
+            Action::WaitForUnit(u) => format!("wait_for_unit {u}"),
+            Action::Systemctl(a) => format!("systemctl {a}"),
+            Action::CopyTo { src, dst } => format!("copy_to {} -> {}", src.display(), dst.display()),
+            Action::CopyFrom { src, dst } => format!("copy_from {} -> {}", src.display(), dst.display()),
+            Action::Block => "block".into(),
+            Action::Unblock => "unblock".into(),
+            Action::Start => "start".into(),
+            Action::Shutdown => "shutdown".into(),
+            Action::Crash => "crash".into(),
+            Action::Reboot => "reboot".into(),
+            Action::Partition(groups) => format!(
+                "partition {}",
+                groups.iter().map(|g| format!("[{}]", g.join(","))).collect::<Vec<_>>().join(" ")
+            ),
+            Action::Heal => "heal".into(),
+            Action::Loss { percent, link: l } => format!("loss {percent}%{}", link(l)),
+            Action::Delay { delay, link: l } => {
+                format!("delay {}{}", crate::spec::format_duration(*delay), link(l))
+            }
+            Action::Sleep(d) => format!("sleep {}", crate::spec::format_duration(*d)),
+        }
+    }
+
+    /// Whether the action runs on nodes (needs `on`).
+    fn on_nodes(&self) -> bool {
+        !matches!(
+            self,
+            Action::Partition(_) | Action::Heal | Action::Loss { .. } | Action::Delay { .. } | Action::Sleep(_)
+        )
+    }
+
+    /// Whether `expect_stdout` means something for it.
+    fn has_stdout(&self) -> bool {
+        matches!(
+            self,
+            Action::Succeed(_)
+                | Action::Fail(_)
+                | Action::Execute(_)
+                | Action::WaitUntilSucceeds(_)
+                | Action::WaitUntilFails(_)
+                | Action::Systemctl(_)
+                | Action::WaitForConsole(_)
+        )
+    }
+}
+
+/// The action keys a step may hold (exactly one of them).
+pub const ACTIONS: &[&str] = &[
+    "succeed",
+    "fail",
+    "execute",
+    "wait_until_succeeds",
+    "wait_until_fails",
+    "wait_for_file",
+    "wait_for_unix_socket",
+    "wait_for_open_port",
+    "wait_for_closed_port",
+    "wait_for_console",
+    "wait_for_unit",
+    "systemctl",
+    "copy_to",
+    "copy_from",
+    "block",
+    "unblock",
+    "start",
+    "shutdown",
+    "crash",
+    "reboot",
+    "partition",
+    "heal",
+    "loss",
+    "delay",
+    "sleep",
+];
+
+const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
+const NODE_KEYS: &[&str] = &["cpus", "memory", "kernel", "image", "networks", "files", "boot_timeout", "backend"];
+
+/// One step, checked.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub line: usize,
+    pub on: Target,
+    pub subtest: Option<String>,
+    pub timeout: Option<Duration>,
+    pub expect_stdout: Option<regex::Regex>,
+    pub action: Action,
+}
+
+/// One node, with the defaults applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeDef {
+    pub name: String,
+    pub line: usize,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub kernel: Option<PathBuf>,
+    pub networks: Vec<u8>,
+    /// (host path, guest path); host paths resolved against the test file's directory.
+    pub files: Vec<(PathBuf, PathBuf)>,
+    pub boot_timeout: Duration,
+}
+
+/// Faults a network starts with.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NetDef {
+    pub loss_percent: f64,
+    pub delay: Duration,
+}
+
+/// A checked test file.
+#[derive(Clone, Debug)]
+pub struct TestFile {
+    pub path: PathBuf,
+    pub name: String,
+    pub timeout: Duration,
+    pub step_timeout: Duration,
+    pub backend: Option<String>,
+    pub nodes: Vec<NodeDef>,
+    pub networks: BTreeMap<u8, NetDef>,
+    pub steps: Vec<Step>,
+}
+
+impl TestFile {
+    /// The subtests, in order of first appearance.
+    pub fn subtests(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for s in &self.steps {
+            if let Some(n) = &s.subtest {
+                if !v.contains(n) {
+                    v.push(n.clone());
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Collects problems with their lines.
+struct Check<'a> {
+    text: &'a str,
+    problems: Vec<(usize, String)>,
+}
+
+impl Check<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    }
+
+    fn at<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+        let line = self.line(s.span().start);
+        self.problems.push((line, msg.into()));
+    }
+
+    fn string(&mut self, v: &Spanned<Val>, key: &str) -> Option<String> {
+        match v.get_ref() {
+            Val::Str(s) => Some(s.clone()),
+            other => {
+                self.at(v, format!("`{key}` must be a string, not {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &Spanned<Val>, key: &str) -> Option<Duration> {
+        match v.get_ref() {
+            Val::Str(s) => match parse_duration(s) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.at(v, format!("`{key}`: {}", e.message()));
+                    None
+                }
+            },
+            Val::Int(n) if *n >= 0 => Some(Duration::from_secs(*n as u64)),
+            other => {
+                self.at(v, format!("`{key}` must be a duration such as \"30s\", not {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, v: &Spanned<Val>, key: &str, min: i64, max: i64) -> Option<i64> {
+        match v.get_ref() {
+            Val::Int(n) if (min..=max).contains(n) => Some(*n),
+            Val::Int(n) => {
+                self.at(v, format!("`{key}` = {n} is out of range {min}..={max}"));
+                None
+            }
+            other => {
+                self.at(v, format!("`{key}` must be an integer, not {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn table<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [(Spanned<String>, Spanned<Val>)]> {
+        match v.get_ref() {
+            Val::Table(t) => Some(t),
+            other => {
+                self.at(v, format!("`{key}` must be a table, not {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn array<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [Spanned<Val>]> {
+        match v.get_ref() {
+            Val::Array(a) => Some(a),
+            other => {
+                self.at(v, format!("`{key}` must be an array, not {}", other.kind()));
+                None
+            }
+        }
+    }
+
+    fn names(&mut self, v: &Spanned<Val>, key: &str) -> Option<Vec<Spanned<String>>> {
+        let items = self.array(v, key)?;
+        let mut out = Vec::new();
+        for it in items {
+            match it.get_ref() {
+                Val::Str(s) => out.push(Spanned::new(it.span(), s.clone())),
+                other => self.at(it, format!("`{key}` must list node names (strings), not {}", other.kind())),
+            }
+        }
+        Some(out)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct NodeRaw {
+    cpus: Option<u32>,
+    memory_mib: Option<u64>,
+    kernel: Option<PathBuf>,
+    networks: Option<Vec<u8>>,
+    files: Option<Vec<(PathBuf, PathBuf)>>,
+    boot_timeout: Option<Duration>,
+}
+
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 24
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+}
+
+impl Check<'_> {
+    fn node(&mut self, table: &[(Spanned<String>, Spanned<Val>)], base: &Path, what: &str) -> NodeRaw {
+        let mut n = NodeRaw::default();
+        for (k, v) in table {
+            match k.get_ref().as_str() {
+                "cpus" => n.cpus = self.int(v, "cpus", 1, 64).map(|c| c as u32),
+                "memory" => {
+                    n.memory_mib = match v.get_ref() {
+                        Val::Str(s) => match parse_memory_mib(s) {
+                            Ok(m) => Some(m),
+                            Err(e) => {
+                                self.at(v, format!("`memory`: {}", e.message()));
+                                None
+                            }
+                        },
+                        Val::Int(m) if *m >= 64 => Some(*m as u64),
+                        _ => {
+                            self.at(v, "`memory` must be a size such as \"512M\" or \"2G\"");
+                            None
+                        }
+                    }
+                }
+                "kernel" => {
+                    if let Some(s) = self.string(v, "kernel") {
+                        let p = base.join(&s);
+                        if !p.is_file() {
+                            self.at(v, format!("kernel `{s}` does not exist ({})", p.display()));
+                        }
+                        n.kernel = Some(p);
+                    }
+                }
+                "image" => {
+                    self.at(
+                        v,
+                        format!(
+                            "{what}: `image` nodes need image mode, which is not implemented yet; \
+                             remove `image` to boot the host's kernel and root (kernel mode)"
+                        ),
+                    );
+                }
+                "backend" => {
+                    if let Some(b) = self.string(v, "backend") {
+                        if b != "qemu" {
+                            self.at(v, format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"));
+                        }
+                    }
+                }
+                "networks" => {
+                    if let Some(items) = self.array(v, "networks") {
+                        let mut nets = Vec::new();
+                        for it in items {
+                            if let Some(x) = self.int(it, "networks", 1, 254) {
+                                if nets.contains(&(x as u8)) {
+                                    self.at(it, format!("network {x} is listed twice"));
+                                }
+                                nets.push(x as u8);
+                            }
+                        }
+                        n.networks = Some(nets);
+                    }
+                }
+                "files" => {
+                    if let Some(items) = self.array(v, "files") {
+                        let mut files = Vec::new();
+                        for it in items {
+                            if let Some((src, dst)) = self.copy_pair(it, "files", base, true) {
+                                files.push((src, dst));
+                            }
+                        }
+                        n.files = Some(files);
+                    }
+                }
+                "boot_timeout" => n.boot_timeout = self.duration(v, "boot_timeout"),
+                other => {
+                    self.at(k, format!("unknown key `{other}` in {what}; expected one of {}", NODE_KEYS.join(", ")))
+                }
+            }
+        }
+        n
+    }
+
+    /// `{ src = "...", dst = "..." }`; `src` is a host path (checked when `host_src`).
+    fn copy_pair(&mut self, v: &Spanned<Val>, key: &str, base: &Path, host_src: bool) -> Option<(PathBuf, PathBuf)> {
+        let t = self.table(v, key)?;
+        let (mut src, mut dst) = (None, None);
+        for (k, val) in t {
+            match k.get_ref().as_str() {
+                "src" => src = self.string(val, "src").map(|s| (s, val.clone())),
+                "dst" => dst = self.string(val, "dst"),
+                other => self.at(k, format!("unknown key `{other}` in `{key}`; expected src and dst")),
+            }
+        }
+        let (Some((src, src_v)), Some(dst)) = (src, dst) else {
+            self.at(v, format!("`{key}` needs both `src` and `dst`"));
+            return None;
+        };
+        if host_src {
+            let p = base.join(&src);
+            if !p.exists() {
+                self.at(&src_v, format!("file `{src}` does not exist ({})", p.display()));
+            }
+            if !dst.starts_with('/') {
+                self.at(v, format!("guest path `{dst}` must be absolute"));
+            }
+            Some((p, PathBuf::from(dst)))
+        } else {
+            if !src.starts_with('/') {
+                self.at(&src_v, format!("guest path `{src}` must be absolute"));
+            }
+            Some((PathBuf::from(src), base.join(dst)))
+        }
+    }
+}
+
+/// Read and check a test file. Every problem is reported, each as `FILE:LINE: message`,
+/// in one usage error.
+pub fn load(path: &Path) -> Result<TestFile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read test file {}: {e}", path.display())))?;
+    parse(path, &text)
+}
+
+/// Check `text` as the test file at `path` (relative paths in it are resolved against
+/// `path`'s directory).
+pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
+    let mut c = Check { text, problems: Vec::new() };
+    let root: Val = match toml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let line = e.span().map(|s| c.line(s.start)).unwrap_or(1);
+            let msg = e.message().trim().replace('\n', "; ");
+            return Err(report(path, vec![(line, msg)]));
+        }
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+    let Val::Table(top) = root else { unreachable!("a TOML document is a table") };
+
+    let mut name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "test".into());
+    let mut timeout = Duration::from_secs(600);
+    let mut step_timeout = Duration::from_secs(120);
+    let mut backend = None;
+    let mut defaults = NodeRaw::default();
+    let mut nodes_raw: Vec<(Spanned<String>, NodeRaw)> = Vec::new();
+    let mut networks = BTreeMap::new();
+    let mut steps_raw: Vec<&Spanned<Val>> = Vec::new();
+    let mut nodes_seen = false;
+
+    for (k, v) in &top {
+        match k.get_ref().as_str() {
+            "test" => {
+                let Some(t) = c.table(v, "test") else { continue };
+                for (k2, v2) in t {
+                    match k2.get_ref().as_str() {
+                        "name" => {
+                            if let Some(n) = c.string(v2, "name") {
+                                name = n;
+                            }
+                        }
+                        "timeout" => timeout = c.duration(v2, "timeout").unwrap_or(timeout),
+                        "step_timeout" => step_timeout = c.duration(v2, "step_timeout").unwrap_or(step_timeout),
+                        "backend" => {
+                            backend = c.string(v2, "backend");
+                            if let Some(b) = &backend {
+                                if b != "qemu" {
+                                    c.at(v2, format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"));
+                                }
+                            }
+                        }
+                        other => c.at(
+                            k2,
+                            format!("unknown key `{other}` in [test]; expected name, timeout, step_timeout, backend"),
+                        ),
+                    }
+                }
+            }
+            "defaults" => {
+                if let Some(t) = c.table(v, "defaults") {
+                    defaults = c.node(t, &base, "[defaults]");
+                }
+            }
+            "nodes" => {
+                nodes_seen = true;
+                let Some(t) = c.table(v, "nodes") else { continue };
+                for (nk, nv) in t {
+                    if !valid_node_name(nk.get_ref()) {
+                        c.at(
+                            nk,
+                            format!(
+                                "bad node name `{}`: use at most 24 lowercase letters, digits and dashes",
+                                nk.get_ref()
+                            ),
+                        );
+                    }
+                    if let Some(prev) = nodes_raw.iter().find(|(n, _)| n.get_ref() == nk.get_ref()) {
+                        let l = c.line(prev.0.span().start);
+                        c.at(nk, format!("duplicate node `{}` (first defined on line {l})", nk.get_ref()));
+                    }
+                    let what = format!("node `{}`", nk.get_ref());
+                    let Some(t2) = c.table(nv, &what) else { continue };
+                    let raw = c.node(t2, &base, &what);
+                    nodes_raw.push((nk.clone(), raw));
+                }
+            }
+            "networks" => {
+                let Some(t) = c.table(v, "networks") else { continue };
+                for (nk, nv) in t {
+                    let Some(id) = nk.get_ref().parse::<u8>().ok().filter(|n| (1..=254).contains(n)) else {
+                        c.at(nk, format!("network `{}` must be a number from 1 to 254", nk.get_ref()));
+                        continue;
+                    };
+                    let mut def = NetDef::default();
+                    let Some(t2) = c.table(nv, "network") else { continue };
+                    for (k2, v2) in t2 {
+                        match k2.get_ref().as_str() {
+                            "loss" => def.loss_percent = c.percent(v2).unwrap_or(0.0),
+                            "delay" => def.delay = c.duration(v2, "delay").unwrap_or_default(),
+                            other => c.at(k2, format!("unknown key `{other}` in network {id}; expected loss, delay")),
+                        }
+                    }
+                    networks.insert(id, def);
+                }
+            }
+            "step" => {
+                if let Some(items) = c.array(v, "step") {
+                    steps_raw.extend(items.iter());
+                }
+            }
+            other => c.at(k, format!("unknown section `{other}`; expected test, defaults, nodes, networks, step")),
+        }
+    }
+    if !nodes_seen || nodes_raw.is_empty() {
+        c.problems.push((1, "no nodes: add at least one [nodes.NAME] table".into()));
+    }
+
+    let nodes: Vec<NodeDef> = nodes_raw
+        .iter()
+        .map(|(n, raw)| NodeDef {
+            name: n.get_ref().clone(),
+            line: c.line(n.span().start),
+            cpus: raw.cpus.or(defaults.cpus).unwrap_or(1),
+            memory_mib: raw.memory_mib.or(defaults.memory_mib).unwrap_or(512),
+            kernel: raw.kernel.clone().or_else(|| defaults.kernel.clone()),
+            networks: raw.networks.clone().or_else(|| defaults.networks.clone()).unwrap_or_else(|| vec![1]),
+            files: {
+                let mut f = defaults.files.clone().unwrap_or_default();
+                f.extend(raw.files.clone().unwrap_or_default());
+                f
+            },
+            boot_timeout: raw.boot_timeout.or(defaults.boot_timeout).unwrap_or(Duration::from_secs(120)),
+        })
+        .collect();
+    let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+
+    let mut steps = Vec::new();
+    let mut subtests_seen: Vec<(String, usize)> = Vec::new();
+    let mut last_subtest: Option<String> = None;
+    for sv in steps_raw {
+        if let Some(step) = c.step(sv, &base, &node_names) {
+            if let Some(st) = &step.subtest {
+                if last_subtest.as_ref() != Some(st) {
+                    if let Some((_, l)) = subtests_seen.iter().find(|(n, _)| n == st) {
+                        c.problems.push((
+                            step.line,
+                            format!("duplicate subtest `{st}` (already used on line {l}); its steps must be consecutive"),
+                        ));
+                    } else {
+                        subtests_seen.push((st.clone(), step.line));
+                    }
+                }
+            }
+            last_subtest = step.subtest.clone();
+            steps.push(step);
+        }
+    }
+    if steps.is_empty() && c.problems.is_empty() {
+        c.problems.push((1, "no steps: add at least one [[step]]".into()));
+    }
+    if !c.problems.is_empty() {
+        return Err(report(path, c.problems));
+    }
+    Ok(TestFile { path: path.to_owned(), name, timeout, step_timeout, backend, nodes, networks, steps })
+}
+
+fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {
+    problems.sort_by_key(|(l, _)| *l);
+    let lines: Vec<String> = problems.iter().map(|(l, m)| format!("{}:{l}: {m}", path.display())).collect();
+    let n = lines.len();
+    let head = if n == 1 {
+        lines[0].clone()
+    } else {
+        format!("{}: {n} problems; nothing was booted", path.display())
+    };
+    let e = Error::usage(head);
+    if n == 1 {
+        e
+    } else {
+        e.with_detail(lines.join("\n"))
+    }
+}
+
+impl Check<'_> {
+    fn percent(&mut self, v: &Spanned<Val>) -> Option<f64> {
+        let p = match v.get_ref() {
+            Val::Int(n) => *n as f64,
+            Val::Float(f) => *f,
+            other => {
+                self.at(v, format!("`loss` must be a percentage (0 to 100), not {}", other.kind()));
+                return None;
+            }
+        };
+        if !(0.0..=100.0).contains(&p) {
+            self.at(v, format!("`loss` = {p} is not a percentage between 0 and 100"));
+            return None;
+        }
+        Some(p)
+    }
+
+    fn known_node(&mut self, n: &Spanned<String>, nodes: &[String]) -> bool {
+        if nodes.iter().any(|k| k == n.get_ref()) {
+            return true;
+        }
+        self.at(n, format!("unknown node `{}` (nodes: {})", n.get_ref(), nodes.join(", ")));
+        false
+    }
+
+    fn step(&mut self, sv: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Step> {
+        let line = self.line(sv.span().start);
+        let t = self.table(sv, "step")?;
+        let mut on: Option<(Spanned<()>, Target)> = None;
+        let mut on_given = false;
+        let mut unknown_key = false;
+        let mut subtest = None;
+        let mut timeout = None;
+        let mut expect: Option<(Spanned<()>, regex::Regex)> = None;
+        let mut link: Option<(String, String)> = None;
+        let mut actions: Vec<(Spanned<String>, Option<Action>)> = Vec::new();
+        let mut line_of_key = line;
+        for (k, v) in t {
+            line_of_key = line_of_key.max(self.line(k.span().start));
+            let key = k.get_ref().as_str();
+            let here = Spanned::new(v.span(), ());
+            match key {
+                "on" => {
+                    on_given = true;
+                    let target = match v.get_ref() {
+                        Val::Str(s) if s == "*" => Some(Target::Nodes(nodes.to_vec())),
+                        Val::Str(s) => {
+                            let n = Spanned::new(v.span(), s.clone());
+                            self.known_node(&n, nodes).then(|| Target::Nodes(vec![s.clone()]))
+                        }
+                        Val::Array(_) => {
+                            let names = self.names(v, "on")?;
+                            if names.is_empty() {
+                                self.at(v, "`on` lists no node");
+                            }
+                            let ok = names.iter().all(|n| self.known_node(n, nodes));
+                            ok.then(|| Target::Nodes(names.iter().map(|n| n.get_ref().clone()).collect()))
+                        }
+                        other => {
+                            self.at(v, format!("`on` must be a node name, a list of names or \"*\", not {}", other.kind()));
+                            None
+                        }
+                    };
+                    if let Some(t) = target {
+                        on = Some((here, t));
+                    }
+                }
+                "subtest" => subtest = self.string(v, "subtest"),
+                "timeout" => timeout = self.duration(v, "timeout"),
+                "expect_stdout" => {
+                    if let Some(s) = self.string(v, "expect_stdout") {
+                        match regex::Regex::new(&s) {
+                            Ok(re) => expect = Some((here, re)),
+                            Err(e) => self.at(v, format!("`expect_stdout` is not a valid regex: {e}")),
+                        }
+                    }
+                }
+                "link" => {
+                    if let Some(names) = self.names(v, "link") {
+                        if names.len() != 2 {
+                            self.at(v, "`link` names exactly two nodes, e.g. [\"client\", \"server\"]");
+                        } else if names.iter().all(|n| self.known_node(n, nodes)) {
+                            link = Some((names[0].get_ref().clone(), names[1].get_ref().clone()));
+                        }
+                    }
+                }
+                _ if ACTIONS.contains(&key) => {
+                    let a = self.action(key, v, base, nodes);
+                    actions.push((k.clone(), a));
+                }
+                other => {
+                    unknown_key = true;
+                    let msg = match ACTIONS.iter().chain(STEP_KEYS).find(|a| similar(a, other)) {
+                        Some(a) => format!("unknown action or key `{other}` in step; did you mean `{a}`?"),
+                        None => format!(
+                            "unknown action or key `{other}` in step; actions: {}; keys: {}",
+                            ACTIONS.join(", "),
+                            STEP_KEYS.join(", ")
+                        ),
+                    };
+                    self.at(k, msg)
+                }
+            }
+        }
+        let line = line.max(actions.first().map(|(k, _)| self.line(k.span().start)).unwrap_or(line));
+        match actions.len() {
+            0 if unknown_key => return None,
+            0 => {
+                self.problems.push((line, format!("step has no action; give one of {}", ACTIONS.join(", "))));
+                return None;
+            }
+            1 => {}
+            _ => {
+                let names: Vec<&str> = actions.iter().map(|(k, _)| k.get_ref().as_str()).collect();
+                self.problems
+                    .push((line, format!("step has {} actions ({}); give one per step", names.len(), names.join(", "))));
+                return None;
+            }
+        }
+        let (key, action) = actions.pop().unwrap();
+        let mut action = action?;
+        match &mut action {
+            Action::Loss { link: l, .. } | Action::Delay { link: l, .. } => *l = link.take(),
+            _ => {
+                if link.is_some() {
+                    self.at(&key, "`link` only goes with `loss` or `delay`");
+                }
+            }
+        }
+        let target = match (action.on_nodes(), on) {
+            (true, Some((_, t))) => t,
+            (true, None) if on_given => return None,
+            (true, None) => {
+                self.at(&key, format!("`{}` runs on nodes: add `on = \"NODE\"` (or a list, or \"*\")", key.get_ref()));
+                return None;
+            }
+            (false, Some((sp, _))) => {
+                self.at(&sp, format!("`{}` acts on the network, not on nodes: remove `on`", key.get_ref()));
+                return None;
+            }
+            (false, None) => Target::None,
+        };
+        if let Some((sp, _)) = &expect {
+            if !action.has_stdout() {
+                self.at(sp, format!("`expect_stdout` does not apply to `{}`", key.get_ref()));
+            }
+        }
+        Some(Step { line, on: target, subtest, timeout, expect_stdout: expect.map(|(_, r)| r), action })
+    }
+
+    fn action(&mut self, key: &str, v: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Action> {
+        let flag = |c: &mut Self, a: Action| match v.get_ref() {
+            Val::Bool(true) => Some(a),
+            _ => {
+                c.at(v, format!("write `{key} = true`"));
+                None
+            }
+        };
+        Some(match key {
+            "succeed" => Action::Succeed(self.string(v, key)?),
+            "fail" => Action::Fail(self.string(v, key)?),
+            "execute" => Action::Execute(self.string(v, key)?),
+            "wait_until_succeeds" => Action::WaitUntilSucceeds(self.string(v, key)?),
+            "wait_until_fails" => Action::WaitUntilFails(self.string(v, key)?),
+            "wait_for_file" => Action::WaitForFile(self.string(v, key)?),
+            "wait_for_unix_socket" => Action::WaitForUnixSocket(self.string(v, key)?),
+            "wait_for_open_port" => Action::WaitForOpenPort(self.int(v, key, 1, 65535)? as u16),
+            "wait_for_closed_port" => Action::WaitForClosedPort(self.int(v, key, 1, 65535)? as u16),
+            "wait_for_console" => {
+                let r = self.string(v, key)?;
+                if let Err(e) = regex::bytes::Regex::new(&r) {
+                    self.at(v, format!("`wait_for_console` is not a valid regex: {e}"));
+                    return None;
+                }
+                Action::WaitForConsole(r)
+            }
+            "wait_for_unit" => Action::WaitForUnit(self.string(v, key)?),
+            "systemctl" => Action::Systemctl(self.string(v, key)?),
+            "copy_to" => {
+                let (src, dst) = self.copy_pair(v, key, base, true)?;
+                Action::CopyTo { src, dst }
+            }
+            "copy_from" => {
+                let (src, dst) = self.copy_pair(v, key, base, false)?;
+                Action::CopyFrom { src, dst }
+            }
+            "block" => flag(self, Action::Block)?,
+            "unblock" => flag(self, Action::Unblock)?,
+            "start" => flag(self, Action::Start)?,
+            "shutdown" => flag(self, Action::Shutdown)?,
+            "crash" => flag(self, Action::Crash)?,
+            "reboot" => flag(self, Action::Reboot)?,
+            "heal" => flag(self, Action::Heal)?,
+            "partition" => {
+                let groups = self.array(v, key)?;
+                let mut out = Vec::new();
+                let mut seen: Vec<String> = Vec::new();
+                for g in groups {
+                    let names = self.names(g, "partition")?;
+                    let mut group = Vec::new();
+                    for n in names {
+                        if !self.known_node(&n, nodes) {
+                            continue;
+                        }
+                        if seen.contains(n.get_ref()) {
+                            self.at(&n, format!("node `{}` is in two partition groups", n.get_ref()));
+                        }
+                        seen.push(n.get_ref().clone());
+                        group.push(n.into_inner());
+                    }
+                    out.push(group);
+                }
+                if out.len() < 2 {
+                    self.at(v, "`partition` needs at least two groups, e.g. [[\"client\"], [\"server\"]]");
+                    return None;
+                }
+                Action::Partition(out)
+            }
+            "loss" => Action::Loss { percent: self.percent(v)?, link: None },
+            "delay" => Action::Delay { delay: self.duration(v, key)?, link: None },
+            "sleep" => Action::Sleep(self.duration(v, key)?),
+            _ => unreachable!("only keys in ACTIONS get here"),
+        })
+    }
+}
+
+/// A typo of `want`: one edit apart, or a swap.
+fn similar(want: &str, got: &str) -> bool {
+    let (a, b) = (want.as_bytes(), got.as_bytes());
+    if a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    // Levenshtein distance <= 2, small strings.
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for i in 1..=a.len() {
+        let mut cur = vec![i; b.len() + 1];
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("t.toml");
+        let e = parse(&path, text).unwrap_err();
+        let all = e.detail().map(str::to_owned).unwrap_or_else(|| e.message().to_owned());
+        let prefix = format!("{}:", path.display());
+        all.lines().map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_good_file_parses_with_defaults_and_overrides() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("index.html"), "hi").unwrap();
+        let text = r#"
+[test]
+name = "web"
+step_timeout = "30s"
+
+[defaults]
+memory = "256M"
+
+[nodes.server]
+cpus = 2
+files = [{ src = "index.html", dst = "/srv/index.html" }]
+
+[nodes.client]
+memory = "1G"
+
+[networks.1]
+delay = "5ms"
+
+[[step]]
+on = "*"
+succeed = "true"
+
+[[step]]
+subtest = "fetch"
+on = ["client"]
+wait_until_succeeds = "curl http://server/"
+expect_stdout = "hi"
+timeout = "10s"
+
+[[step]]
+subtest = "fetch"
+partition = [["client"], ["server"]]
+
+[[step]]
+loss = 50
+link = ["client", "server"]
+"#;
+        let f = parse(&tmp.path().join("web.toml"), text).unwrap();
+        assert_eq!(f.name, "web");
+        assert_eq!(f.step_timeout, Duration::from_secs(30));
+        let server = f.nodes.iter().find(|n| n.name == "server").unwrap();
+        assert_eq!((server.cpus, server.memory_mib, server.networks.clone()), (2, 256, vec![1]));
+        assert_eq!(server.files, vec![(tmp.path().join("index.html"), PathBuf::from("/srv/index.html"))]);
+        let client = f.nodes.iter().find(|n| n.name == "client").unwrap();
+        assert_eq!(client.memory_mib, 1024);
+        assert_eq!(f.steps.len(), 4);
+        assert_eq!(f.steps[0].on, Target::Nodes(vec!["server".into(), "client".into()]));
+        assert_eq!(f.steps[1].line, 26, "a step is placed at its action");
+        assert_eq!(f.steps[1].timeout, Some(Duration::from_secs(10)));
+        assert_eq!(f.steps[2].action, Action::Partition(vec![vec!["client".into()], vec!["server".into()]]));
+        assert_eq!(f.steps[2].on, Target::None);
+        assert_eq!(
+            f.steps[3].action,
+            Action::Loss { percent: 50.0, link: Some(("client".into(), "server".into())) }
+        );
+        assert_eq!(f.subtests(), vec!["fetch".to_owned()]);
+        assert_eq!(f.networks[&1].delay, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = r#"[test]
+timeout = "ten minutes"
+
+[nodes.server]
+memory = "lots"
+
+[nodes.client]
+image = "debian.qcow2"
+files = [{ src = "missing.html", dst = "/x" }]
+
+[[step]]
+on = "sever"
+succeed = "true"
+
+[[step]]
+on = "client"
+suceed = "true"
+
+[[step]]
+on = "client"
+succeed = "a"
+fail = "b"
+
+[[step]]
+partition = [["client"], ["ghost"]]
+
+[[step]]
+on = "client"
+wait_until_succeeds = "x"
+timeout = "5 parsecs"
+"#;
+        let p = problems(text);
+        let expect = [
+            "2: `timeout`: bad duration `ten minutes`",
+            "5: `memory`: bad memory size `lots`",
+            "8: node `client`: `image` nodes need image mode, which is not implemented yet",
+            "9: file `missing.html` does not exist",
+            "12: unknown node `sever` (nodes: server, client)",
+            "17: unknown action or key `suceed` in step; did you mean `succeed`?",
+            "21: step has 2 actions (succeed, fail); give one per step",
+            "25: unknown node `ghost`",
+            "30: `timeout`: bad duration `5 parsecs`",
+        ];
+        for (want, got) in expect.iter().zip(&p) {
+            assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {p:#?}");
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_and_duplicates_have_lines() {
+        let p = problems("[nodes.a]\n[nodes.a]\n");
+        assert!(p[0].starts_with("2:") && p[0].contains("duplicate"), "{p:?}");
+        let p = problems("[nodes.a]\ncpus = \n");
+        assert!(p[0].starts_with("2:"), "{p:?}");
+        let p = problems(
+            "[nodes.a]\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"y\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n",
+        );
+        assert!(p[0].starts_with("13:") && p[0].contains("duplicate subtest `x` (already used on line"), "{p:?}");
+    }
+
+    #[test]
+    fn network_actions_refuse_on_and_node_actions_need_it() {
+        let p = problems("[nodes.a]\n[[step]]\nheal = true\non = \"a\"\n[[step]]\nsucceed = \"x\"\n[[step]]\nblock = 1\non = \"a\"\n");
+        assert!(p.iter().any(|l| l.starts_with("4:") && l.contains("remove `on`")), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("6:") && l.contains("add `on")), "{p:?}");
+        assert!(p.iter().any(|l| l.starts_with("8:") && l.contains("block = true")), "{p:?}");
+    }
+}

@@ -11,6 +11,7 @@ mod kernel;
 mod reporter;
 mod request;
 mod run;
+mod test;
 mod vms;
 
 use crate::cli::{Cli, Command};
@@ -20,6 +21,7 @@ use vmtest_core::Result;
 pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run(args) => run::run(args).await,
+        Command::Test(args) => test::test(args).await,
         Command::List { json } => vms::list(json).await,
         Command::Exec(args) => vms::exec(args).await,
         Command::Console { name } => vms::console(&name).await,
