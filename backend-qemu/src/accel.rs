@@ -133,11 +133,9 @@ pub async fn probe_boot(qemu: &Path, accel: Accel, cache: &Cache) -> std::result
     }
 }
 
-/// The verdict on KVM, probed once per host boot and QEMU binary.
+/// The verdict on KVM, probed once per host boot and QEMU binary (a device that cannot even
+/// create a VM is part of the verdict, so a cached answer costs one file read).
 pub async fn kvm_verdict(qemu: &Path, cache: &Cache) -> std::result::Result<(), String> {
-    if let Some(problem) = kvm_device_problem() {
-        return Err(problem);
-    }
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let qemu_id = file_identity(qemu).unwrap_or_default();
     let key = digest([boot_id.trim().as_bytes(), qemu_id.as_bytes()]);
@@ -145,10 +143,15 @@ pub async fn kvm_verdict(qemu: &Path, cache: &Cache) -> std::result::Result<(), 
     if let Ok(saved) = std::fs::read_to_string(&verdict_path) {
         return if saved == "ok" { Ok(()) } else { Err(saved) };
     }
-    let verdict = probe_boot(qemu, Accel::Kvm, cache).await;
+    let verdict = match kvm_device_problem() {
+        Some(problem) => Err(problem),
+        None => {
+            probe_boot(qemu, Accel::Kvm, cache).await.map_err(|e| format!("KVM is present but unusable: {e}"))
+        }
+    };
     let saved = match &verdict {
         Ok(()) => "ok".to_owned(),
-        Err(e) => format!("KVM is present but unusable: {e}"),
+        Err(e) => e.clone(),
     };
     let _ = Cache::write_atomic(&verdict_path, saved.as_bytes());
     verdict.map_err(|_| saved)

@@ -141,7 +141,7 @@ impl QemuBackend {
                         if with_net {
                             wanted.extend_from_slice(command::NET_MODULES);
                         }
-                        modules::ModuleTree::open(dir)?.resolve(&wanted)?
+                        modules::resolve_cached(&cache, dir, &wanted)?
                     }
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).
                     None => Vec::new(),

@@ -5,6 +5,7 @@
 //! `.modinfo` `depends=` otherwise (a freshly unpacked package, where depmod never ran).
 //! Compressed modules (`.ko.xz`, `.ko.zst`, `.ko.gz`) are decompressed for the initramfs.
 
+use crate::cache::{digest, file_identity, Cache};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -118,6 +119,30 @@ impl ModuleTree {
     }
 }
 
+/// [`ModuleTree::resolve`], remembered in the cache: opening a tree walks thousands of
+/// files, which is worth doing once per kernel, not once per run. The answer is keyed by the
+/// tree's path and modification time and the wanted names, and recomputed when a file it
+/// names has gone.
+pub fn resolve_cached(cache: &Cache, dir: &Path, wanted: &[&str]) -> Result<Vec<Module>> {
+    let dir_id = file_identity(dir).map_err(|e| Error::io(format!("cannot stat {}", dir.display()), e))?;
+    let key = digest([dir_id.as_bytes(), wanted.join(",").as_bytes()]);
+    let path = cache.dir("modules")?.join(format!("{key}.txt"));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let known: Vec<Module> = text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, p)| Module { name: name.to_owned(), path: PathBuf::from(p) })
+            .collect();
+        if known.iter().all(|m| m.path.is_file()) {
+            return Ok(known);
+        }
+    }
+    let resolved = ModuleTree::open(dir)?.resolve(wanted)?;
+    let text: String = resolved.iter().map(|m| format!("{} {}\n", m.name, m.path.display())).collect();
+    Cache::write_atomic(&path, text.as_bytes())?;
+    Ok(resolved)
+}
+
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
@@ -195,6 +220,26 @@ mod tests {
         signed.extend_from_slice(b"~Module signature appended~\n");
         assert_eq!(strip_signature(signed), body);
         assert_eq!(strip_signature(body.clone()), body, "an unsigned module is left alone");
+    }
+
+    #[test]
+    fn resolutions_are_cached_and_redone_when_a_module_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("tree");
+        let m = d.join("kernel/fs/a.ko");
+        std::fs::create_dir_all(m.parent().unwrap()).unwrap();
+        std::fs::write(&m, b"").unwrap();
+        std::fs::write(d.join("modules.dep"), "kernel/fs/a.ko:\n").unwrap();
+        let cache = Cache::at(tmp.path().join("cache"));
+        let first = resolve_cached(&cache, &d, &["a"]).unwrap();
+        assert_eq!(first, vec![Module { name: "a".into(), path: m.clone() }]);
+        assert_eq!(resolve_cached(&cache, &d, &["a"]).unwrap(), first);
+        // The module moved: the cached answer is stale and must not be used.
+        let moved = d.join("kernel/fs/b");
+        std::fs::create_dir_all(&moved).unwrap();
+        std::fs::rename(&m, moved.join("a.ko")).unwrap();
+        std::fs::write(d.join("modules.dep"), "kernel/fs/b/a.ko:\n").unwrap();
+        assert_eq!(resolve_cached(&cache, &d, &["a"]).unwrap()[0].path, moved.join("a.ko"));
     }
 
     #[test]
