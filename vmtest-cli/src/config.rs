@@ -47,10 +47,13 @@ macro_rules! settings {
             pub accel: Option<String>,
             pub cpus: Option<u32>,
             pub memory: Option<String>,
+            #[serde(alias = "boot_timeout")]
             pub boot_timeout: Option<String>,
             pub timeout: Option<String>,
+            #[serde(alias = "kernel_args")]
             pub kernel_args: Option<String>,
             pub keep: Option<Keep>,
+            #[serde(alias = "max_vms")]
             pub max_vms: Option<usize>,
             pub env: Option<EnvTable>,
             $($extra)*
@@ -67,6 +70,7 @@ settings!(
     /// A whole `vmtest.toml`: defaults at the top level, named targets below.
     ConfigFile {
         /// The target used when neither --target nor $VMTEST_TARGET names one.
+        #[serde(alias = "default_target")]
         pub default_target: Option<String>,
         #[serde(default)]
         pub target: BTreeMap<String, TargetSettings>,
@@ -506,9 +510,14 @@ env = { unset = ["SECRET"] }
     #[test]
     fn default_target_and_unknown_targets() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "default-target = \"a\"\n[target.a]\ncpus = 3\n[target.b]\ncpus = 5\n");
+        // snake_case spellings (as in test files) work too.
+        write(
+            dir.path(),
+            "default_target = \"a\"\n[target.a]\ncpus = 3\nboot_timeout = \"9s\"\n[target.b]\ncpus = 5\n",
+        );
         let e = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap();
         assert_eq!(e.cpus.value, 3);
+        assert_eq!(e.boot_timeout.value, "9s");
         let env = |n: &str| (n == "VMTEST_TARGET").then(|| "b".to_owned());
         assert_eq!(resolve(&RunSettings::default(), &cmd(), &env, dir.path()).unwrap().cpus.value, 5);
         let flags = RunSettings { target: Some("c".into()), ..Default::default() };

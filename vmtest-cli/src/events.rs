@@ -30,7 +30,9 @@ impl JsonEvents {
     }
 
     pub fn file(path: &std::path::Path, start: Instant) -> vmtest_core::Result<Self> {
-        let f = std::fs::File::create(path).map_err(|e| {
+        // Appended to, so that many runs (a cargo runner's test binaries) share one file;
+        // each event is one write, so lines of concurrent runs do not mix.
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
             Error::usage(format!(
                 "cannot create the events file {}: {e}; check that its directory exists",
                 path.display()
@@ -41,19 +43,32 @@ impl JsonEvents {
 
     /// Emit one event of `kind` with these extra fields.
     pub fn emit(&self, kind: &str, fields: Value) {
-        let mut obj = Map::new();
-        obj.insert("type".into(), kind.into());
-        obj.insert("time".into(), ui::rfc3339(SystemTime::now()).into());
-        obj.insert("elapsed".into(), secs(self.start.elapsed()));
-        if let Value::Object(f) = fields {
-            obj.extend(f);
+        // `type`, `time` and `elapsed` first (easy to grep and to read), then the rest.
+        let head = json!({
+            "type": kind,
+            "time": ui::rfc3339(SystemTime::now()),
+            "elapsed": secs(self.start.elapsed()),
+            "pid": std::process::id(),
+        });
+        let mut line = String::from("{");
+        for k in ["type", "time", "elapsed", "pid"] {
+            let v = &head[k];
+            line.push_str(&format!("{}:{v},", Value::from(k)));
         }
-        let line = Value::Object(obj).to_string();
+        if let Value::Object(f) = fields {
+            for (k, v) in f.iter().filter(|(k, _)| !["type", "time", "elapsed", "pid"].contains(&k.as_str()))
+            {
+                line.push_str(&format!("{}:{v},", Value::from(k.as_str())));
+            }
+        }
+        line.pop();
+        line.push('}');
         match &self.dest {
             Dest::Stderr => ui::line(&line),
             Dest::File(f) => {
                 let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = writeln!(f, "{line}").and_then(|_| f.flush());
+                line.push('\n');
+                let _ = f.write_all(line.as_bytes()).and_then(|_| f.flush());
             }
         }
     }
