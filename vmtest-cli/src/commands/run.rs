@@ -72,6 +72,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
             .unwrap_or_default(),
         // A VM that may be kept must survive this process.
         die_with_parent: keep == KeepPolicy::Never,
+        snapshots: !args.no_snapshot,
         ..QemuOptions::default()
     };
     let state = StateDir::from_env();
@@ -139,6 +140,16 @@ pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
     spec.memory_mib = blame(spec::parse_memory_mib(&eff.memory.value), &eff.memory.source)?;
     spec.accel = blame(eff.accel.value.parse(), &eff.accel.source)?;
     spec.boot_timeout = blame(spec::parse_duration(&eff.boot_timeout.value), &eff.boot_timeout.source)?;
+    if let Some(k) = &eff.kernel.value {
+        if !k.is_file() {
+            return Err(Error::usage(format!(
+                "cannot read kernel {} (from {}): not a file; give the path of a bzImage or vmlinux, or \
+                 leave it out to use /boot or the cache (`vmtest kernel list` shows what vmtest finds)",
+                k.display(),
+                eff.kernel.source
+            )));
+        }
+    }
     spec.boot = match &eff.image.value {
         Some(name) => BootSpec::Image { name: name.clone() },
         None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
