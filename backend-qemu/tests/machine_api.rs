@@ -29,7 +29,10 @@ async fn client_fetches_from_server_by_name_and_faults_apply() {
     let (server, client) = (cluster.machine("server").unwrap(), cluster.machine("client").unwrap());
 
     // Names resolve to the private addresses (nodes are numbered by sorted name).
-    assert_eq!(client.succeed("getent hosts server").await.unwrap().split_whitespace().next(), Some("192.168.1.2"));
+    assert_eq!(
+        client.succeed("getent hosts server").await.unwrap().split_whitespace().next(),
+        Some("192.168.1.2")
+    );
     assert_eq!(server.succeed("hostname").await.unwrap().trim(), "server");
 
     server
@@ -37,7 +40,8 @@ async fn client_fetches_from_server_by_name_and_faults_apply() {
         .await
         .unwrap();
     server.wait_for_open_port(80, T).await.unwrap();
-    let body = client.wait_until_succeeds("curl -fsS --max-time 5 http://server/index.html", T).await.unwrap();
+    let body =
+        client.wait_until_succeeds("curl -fsS --max-time 5 http://server/index.html", T).await.unwrap();
     assert_eq!(body, "hello from the server\n");
 
     // A failing command names the machine, the command, its status and its output.
@@ -63,7 +67,11 @@ async fn client_fetches_from_server_by_name_and_faults_apply() {
     net.set_link("client", "server", LinkFault { loss: 0.0, delay: Duration::from_millis(400) }).unwrap();
     let t = Instant::now();
     client.succeed("curl -fsS --max-time 10 http://server/index.html").await.unwrap();
-    assert!(t.elapsed() >= Duration::from_millis(800), "TCP handshake + request cross the link twice: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "TCP handshake + request cross the link twice: {:?}",
+        t.elapsed()
+    );
     net.heal();
 
     // Waits have host-side deadlines and say what they waited for.

@@ -10,8 +10,9 @@ use vmtest_core::protocol::{GuestNic, GuestSetup, HostsEntry};
 pub fn configure(s: &GuestSetup) -> io::Result<()> {
     for nic in &s.nics {
         let name = find_interface(&nic.mac, Duration::from_secs(10))?;
-        configure_nic(&name, nic)
-            .map_err(|e| io::Error::new(e.kind(), format!("configuring {name} ({}): {e}", mac_text(&nic.mac))))?;
+        configure_nic(&name, nic).map_err(|e| {
+            io::Error::new(e.kind(), format!("configuring {name} ({}): {e}", mac_text(&nic.mac)))
+        })?;
     }
     if !s.hosts.is_empty() {
         add_hosts(&s.hosts)?;
@@ -40,7 +41,9 @@ fn find_interface(mac: &[u8; 6], wait: Duration) -> io::Result<String> {
         if Instant::now() >= deadline {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("no network interface with MAC {want} after {wait:?}: is virtio_net in the initramfs?"),
+                format!(
+                    "no network interface with MAC {want} after {wait:?}: is virtio_net in the initramfs?"
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -76,7 +76,9 @@ partition = [["web"], ["ghost"]]
         format!("{b}:5: node `web`: `image` nodes need image mode, which is not implemented yet"),
         format!("{b}:8: file `nope.sql` does not exist"),
         format!("{b}:11: unknown node `wbe`"),
-        format!("{b}:16: unknown action or key `wait_until_succeds` in step; did you mean `wait_until_succeeds`?"),
+        format!(
+            "{b}:16: unknown action or key `wait_until_succeds` in step; did you mean `wait_until_succeeds`?"
+        ),
         format!("{b}:19: unknown node `ghost`"),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
@@ -93,7 +95,11 @@ partition = [["web"], ["ghost"]]
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("partition.toml: ok (2 node(s), 14 step(s), 5 subtest(s))"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("partition.toml: ok (2 node(s), 14 step(s), 5 subtest(s))"),
+        "{}",
+        stdout(&out)
+    );
     assert!(!stdout(&out).contains("client-server"), "{}", stdout(&out));
     let out = vt.cmd().args(["test", "--partition", "3/2"]).arg(&good).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
@@ -133,14 +139,8 @@ fn a_failing_step_stops_the_test_naming_step_node_status_and_output() {
     let file = dir.path().join("failing.toml");
     std::fs::write(&file, FAILING).unwrap();
     let junit = dir.path().join("junit.xml");
-    let out = vt
-        .cmd()
-        .arg("test")
-        .arg(&file)
-        .args(["--filter", "target", "--junit"])
-        .arg(&junit)
-        .output()
-        .unwrap();
+    let out =
+        vt.cmd().arg("test").arg(&file).args(["--filter", "target", "--junit"]).arg(&junit).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     let want = format!("FAILED {}:20: succeed `echo visible-out; echo visible-err >&2; exit 3` on beta: machine `beta`: `echo visible-out; echo visible-err >&2; exit 3` failed (exit status 3)", file.display());
@@ -185,8 +185,11 @@ fn sigint_during_a_test_tears_everything_down() {
     let vt = Vmtest::new();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("slow.toml");
-    std::fs::write(&file, "[nodes.a]\n[nodes.b]\n[[step]]\non = \"*\"\nsucceed = \"sleep 600\"\ntimeout = \"15m\"\n")
-        .unwrap();
+    std::fs::write(
+        &file,
+        "[nodes.a]\n[nodes.b]\n[[step]]\non = \"*\"\nsucceed = \"sleep 600\"\ntimeout = \"15m\"\n",
+    )
+    .unwrap();
     let mut child = vt.cmd().arg("test").arg(&file).stderr(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = String::new();

@@ -8,9 +8,14 @@ use std::time::Duration;
 pub enum CaseStatus {
     Passed,
     /// The message (one line) and the detail (output, console tail).
-    Failed { message: String, detail: String },
+    Failed {
+        message: String,
+        detail: String,
+    },
     /// Not run: filtered out, or an earlier step failed.
-    Skipped { reason: String },
+    Skipped {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -50,7 +55,8 @@ pub fn escape(s: &str) -> String {
 
 /// The whole report.
 pub fn render(suites: &[Suite]) -> String {
-    let count = |f: fn(&CaseStatus) -> bool| suites.iter().flat_map(|s| &s.cases).filter(|c| f(&c.status)).count();
+    let count =
+        |f: fn(&CaseStatus) -> bool| suites.iter().flat_map(|s| &s.cases).filter(|c| f(&c.status)).count();
     let tests: usize = suites.iter().map(|s| s.cases.len()).sum();
     let failures = count(|s| matches!(s, CaseStatus::Failed { .. }));
     let skipped = count(|s| matches!(s, CaseStatus::Skipped { .. }));
@@ -81,12 +87,12 @@ pub fn render(suites: &[Suite]) -> String {
             );
             let body = match &c.status {
                 CaseStatus::Passed => String::new(),
-                CaseStatus::Failed { message, detail } => format!(
-                    "      <failure message=\"{}\">{}</failure>\n",
-                    escape(message),
-                    escape(detail)
-                ),
-                CaseStatus::Skipped { reason } => format!("      <skipped message=\"{}\"/>\n", escape(reason)),
+                CaseStatus::Failed { message, detail } => {
+                    format!("      <failure message=\"{}\">{}</failure>\n", escape(message), escape(detail))
+                }
+                CaseStatus::Skipped { reason } => {
+                    format!("      <skipped message=\"{}\"/>\n", escape(reason))
+                }
             };
             let out = if c.log.is_empty() {
                 String::new()
@@ -116,7 +122,12 @@ mod tests {
             file: "web.toml".into(),
             time: Duration::from_millis(1500),
             cases: vec![
-                Case { name: "ok".into(), time: Duration::from_secs(1), status: CaseStatus::Passed, log: String::new() },
+                Case {
+                    name: "ok".into(),
+                    time: Duration::from_secs(1),
+                    status: CaseStatus::Passed,
+                    log: String::new(),
+                },
                 Case {
                     name: "bad <one>".into(),
                     time: Duration::ZERO,

@@ -200,9 +200,9 @@ impl Machine {
     /// Run a request as given. `Err` only when it could not run or its deadline passed.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecOutput> {
         let vm = self.vm.read().await;
-        let vm = vm.as_ref().ok_or_else(|| {
-            Error::usage(format!("machine `{}` is not running; start it first", self.node))
-        })?;
+        let vm = vm
+            .as_ref()
+            .ok_or_else(|| Error::usage(format!("machine `{}` is not running; start it first", self.node)))?;
         vm.exec(req).await.map_err(|e| self.context(e))
     }
 
@@ -217,8 +217,11 @@ impl Machine {
 
     /// A failure of `cmd` on this machine, with its output.
     pub fn command_failed(&self, cmd: &str, why: &str, out: &ExecOutput) -> Error {
-        Error::new(ErrorKind::Infrastructure, format!("machine `{}`: `{cmd}` {why} ({})", self.node, out.status))
-            .with_detail(output_detail(out))
+        Error::new(
+            ErrorKind::Infrastructure,
+            format!("machine `{}`: `{cmd}` {why} ({})", self.node, out.status),
+        )
+        .with_detail(output_detail(out))
     }
 
     /// Run `cmd`; it must succeed. Returns its stdout.
@@ -354,7 +357,8 @@ impl Machine {
     /// Copy a host file into the guest.
     pub async fn copy_to(&self, host: &Path, guest: &Path) -> Result<()> {
         let vm = self.vm.read().await;
-        let vm = vm.as_ref().ok_or_else(|| Error::usage(format!("machine `{}` is not running", self.node)))?;
+        let vm =
+            vm.as_ref().ok_or_else(|| Error::usage(format!("machine `{}` is not running", self.node)))?;
         vm.copy_in(host, guest).await.map_err(|e| self.context(e))
     }
 
@@ -367,7 +371,8 @@ impl Machine {
         })?;
         let target = host_dir.join(name);
         let vm = self.vm.read().await;
-        let vm = vm.as_ref().ok_or_else(|| Error::usage(format!("machine `{}` is not running", self.node)))?;
+        let vm =
+            vm.as_ref().ok_or_else(|| Error::usage(format!("machine `{}` is not running", self.node)))?;
         vm.copy_out(guest, &target).await.map_err(|e| self.context(e))?;
         Ok(target)
     }
@@ -530,7 +535,10 @@ impl Cluster {
             for &net in &n.networks {
                 if net == 0 || net == 255 {
                     let _ = run.remove();
-                    return Err(Error::usage(format!("network {net} of `{}` is not in 1..=254", n.spec.node)));
+                    return Err(Error::usage(format!(
+                        "network {net} of `{}` is not in 1..=254",
+                        n.spec.node
+                    )));
                 }
                 let nic = builder.port(&n.spec.node, index, net);
                 if n.spec.nics.is_empty() {

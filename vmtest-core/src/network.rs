@@ -259,7 +259,10 @@ impl Switch {
         for p in &self.inner.ports {
             nets.entry(p.network).or_default().push(&p.node);
         }
-        nets.iter().map(|(n, nodes)| format!("network {n}: {}", nodes.join(", "))).collect::<Vec<_>>().join("; ")
+        nets.iter()
+            .map(|(n, nodes)| format!("network {n}: {}", nodes.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 

@@ -207,8 +207,14 @@ pub enum Action {
     WaitForConsole(String),
     WaitForUnit(String),
     Systemctl(String),
-    CopyTo { src: PathBuf, dst: PathBuf },
-    CopyFrom { src: PathBuf, dst: PathBuf },
+    CopyTo {
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    CopyFrom {
+        src: PathBuf,
+        dst: PathBuf,
+    },
     Block,
     Unblock,
     Start,
@@ -218,8 +224,14 @@ pub enum Action {
     Partition(Vec<Vec<String>>),
     Heal,
     /// Percent of frames dropped, on one link or (None) every link.
-    Loss { percent: f64, link: Option<(String, String)> },
-    Delay { delay: Duration, link: Option<(String, String)> },
+    Loss {
+        percent: f64,
+        link: Option<(String, String)>,
+    },
+    Delay {
+        delay: Duration,
+        link: Option<(String, String)>,
+    },
     Sleep(Duration),
 }
 
@@ -268,7 +280,11 @@ impl Action {
     fn on_nodes(&self) -> bool {
         !matches!(
             self,
-            Action::Partition(_) | Action::Heal | Action::Loss { .. } | Action::Delay { .. } | Action::Sleep(_)
+            Action::Partition(_)
+                | Action::Heal
+                | Action::Loss { .. }
+                | Action::Delay { .. }
+                | Action::Sleep(_)
         )
     }
 
@@ -317,7 +333,8 @@ pub const ACTIONS: &[&str] = &[
 ];
 
 const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
-const NODE_KEYS: &[&str] = &["cpus", "memory", "kernel", "image", "networks", "files", "boot_timeout", "backend"];
+const NODE_KEYS: &[&str] =
+    &["cpus", "memory", "kernel", "image", "networks", "files", "boot_timeout", "backend"];
 
 /// One step, checked.
 #[derive(Clone, Debug)]
@@ -529,7 +546,10 @@ impl Check<'_> {
                 "backend" => {
                     if let Some(b) = self.string(v, "backend") {
                         if b != "qemu" {
-                            self.at(v, format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"));
+                            self.at(
+                                v,
+                                format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"),
+                            );
                         }
                     }
                 }
@@ -559,16 +579,23 @@ impl Check<'_> {
                     }
                 }
                 "boot_timeout" => n.boot_timeout = self.duration(v, "boot_timeout"),
-                other => {
-                    self.at(k, format!("unknown key `{other}` in {what}; expected one of {}", NODE_KEYS.join(", ")))
-                }
+                other => self.at(
+                    k,
+                    format!("unknown key `{other}` in {what}; expected one of {}", NODE_KEYS.join(", ")),
+                ),
             }
         }
         n
     }
 
     /// `{ src = "...", dst = "..." }`; `src` is a host path (checked when `host_src`).
-    fn copy_pair(&mut self, v: &Spanned<Val>, key: &str, base: &Path, host_src: bool) -> Option<(PathBuf, PathBuf)> {
+    fn copy_pair(
+        &mut self,
+        v: &Spanned<Val>,
+        key: &str,
+        base: &Path,
+        host_src: bool,
+    ) -> Option<(PathBuf, PathBuf)> {
         let t = self.table(v, key)?;
         let (mut src, mut dst) = (None, None);
         for (k, val) in t {
@@ -624,7 +651,8 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
     let Val::Table(top) = root else { unreachable!("a TOML document is a table") };
 
-    let mut name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "test".into());
+    let mut name =
+        path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "test".into());
     let mut timeout = Duration::from_secs(600);
     let mut step_timeout = Duration::from_secs(120);
     let mut backend = None;
@@ -703,7 +731,10 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         match k2.get_ref().as_str() {
                             "loss" => def.loss_percent = c.percent(v2).unwrap_or(0.0),
                             "delay" => def.delay = c.duration(v2, "delay").unwrap_or_default(),
-                            other => c.at(k2, format!("unknown key `{other}` in network {id}; expected loss, delay")),
+                            other => c.at(
+                                k2,
+                                format!("unknown key `{other}` in network {id}; expected loss, delay"),
+                            ),
                         }
                     }
                     networks.insert(id, def);
@@ -714,7 +745,9 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                     steps_raw.extend(items.iter());
                 }
             }
-            other => c.at(k, format!("unknown section `{other}`; expected test, defaults, nodes, networks, step")),
+            other => {
+                c.at(k, format!("unknown section `{other}`; expected test, defaults, nodes, networks, step"))
+            }
         }
     }
     if !nodes_seen || nodes_raw.is_empty() {
@@ -846,7 +879,13 @@ impl Check<'_> {
                             ok.then(|| Target::Nodes(names.iter().map(|n| n.get_ref().clone()).collect()))
                         }
                         other => {
-                            self.at(v, format!("`on` must be a node name, a list of names or \"*\", not {}", other.kind()));
+                            self.at(
+                                v,
+                                format!(
+                                    "`on` must be a node name, a list of names or \"*\", not {}",
+                                    other.kind()
+                                ),
+                            );
                             None
                         }
                     };
@@ -901,8 +940,10 @@ impl Check<'_> {
             1 => {}
             _ => {
                 let names: Vec<&str> = actions.iter().map(|(k, _)| k.get_ref().as_str()).collect();
-                self.problems
-                    .push((line, format!("step has {} actions ({}); give one per step", names.len(), names.join(", "))));
+                self.problems.push((
+                    line,
+                    format!("step has {} actions ({}); give one per step", names.len(), names.join(", ")),
+                ));
                 return None;
             }
         }
@@ -920,7 +961,10 @@ impl Check<'_> {
             (true, Some((_, t))) => t,
             (true, None) if on_given => return None,
             (true, None) => {
-                self.at(&key, format!("`{}` runs on nodes: add `on = \"NODE\"` (or a list, or \"*\")", key.get_ref()));
+                self.at(
+                    &key,
+                    format!("`{}` runs on nodes: add `on = \"NODE\"` (or a list, or \"*\")", key.get_ref()),
+                );
                 return None;
             }
             (false, Some((sp, _))) => {
@@ -1168,7 +1212,10 @@ timeout = "5 parsecs"
         let p = problems(
             "[nodes.a]\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"y\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n",
         );
-        assert!(p[0].starts_with("13:") && p[0].contains("duplicate subtest `x` (already used on line"), "{p:?}");
+        assert!(
+            p[0].starts_with("13:") && p[0].contains("duplicate subtest `x` (already used on line"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -306,7 +306,9 @@ async fn node_action(m: &Machine, step: &Step, t: Duration) -> Result<String> {
             check_expect(m, step, c, &out)?;
             Ok(format!("{}\n{}", out.status, out.stdout_lossy()))
         }
-        Action::WaitUntilSucceeds(c) => m.wait_until_succeeds_matching(c, step.expect_stdout.as_ref(), t).await,
+        Action::WaitUntilSucceeds(c) => {
+            m.wait_until_succeeds_matching(c, step.expect_stdout.as_ref(), t).await
+        }
         Action::WaitUntilFails(c) => {
             let out = m.wait_until_fails(c, t).await?;
             check_expect(m, step, c, &out)?;
@@ -362,7 +364,12 @@ impl Cases {
         let filter = filter.map(str::to_owned);
         let mut cases = Vec::new();
         if file.steps.iter().any(|s| s.subtest.is_none()) {
-            cases.push(Case { name: SETUP_CASE.into(), time: Duration::ZERO, status: CaseStatus::Passed, log: String::new() });
+            cases.push(Case {
+                name: SETUP_CASE.into(),
+                time: Duration::ZERO,
+                status: CaseStatus::Passed,
+                log: String::new(),
+            });
         }
         for st in file.subtests() {
             let status = match &filter {
@@ -405,14 +412,25 @@ impl Cases {
     }
 
     /// The test stopped before its steps (boot, slots, signal): mark the first case failed.
-    fn abort(mut self, file: &TestFile, started: Instant, verdict: Verdict, kept: Vec<String>) -> FileOutcome {
+    fn abort(
+        mut self,
+        file: &TestFile,
+        started: Instant,
+        verdict: Verdict,
+        kept: Vec<String>,
+    ) -> FileOutcome {
         if let Verdict::Error(e) | Verdict::Failed(e) = &verdict {
             let c = match self.cases.iter_mut().find(|c| c.status == CaseStatus::Passed) {
                 Some(c) => c,
                 None => {
                     self.cases.insert(
                         0,
-                        Case { name: SETUP_CASE.into(), time: Duration::ZERO, status: CaseStatus::Passed, log: String::new() },
+                        Case {
+                            name: SETUP_CASE.into(),
+                            time: Duration::ZERO,
+                            status: CaseStatus::Passed,
+                            log: String::new(),
+                        },
                     );
                     &mut self.cases[0]
                 }
@@ -425,7 +443,13 @@ impl Cases {
         self.finish(file, started, verdict, kept)
     }
 
-    fn finish(mut self, file: &TestFile, started: Instant, verdict: Verdict, kept: Vec<String>) -> FileOutcome {
+    fn finish(
+        mut self,
+        file: &TestFile,
+        started: Instant,
+        verdict: Verdict,
+        kept: Vec<String>,
+    ) -> FileOutcome {
         // Cases after a failure never ran.
         if !matches!(verdict, Verdict::Passed) {
             let mut after = false;

@@ -96,7 +96,8 @@ pub async fn test(args: TestArgs) -> Result<i32> {
     let state = StateDir::from_env();
     let all = super::backends::all(qemu);
     sweep::sweep_orphans(&state, &super::backends::refs(&all)).await;
-    let backend: Arc<dyn vmtest_core::Hypervisor> = Arc::from(super::backends::choose(&args.backend, all).await?);
+    let backend: Arc<dyn vmtest_core::Hypervisor> =
+        Arc::from(super::backends::choose(&args.backend, all).await?);
     let most_nodes = files.iter().map(|f| f.nodes.len()).max().unwrap_or(1);
     let max_memory = files.iter().flat_map(|f| &f.nodes).map(|n| n.memory_mib).max().unwrap_or(512);
     let max_vms = match args.max_vms {
@@ -137,7 +138,10 @@ pub async fn test(args: TestArgs) -> Result<i32> {
             }
         }
         if !out.kept.is_empty() {
-            eprintln!("vmtest: the machines of {} are kept running (the private network stopped with vmtest):", file.name);
+            eprintln!(
+                "vmtest: the machines of {} are kept running (the private network stopped with vmtest):",
+                file.name
+            );
             for name in &out.kept {
                 eprintln!("  vmtest exec {name} -- CMD    # run a command in it");
                 eprintln!("  vmtest console {name}        # serial console (Ctrl-] to leave)");
