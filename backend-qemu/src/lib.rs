@@ -12,6 +12,8 @@ pub mod fetch;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod qmp;
+pub mod snapshot;
 pub mod vm;
 
 use crate::accel::Accel;
@@ -39,11 +41,20 @@ pub struct QemuOptions {
     pub die_with_parent: bool,
     /// Extra kernel command-line words.
     pub kernel_args: Vec<String>,
+    /// Start guests from a snapshot taken at "agent ready" (made on first use) instead of
+    /// booting them.
+    pub snapshots: bool,
 }
 
 impl Default for QemuOptions {
     fn default() -> Self {
-        QemuOptions { qemu: None, auto_fetch: true, die_with_parent: true, kernel_args: Vec::new() }
+        QemuOptions {
+            qemu: None,
+            auto_fetch: true,
+            die_with_parent: true,
+            kernel_args: Vec::new(),
+            snapshots: true,
+        }
     }
 }
 
@@ -198,6 +209,93 @@ impl QemuBackend {
     }
 }
 
+impl QemuBackend {
+    /// Start the guest from its snapshot, making the snapshot first if there is none.
+    /// `Ok(None)`: no snapshot could be made or restored; the caller boots cold. A guest of
+    /// this shape that fails to boot at all is an error: a cold boot would fail the same way.
+    #[allow(clippy::too_many_arguments)]
+    async fn restore(
+        &self,
+        p: &Prepared,
+        spec: &VmSpec,
+        run: &RunDir,
+        cmd: &QemuCommand,
+        vm_dir: &Path,
+        record: &mut VmRecord,
+        setup: &GuestSetup,
+    ) -> Result<Option<vm::QemuVm>> {
+        let state = match snapshot::path_for(&self.cache, &p.qemu, &cmd.args(), vm_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("no snapshot: {e}");
+                return Ok(None);
+            }
+        };
+        let mut made = None;
+        if !state.is_file() {
+            let started = std::time::Instant::now();
+            match self.make_snapshot(p, spec, run, &state).await {
+                Ok(()) => {
+                    made = Some(started.elapsed());
+                    tracing::info!("saved a snapshot in {:?}: {}", started.elapsed(), state.display())
+                }
+                Err(e) if e.kind() == vmtest_core::ErrorKind::Boot => return Err(e),
+                Err(e) => {
+                    tracing::warn!("could not save a snapshot ({e}); booting without one");
+                    return Ok(None);
+                }
+            }
+        }
+        let mode = vm::BootMode::Restore { state: &state, setup: setup.clone() };
+        match vm::QemuVm::boot(cmd, record, run, mode, spec.boot_timeout, self.opts.die_with_parent).await {
+            Ok(mut vm) => {
+                if let Some(took) = made {
+                    vm.add_timing("snapshot", took);
+                }
+                Ok(Some(vm))
+            }
+            Err(e) => {
+                // A snapshot that does not restore is useless: drop it, boot cold this time.
+                tracing::warn!("restoring {} failed ({e}); discarding it and booting cold", state.display());
+                let _ = std::fs::remove_file(&state);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Boot a guest of this shape to "agent ready" and save its state to `state`.
+    async fn make_snapshot(&self, p: &Prepared, spec: &VmSpec, run: &RunDir, state: &Path) -> Result<()> {
+        let node = format!("{}-snapshot", spec.node);
+        let dir = run.vm_dir(&node)?;
+        let cmd = self.command(p, spec, &dir, true);
+        let mut record = VmRecord::new(&format!("{}-snapshot", spec.name), &node, run.id(), self.name());
+        record.paths.push(dir.clone());
+        run.write_record(&record)?;
+        let qmp = dir.join("qmp.sock");
+        let mode = vm::BootMode::SnapshotSource { qmp: &qmp };
+        let saved = match vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, true).await {
+            Ok(vm) => {
+                let saved = snapshot::save(&qmp, state).await;
+                let _ = vm.kill().await;
+                saved
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        run.remove_record(&node);
+        saved
+    }
+}
+
+/// `n` bytes from the kernel's random source.
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
+    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    buf.truncate(got.max(0) as usize);
+    buf
+}
+
 /// Resolve a program name on `PATH` (or check a path), as a shell would.
 pub fn find_executable(name: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
@@ -301,10 +399,16 @@ impl Hypervisor for QemuBackend {
                 .map(|n| vmtest_core::protocol::GuestNic { mac: n.mac, address: n.address, prefix: n.prefix })
                 .collect(),
             hosts: spec.hosts.clone(),
+            entropy: random_bytes(32),
         };
-        let vm =
-            vm::QemuVm::boot(&cmd, &mut record, run, setup, spec.boot_timeout, self.opts.die_with_parent)
-                .await?;
+        if self.opts.snapshots {
+            if let Some(vm) = self.restore(&prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {
+                return Ok(Box::new(vm));
+            }
+        }
+        let mode = vm::BootMode::Cold(setup);
+        let vm = vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, self.opts.die_with_parent)
+            .await?;
         Ok(Box::new(vm))
     }
 

@@ -49,18 +49,40 @@ pub struct QemuVm {
     timings: Vec<(&'static str, Duration)>,
 }
 
+/// How a guest comes up.
+pub enum BootMode<'a> {
+    /// Boot the kernel, wait for the agent, send the setup.
+    Cold(GuestSetup),
+    /// Boot the kernel and stop at "agent ready", before any setup: the state a snapshot
+    /// saves. `qmp` is the QMP socket to add.
+    SnapshotSource { qmp: &'a Path },
+    /// Resume the saved state at `state`, then send the setup.
+    Restore { state: &'a Path, setup: GuestSetup },
+}
+
 impl QemuVm {
     /// Start QEMU, connect to its console and agent, and prepare the guest.
     pub async fn boot(
         cmd: &QemuCommand,
         record: &mut VmRecord,
         run: &RunDir,
-        setup: GuestSetup,
+        mode: BootMode<'_>,
         boot_timeout: Duration,
         die_with_parent: bool,
     ) -> Result<QemuVm> {
         let t0 = Instant::now();
-        let args = cmd.args();
+        let mut args = cmd.args();
+        match &mode {
+            BootMode::Cold(_) => {}
+            BootMode::SnapshotSource { qmp } => {
+                args.push("-qmp".into());
+                args.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
+            }
+            BootMode::Restore { state, .. } => {
+                args.push("-incoming".into());
+                args.push(crate::snapshot::incoming_uri(state).into());
+            }
+        }
         tracing::debug!("starting {}", crate::command::display(&cmd.qemu, &args));
         let mut child = {
             let mut c = tokio::process::Command::new(&cmd.qemu);
@@ -138,6 +160,16 @@ impl QemuVm {
             }
         };
 
+        let setup = match mode {
+            BootMode::Restore { setup, .. } => {
+                // The restored agent said hello before its state was saved: go straight on.
+                vm.timings.push(("restore", t0.elapsed()));
+                return vm.send_setup(setup, &mut control).await;
+            }
+            BootMode::Cold(setup) => Some(setup),
+            BootMode::SnapshotSource { .. } => None,
+        };
+
         // Boot: wait for the agent's hello, or QEMU's exit, or the deadline.
         let hello = tokio::time::timeout(boot_timeout, control.recv()).await;
         let hello = match hello {
@@ -172,25 +204,33 @@ impl QemuVm {
             hello.kernel_release
         );
 
+        match setup {
+            Some(setup) => vm.send_setup(setup, &mut control).await,
+            None => Ok(vm),
+        }
+    }
+
+    /// Send the setup (root switch, clock, network) and wait for the agent to finish it.
+    async fn send_setup(mut self, setup: GuestSetup, control: &mut ControlReceiver) -> Result<QemuVm> {
         let t1 = Instant::now();
-        vm.agent
+        self.agent
             .send(&HostMessage::Setup(setup))
-            .map_err(|_| vm.failure("the guest went away during setup".into()))?;
+            .map_err(|_| self.failure("the guest went away during setup".into()))?;
         match tokio::time::timeout(Duration::from_secs(60), control.recv()).await {
             Ok(Some(GuestMessage::SetupDone { error: None })) => {}
             Ok(Some(GuestMessage::SetupDone { error: Some(e) })) => {
-                vm.kill_now().await;
-                return Err(vm.failure(format!("guest setup failed: {e}")));
+                self.kill_now().await;
+                return Err(self.failure(format!("guest setup failed: {e}")));
             }
             _ => {
-                vm.kill_now().await;
+                self.kill_now().await;
                 return Err(
-                    vm.failure("the guest did not finish setup (mounting the host root) within 60s".into())
+                    self.failure("the guest did not finish setup (mounting the host root) within 60s".into())
                 );
             }
         }
-        vm.timings.push(("setup", t1.elapsed()));
-        Ok(vm)
+        self.timings.push(("setup", t1.elapsed()));
+        Ok(self)
     }
 
     /// Connect to a running QEMU's console and agent sockets. `Err(())`: QEMU exited or the
@@ -303,6 +343,11 @@ impl QemuVm {
         self.wait_exit(Duration::from_secs(2)).await;
         let what = format!("the VM stopped while `{req_display}` was running ({})", self.exit_text());
         self.failure(what)
+    }
+
+    /// Record a launch phase that happened outside `boot` (e.g. making a snapshot first).
+    pub fn add_timing(&mut self, phase: &'static str, took: Duration) {
+        self.timings.insert(0, (phase, took));
     }
 
     pub fn pid(&self) -> u32 {

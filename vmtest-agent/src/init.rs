@@ -124,6 +124,9 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
     if let Err(e) = sys::set_clock(s.unix_time_secs, s.unix_time_nanos) {
         eprintln!("vmtest-agent: cannot set the clock: {e}");
     }
+    if !s.entropy.is_empty() {
+        sys::add_entropy(&s.entropy).map_err(|e| io::Error::new(e.kind(), format!("reseeding the RNG: {e}")))?;
+    }
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     if let Some(tag) = &s.root_tag {

@@ -139,3 +139,23 @@ pub fn kernel_release() -> String {
         std::ffi::CStr::from_ptr(u.release.as_ptr()).to_string_lossy().into_owned()
     }
 }
+
+/// Credit `seed` to the kernel's entropy pool and reseed the CRNG at once (RNDADDENTROPY,
+/// RNDRESEEDCRNG), so the next random bytes depend on it.
+pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let dev = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    // SAFETY: ioctls on our fd; `info` is laid out as struct rand_pool_info and outlives the call.
+    unsafe {
+        check(libc::ioctl(dev.as_raw_fd(), RNDADDENTROPY, info.as_ptr()))?;
+        check(libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG, 0))?;
+    }
+    Ok(())
+}

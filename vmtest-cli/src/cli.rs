@@ -200,6 +200,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub timings: bool,
 
+    /// Boot every VM instead of restoring the snapshot saved at "agent ready" (QEMU).
+    #[arg(long, env = "VMTEST_NO_SNAPSHOT", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_snapshot: bool,
+
     /// How progress and results are reported on stderr ($VMTEST_MESSAGE_FORMAT).
     #[arg(long, value_enum, value_name = "FMT", env = "VMTEST_MESSAGE_FORMAT", default_value = "human")]
     pub message_format: MessageFormat,

@@ -224,9 +224,15 @@ fn timings_name_every_phase() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let line =
         stderr(&out).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned();
-    for phase in ["boot ", "setup ", "launch ", "command ", "teardown "] {
+    for phase in ["setup ", "launch ", "command ", "teardown "] {
         assert!(line.contains(phase), "{phase} missing from {line}");
     }
+    assert!(line.contains("boot ") || line.contains("restore "), "neither boot nor restore in {line}");
+    let cold = vt.run(&["--timings", "--no-snapshot"], &["true"]);
+    assert_eq!(cold.status.code(), Some(0), "{}", stderr(&cold));
+    let line =
+        stderr(&cold).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned();
+    assert!(line.contains("boot ") && !line.contains("restore "), "--no-snapshot boots: {line}");
     vt.assert_clean();
 }
 

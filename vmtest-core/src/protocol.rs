@@ -97,6 +97,9 @@ pub struct GuestSetup {
     pub nics: Vec<GuestNic>,
     /// Lines to add to `/etc/hosts` (every node of a multi-VM test).
     pub hosts: Vec<HostsEntry>,
+    /// Host randomness mixed into the guest's pool and the CRNG reseeded: guests restored
+    /// from one snapshot must not share their random numbers.
+    pub entropy: Vec<u8>,
 }
 
 /// One network interface the agent configures: up, with one IPv4 address.
