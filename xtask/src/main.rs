@@ -120,16 +120,6 @@ fn median(v: &mut [Duration]) -> Duration {
     v[v.len() / 2]
 }
 
-fn time(cmd: &mut Command) -> Result<Duration> {
-    let started = Instant::now();
-    let out = cmd.output().map_err(|e| e.to_string())?;
-    let took = started.elapsed();
-    if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(took)
-}
-
 fn bench(args: &[String]) -> Result<()> {
     let mut runs = 9usize;
     let mut accel = "auto".to_owned();
@@ -153,6 +143,42 @@ fn bench(args: &[String]) -> Result<()> {
     result
 }
 
+/// One timed sample: wall time and the peak RSS of the `vmtest` process itself (sampled
+/// from /proc while it runs; QEMU is a separate process and not counted).
+struct Sample {
+    wall: Duration,
+    peak_rss_kib: u64,
+}
+
+fn sample(cmd: &mut Command) -> Result<Sample> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
+            break st;
+        }
+        if let Ok(text) = std::fs::read_to_string(&status_path) {
+            let hwm =
+                text.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1));
+            peak = peak.max(hwm.and_then(|v| v.parse().ok()).unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = started.elapsed();
+    if !status.success() {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+        return Err(format!("{cmd:?} failed: {err}"));
+    }
+    Ok(Sample { wall, peak_rss_kib: peak })
+}
+
 fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Result<()> {
     let floor_json = Command::new(vmtest)
         .args(["floor-command", "--accel", accel, "--dir"])
@@ -164,9 +190,12 @@ fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Resu
     }
     let floor: Vec<String> =
         serde_json::from_slice(&floor_json.stdout).map_err(|e| format!("floor-command output: {e}"))?;
-    let ours_cmd = || {
+    let vmtest_cmd = |snapshot: bool| {
         let mut c = Command::new(vmtest);
-        c.args(["run", "--accel", accel, "--", "true"]).env("VMTEST_LOG", "error");
+        c.args(["run", "--accel", accel, "--", "true"]).env("VMTEST_LOG", "error").env("CI", "true");
+        if !snapshot {
+            c.env("VMTEST_NO_SNAPSHOT", "1");
+        }
         c
     };
     let floor_cmd = || {
@@ -174,29 +203,89 @@ fn bench_runs(vmtest: &Path, floor_dir: &Path, runs: usize, accel: &str) -> Resu
         c.args(&floor[1..]);
         c
     };
-    // Warm-up: caches (extracted kernel, initramfs, KVM verdict) and the page cache.
-    time(&mut ours_cmd())?;
-    time(&mut floor_cmd())?;
-    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    // Warm-up: caches (extracted kernel, initramfs, snapshot, KVM verdict), the page cache.
+    sample(&mut vmtest_cmd(true))?;
+    sample(&mut vmtest_cmd(false))?;
+    sample(&mut floor_cmd())?;
+    let (mut cold, mut restored, mut raw, mut rss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        ours.push(time(&mut ours_cmd())?);
-        raw.push(time(&mut floor_cmd())?);
+        let c = sample(&mut vmtest_cmd(false))?;
+        let r = sample(&mut vmtest_cmd(true))?;
+        let f = sample(&mut floor_cmd())?;
         eprintln!(
-            "run {}/{runs}: vmtest {:.3}s, floor {:.3}s",
+            "run {}/{runs}: cold {:.3}s, restored {:.3}s, floor {:.3}s, vmtest peak RSS {} KiB",
             i + 1,
-            ours[i].as_secs_f64(),
-            raw[i].as_secs_f64()
+            c.wall.as_secs_f64(),
+            r.wall.as_secs_f64(),
+            f.wall.as_secs_f64(),
+            c.peak_rss_kib.max(r.peak_rss_kib)
         );
+        rss.push(c.peak_rss_kib.max(r.peak_rss_kib));
+        cold.push(c.wall);
+        restored.push(r.wall);
+        raw.push(f.wall);
     }
-    let (m_ours, m_raw) = (median(&mut ours), median(&mut raw));
-    let ratio = m_ours.as_secs_f64() / m_raw.as_secs_f64();
-    println!("| what | median of {runs} |");
-    println!("|---|---|");
-    println!("| `vmtest run -- true` (release, accel {accel}) | {:.3} s |", m_ours.as_secs_f64());
+    let (m_cold, m_restored, m_raw) = (median(&mut cold), median(&mut restored), median(&mut raw));
+    rss.sort();
+    let concurrency = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2);
+    let (one, many) = concurrent(vmtest, accel, concurrency, runs)?;
+    let secs = |d: Duration| d.as_secs_f64();
+    println!("| what (release build, accel {accel}, medians of {runs}) | time | ratio to floor |");
+    println!("|---|---|---|");
     println!(
-        "| raw QEMU floor: same kernel, machine and accel, init powers off at once | {:.3} s |",
-        m_raw.as_secs_f64()
+        "| raw QEMU floor: same kernel, machine, accel; init powers off at once | {:.3} s | 1.000 |",
+        secs(m_raw)
     );
-    println!("| ratio vmtest / floor | {ratio:.3} |");
+    println!(
+        "| `vmtest run --no-snapshot -- true` (cold boot) | {:.3} s | {:.3} |",
+        secs(m_cold),
+        secs(m_cold) / secs(m_raw)
+    );
+    println!(
+        "| `vmtest run -- true` (restored from snapshot) | {:.3} s | {:.3} |",
+        secs(m_restored),
+        secs(m_restored) / secs(m_raw)
+    );
+    println!(
+        "| {concurrency} restored runs at once, per run (wall / {concurrency}) vs one at a time | {:.3} s vs {:.3} s | {:.3} (parallel / sequential) |",
+        secs(many) / concurrency as f64,
+        secs(one),
+        secs(many) / concurrency as f64 / secs(one)
+    );
+    println!(
+        "| peak RSS of the `vmtest` runner process per VM (median, max) | {} KiB, {} KiB | |",
+        rss[rss.len() / 2],
+        rss[rss.len() - 1]
+    );
     Ok(())
+}
+
+/// Median wall time of one restored run alone, and of `n` started together.
+fn concurrent(vmtest: &Path, accel: &str, n: usize, runs: usize) -> Result<(Duration, Duration)> {
+    let start = || {
+        Command::new(vmtest)
+            .args(["run", "--accel", accel, "--max-vms", &n.to_string(), "--", "true"])
+            .env("VMTEST_LOG", "error")
+            .env("CI", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())
+    };
+    let rounds = runs.div_ceil(2).max(3);
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        start()?.wait().map_err(|e| e.to_string())?;
+        one.push(t.elapsed());
+        let t = Instant::now();
+        let children: Vec<_> = (0..n).map(|_| start()).collect::<Result<_>>()?;
+        for mut c in children {
+            if !c.wait().map_err(|e| e.to_string())?.success() {
+                return Err("a concurrent run failed".into());
+            }
+        }
+        many.push(t.elapsed());
+    }
+    Ok((median(&mut one), median(&mut many)))
 }
