@@ -79,6 +79,19 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let all = super::backends::all(qemu);
     sweep::sweep_orphans(&state, &super::backends::refs(&all)).await;
     let backend = blame(super::backends::choose(&eff.backend.value, all).await, &eff.backend.source)?;
+    // Only QEMU boots a kernel file; the other backends refuse kernels with their own message.
+    if backend.name() == "qemu" {
+        if let Some(k) = &eff.kernel.value {
+            if !k.is_file() {
+                return Err(Error::usage(format!(
+                    "cannot read kernel {} (from {}): not a file; give the path of a bzImage or vmlinux, or \
+                     leave it out to use /boot or the cache (`vmtest kernel list` shows what vmtest finds)",
+                    k.display(),
+                    eff.kernel.source
+                )));
+            }
+        }
+    }
     let max_vms = eff.max_vms.value.unwrap_or_else(|| lock::default_max_vms(spec.memory_mib));
     if max_vms == 0 {
         return Err(Error::usage(format!("max-vms (from {}) must be at least 1", eff.max_vms.source)));
@@ -140,16 +153,6 @@ pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
     spec.memory_mib = blame(spec::parse_memory_mib(&eff.memory.value), &eff.memory.source)?;
     spec.accel = blame(eff.accel.value.parse(), &eff.accel.source)?;
     spec.boot_timeout = blame(spec::parse_duration(&eff.boot_timeout.value), &eff.boot_timeout.source)?;
-    if let Some(k) = &eff.kernel.value {
-        if !k.is_file() {
-            return Err(Error::usage(format!(
-                "cannot read kernel {} (from {}): not a file; give the path of a bzImage or vmlinux, or \
-                 leave it out to use /boot or the cache (`vmtest kernel list` shows what vmtest finds)",
-                k.display(),
-                eff.kernel.source
-            )));
-        }
-    }
     spec.boot = match &eff.image.value {
         Some(name) => BootSpec::Image { name: name.clone() },
         None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
