@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg]".into()),
+        _ => Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg] [--suite]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,13 +123,19 @@ fn median(v: &mut [Duration]) -> Duration {
 fn bench(args: &[String]) -> Result<()> {
     let mut runs = 9usize;
     let mut accel = "auto".to_owned();
+    let mut suite = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().and_then(|n| n.parse().ok()).ok_or("--runs takes a number")?,
             "--accel" => accel = it.next().cloned().ok_or("--accel takes auto|kvm|tcg")?,
+            "--suite" => suite = true,
             other => return Err(format!("unknown bench flag {other}")),
         }
+    }
+    if suite {
+        step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
+        return bench_suite(&vmtest_binary("release"), &accel);
     }
     if runs < 7 {
         return Err("use at least 7 runs: the machine is noisy".into());
@@ -288,4 +294,53 @@ fn concurrent(vmtest: &Path, accel: &str, n: usize, runs: usize) -> Result<(Dura
         many.push(t.elapsed());
     }
     Ok((median(&mut one), median(&mut many)))
+}
+
+/// Tests per minute for a suite of 50 trivial tests, each in its own VM (`cargo nextest run`
+/// with vmtest as the runner): one at a time and on every core, cold and restored.
+fn bench_suite(vmtest: &Path, accel: &str) -> Result<()> {
+    const TESTS: usize = 50;
+    let dir = root().join("target/bench-suite");
+    std::fs::create_dir_all(dir.join("tests")).map_err(|e| e.to_string())?;
+    let manifest = "[package]\nname = \"bench-suite\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n[workspace]\n";
+    std::fs::write(dir.join("Cargo.toml"), manifest).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.join("src")).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("src/lib.rs"), "").map_err(|e| e.to_string())?;
+    let tests: String = (0..TESTS)
+        .map(|i| format!("#[test]\nfn t{i:02}() {{ assert!(std::fs::read_to_string(\"/proc/cmdline\").unwrap().contains(\"vmtest.agent=1\")); }}\n"))
+        .collect();
+    std::fs::write(dir.join("tests/suite.rs"), tests).map_err(|e| e.to_string())?;
+    let target = dir.join("target");
+    let nextest = |jobs: usize, snapshot: bool| {
+        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        c.current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .env(RUNNER_VAR, format!("{} run --accel {accel} --max-vms {jobs} --", vmtest.display()))
+            .env("VMTEST_LOG", "error")
+            .env("CI", "true")
+            .args(["nextest", "run", "--no-fail-fast", "-j", &jobs.to_string()]);
+        if !snapshot {
+            c.env("VMTEST_NO_SNAPSHOT", "1");
+        }
+        c
+    };
+    step("build the 50-test suite", nextest(1, true).args(["--no-run"]))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    println!("| {TESTS} trivial tests, one VM each (cargo nextest run, runner `vmtest run --`) | wall | tests per minute |");
+    println!("|---|---|---|");
+    for (jobs, snapshot) in [(1, false), (cores, false), (1, true), (cores, true)] {
+        let t = Instant::now();
+        let out = nextest(jobs, snapshot).output().map_err(|e| e.to_string())?;
+        let wall = t.elapsed();
+        if !out.status.success() {
+            return Err(format!("the suite failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let how = if snapshot { "restored" } else { "cold (--no-snapshot)" };
+        println!(
+            "| -j {jobs}, {how} | {:.1} s | {:.1} |",
+            wall.as_secs_f64(),
+            TESTS as f64 * 60.0 / wall.as_secs_f64()
+        );
+    }
+    Ok(())
 }
