@@ -116,8 +116,8 @@ impl QemuBackend {
                  run `vmtest kernel fetch` or pass --kernel PATH",
             ));
         }
-        eprintln!(
-            "vmtest: no kernel found; fetching the distro's kernel package into {} (once)",
+        tracing::warn!(
+            "no kernel found; fetching the distro's kernel package into {} (once)",
             self.cache.root().display()
         );
         fetch::fetch(&self.cache, None)
@@ -474,5 +474,6 @@ fn free_bytes(path: &Path) -> Option<u64> {
 /// Print a note once per process (the TCG fallback would otherwise repeat per VM).
 fn note_once(note: &str) {
     static SHOWN: std::sync::Once = std::sync::Once::new();
-    SHOWN.call_once(|| eprintln!("vmtest: {note}"));
+    // Through tracing, so a terminal's live status line is cleared before it.
+    SHOWN.call_once(|| tracing::warn!("{note}"));
 }

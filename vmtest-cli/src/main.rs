@@ -58,5 +58,12 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("VMTEST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(ui::log_writer).with_target(false).init();
+    // Colour only for a terminal: logs in CI and in files must stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(ui::log_writer)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
 }

@@ -214,11 +214,7 @@ async fn launch_with_retry(
 
 /// Destroy whatever records in this run dir still describe, then forget them.
 async fn destroy_leftovers(hv: &dyn Hypervisor, run: &RunDir) {
-    let state = StateDir::at(run.path().parent().unwrap_or(run.path()));
-    for (dir, rec) in state.records() {
-        if dir.id() != run.id() {
-            continue;
-        }
+    for rec in run.records() {
         if let Err(e) = hv.destroy_record(&rec).await {
             tracing::warn!("cleanup of {}: {e}", rec.name);
         }
@@ -227,10 +223,7 @@ async fn destroy_leftovers(hv: &dyn Hypervisor, run: &RunDir) {
 }
 
 fn mark_kept(run: &RunDir, node: &str) {
-    let path = run.record_path(node);
-    if let Some(mut rec) =
-        std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<crate::state::VmRecord>(&b).ok())
-    {
+    if let Some(mut rec) = run.records().into_iter().find(|r| r.node == node) {
         rec.kept = true;
         let _ = run.write_record(&rec);
     }
