@@ -170,7 +170,7 @@ fn keep_leaves_the_machines_up_with_the_commands_to_reach_them() {
         .collect();
     assert_eq!(names.len(), 2, "{err}");
     let beta = names.iter().find(|n| n.ends_with("-beta")).unwrap();
-    let o = vt.cmd().args(["exec", beta, "--", "hostname"]).output().unwrap();
+    let o = vt.cmd().args(["exec", beta, "--cwd", "/", "--", "hostname"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "beta\n");
     for n in &names {
