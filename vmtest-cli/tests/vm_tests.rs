@@ -171,12 +171,13 @@ fn keep_leaves_the_machines_up_with_the_commands_to_reach_them() {
     assert_eq!(names.len(), 2, "{err}");
     let beta = names.iter().find(|n| n.ends_with("-beta")).unwrap();
     let o = vt.cmd().args(["exec", beta, "--cwd", "/", "--", "hostname"]).output().unwrap();
+    // Destroy before asserting, so a failed assertion leaves no VM behind.
+    for n in &names {
+        let d = vt.cmd().args(["destroy", n]).output().unwrap();
+        assert_eq!(d.status.code(), Some(0), "{}", stderr(&d));
+    }
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "beta\n");
-    for n in &names {
-        let o = vt.cmd().args(["destroy", n]).output().unwrap();
-        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    }
     vt.assert_clean();
 }
 
