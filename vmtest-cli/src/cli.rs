@@ -212,6 +212,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub events_file: Option<PathBuf>,
 
+    /// When the run fails, keep its logs (console, QEMU) in this directory.
+    #[arg(long, env = "VMTEST_FAILURE_LOGS", value_name = "DIR")]
+    pub failure_logs: Option<PathBuf>,
+
     #[command(flatten)]
     pub command_args: CommandArgs,
 

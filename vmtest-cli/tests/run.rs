@@ -152,11 +152,23 @@ fn missing_command_is_127_and_a_missing_cwd_126_with_messages() {
 #[test]
 fn guest_panic_during_a_command_is_a_guest_failure_with_the_console_tail() {
     let vt = Vmtest::new();
-    let out = vt.run(&["--root"], &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
+    let logs = tempfile::tempdir().unwrap();
+    let keep_logs = ["--root", "--failure-logs", logs.path().to_str().unwrap()];
+    let out = vt.run(&keep_logs, &["sh", "-c", "echo c > /proc/sysrq-trigger; sleep 60"]);
     assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
     let err = error_line(&out);
     assert!(err.contains("the guest kernel panicked"), "{}", stderr(&out));
     assert!(stderr(&out).contains("console (last lines):"), "{}", stderr(&out));
+    // The failed run's console log was kept for CI to upload.
+    let kept: Vec<_> = std::fs::read_dir(logs.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let console =
+        kept.iter().find(|p| p.to_string_lossy().ends_with("console.log")).expect("console log kept");
+    assert!(std::fs::read_to_string(console).unwrap().contains("Kernel panic"), "{kept:?}");
+    // A run that succeeds keeps nothing.
+    let ok_logs = tempfile::tempdir().unwrap();
+    let ok = vt.run(&["--failure-logs", ok_logs.path().to_str().unwrap()], &["true"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert_eq!(std::fs::read_dir(ok_logs.path()).unwrap().count(), 0);
     vt.assert_clean();
 }
 

@@ -10,6 +10,7 @@ use crate::retry::RetryPolicy;
 use crate::spec::VmSpec;
 use crate::state::{RunDir, StateDir};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// When a VM is left running after the run.
@@ -90,11 +91,47 @@ pub struct RunOptions<'a> {
     /// VM slots to take before launching (`--max-vms`); `None` takes none.
     pub slots: Option<SlotPool>,
     pub reporter: &'a dyn Reporter,
+    /// Where to keep the logs (`*.log`: console, hypervisor) of a run that failed, before its
+    /// run dir is removed. `None` keeps nothing (a kept VM keeps its run dir anyway).
+    pub failure_logs: Option<PathBuf>,
 }
 
 impl Default for RunOptions<'_> {
     fn default() -> Self {
-        RunOptions { retry: RetryPolicy::default(), keep: KeepPolicy::Never, slots: None, reporter: &Silent }
+        RunOptions {
+            retry: RetryPolicy::default(),
+            keep: KeepPolicy::Never,
+            slots: None,
+            reporter: &Silent,
+            failure_logs: None,
+        }
+    }
+}
+
+/// Copy every `*.log` under the run dir to `dest/<run>-<path with / as ->`, for CI to upload.
+pub fn save_logs(run: &RunDir, dest: &Path) {
+    fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, found);
+            } else if p.extension().is_some_and(|x| x == "log") {
+                found.push(p);
+            }
+        }
+    }
+    let mut logs = Vec::new();
+    walk(run.path(), &mut logs);
+    if logs.is_empty() || std::fs::create_dir_all(dest).is_err() {
+        return;
+    }
+    for log in logs {
+        let rel = log.strip_prefix(run.path()).unwrap_or(&log).to_string_lossy().replace('/', "-");
+        let to = dest.join(format!("{}-{rel}", run.id()));
+        match std::fs::copy(&log, &to) {
+            Ok(_) => tracing::info!("kept {}", to.display()),
+            Err(e) => tracing::warn!("cannot keep {}: {e}", log.display()),
+        }
     }
 }
 
@@ -118,7 +155,7 @@ where
     C: Future<Output = CancelReason>,
 {
     tokio::pin!(cancel);
-    let RunOptions { retry, keep, slots, reporter } = opts;
+    let RunOptions { retry, keep, slots, reporter, failure_logs } = opts;
     // Held until the VM is gone (or kept); released on drop, also on error.
     let _slots = match &slots {
         Some(pool) => Some(tokio::select! {
@@ -141,6 +178,9 @@ where
         Err(e) => {
             // A launch dropped mid-way kills its own processes; records catch the rest.
             destroy_leftovers(hv, &run).await;
+            if let Some(dest) = &failure_logs {
+                save_logs(&run, dest);
+            }
             let _ = run.remove();
             return Err(e);
         }
@@ -184,6 +224,9 @@ where
             destroy_leftovers(hv, &run).await;
         }
         drop(vm);
+        if let (true, Some(dest)) = (failed, &failure_logs) {
+            save_logs(&run, dest);
+        }
         run.remove()?;
         None
     };

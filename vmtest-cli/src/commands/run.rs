@@ -109,6 +109,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         keep,
         slots: Some(SlotPool::from_env(state.path(), max_vms)?),
         reporter: &both,
+        failure_logs: args.failure_logs.clone(),
     };
     let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await;
     ui::set_status(None);
