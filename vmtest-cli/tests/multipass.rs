@@ -246,7 +246,8 @@ fn keep_then_exec_then_destroy() {
 fn cleanup_after_kill_9_deletes_only_the_orphan_by_name() {
     let e = env("1.16");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmtest"))
-        .args(["run", "--backend", "multipass", "--", "sh", "-c", "echo started; sleep 600"])
+        // The fake's "guest" is this host: the command says its pid, so the test can end it.
+        .args(["run", "--backend", "multipass", "--", "sh", "-c", "echo started $$; exec sleep 60"])
         .env("VMTEST_MULTIPASS", &e.fake.exe)
         .env("VMTEST_STATE_DIR", e.state.path())
         .env("VMTEST_MULTIPASS_STORAGE", e.fake.path())
@@ -257,7 +258,7 @@ fn cleanup_after_kill_9_deletes_only_the_orphan_by_name() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
         .unwrap();
-    assert_eq!(line, "started\n");
+    let guest_pid: i32 = line.trim().strip_prefix("started ").unwrap().parse().unwrap();
     child.kill().unwrap(); // SIGKILL: no teardown runs
     child.wait().unwrap();
     assert_eq!(e.fake.calls_of("delete").len(), 0);
@@ -277,4 +278,11 @@ fn cleanup_after_kill_9_deletes_only_the_orphan_by_name() {
         "{deletes:?}"
     );
     e.assert_clean();
+    // SAFETY: ending the fake guest's command, whose pid it printed.
+    unsafe { libc_kill(guest_pid, 9) };
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

@@ -715,14 +715,15 @@ mod tests {
         let pty = pty_shell("/bin/sh", &["-i"]);
         let mut sh = ShellSession::start(Box::new(pty.log.handle_from_start()), opts()).await.unwrap();
         let t0 = Instant::now();
-        let err = sh.run(b"echo started; sleep 600", None, Some(Duration::from_secs(2))).await.unwrap_err();
+        // An unusual duration, so no other process on the host is mistaken for ours.
+        let err = sh.run(b"echo started; sleep 613", None, Some(Duration::from_secs(2))).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Timeout);
         assert!(err.message().contains("timed out after 2.00s"), "{err}");
         assert!(t0.elapsed() < Duration::from_secs(15));
         let out = sh.run(b"echo still here", None, Some(Duration::from_secs(20))).await.unwrap();
         assert_eq!(out.stdout, b"still here\n");
-        // No `sleep 600` survived the Ctrl-C.
-        let out = sh.run(b"ps -eo args | grep -c '^sleep 600' || true", None, None).await.unwrap();
+        // No `sleep 613` survived the Ctrl-C.
+        let out = sh.run(b"ps -eo args | grep -c '^sleep 613' || true", None, None).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
     }
 
