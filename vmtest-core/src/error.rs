@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Timeout,
     /// Interrupted by a signal.
     Interrupted,
+    /// The test itself failed: a step's command failed or its output did not match.
+    TestFailed,
 }
 
 impl ErrorKind {
@@ -33,6 +35,7 @@ impl ErrorKind {
             ErrorKind::Transient | ErrorKind::Infrastructure => exit_codes::INFRASTRUCTURE,
             ErrorKind::Timeout => exit_codes::TIMEOUT,
             ErrorKind::Interrupted => exit_codes::INTERRUPTED,
+            ErrorKind::TestFailed => exit_codes::TEST_FAILED,
         }
     }
 }
@@ -51,6 +54,8 @@ pub mod exit_codes {
     pub const TIMEOUT: i32 = 124;
     /// Interrupted by SIGINT, SIGTERM or SIGHUP; the VM was torn down.
     pub const INTERRUPTED: i32 = 130;
+    /// A test (`vmtest test`, a Machine API check) failed, as test runners report it.
+    pub const TEST_FAILED: i32 = 1;
 }
 
 /// A vmtest error: a one-line message that names what failed and how to fix it, an optional
@@ -155,6 +160,11 @@ mod tests {
         for c in codes {
             assert!(![0, 1, 2, 101].contains(&c), "{c} collides with a test runner status");
         }
+    }
+
+    #[test]
+    fn a_failed_test_exits_1_like_test_runners() {
+        assert_eq!(ErrorKind::TestFailed.exit_code(), 1);
     }
 
     #[test]

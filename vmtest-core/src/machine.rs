@@ -217,11 +217,8 @@ impl Machine {
 
     /// A failure of `cmd` on this machine, with its output.
     pub fn command_failed(&self, cmd: &str, why: &str, out: &ExecOutput) -> Error {
-        Error::new(
-            ErrorKind::Infrastructure,
-            format!("machine `{}`: `{cmd}` {why} ({})", self.node, out.status),
-        )
-        .with_detail(output_detail(out))
+        Error::new(ErrorKind::TestFailed, format!("machine `{}`: `{cmd}` {why} ({})", self.node, out.status))
+            .with_detail(output_detail(out))
     }
 
     /// Run `cmd`; it must succeed. Returns its stdout.
