@@ -9,11 +9,14 @@ pub mod agent_client;
 pub mod cache;
 pub mod command;
 pub mod fetch;
+pub mod image;
+pub mod image_build;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
 pub mod qmp;
 pub mod snapshot;
+pub mod ssh;
 pub mod vm;
 
 use crate::accel::Accel;
@@ -88,6 +91,10 @@ impl QemuBackend {
         &self.cache
     }
 
+    pub fn options(&self) -> &QemuOptions {
+        &self.opts
+    }
+
     /// The QEMU binary to run.
     pub fn qemu_binary(&self) -> Result<PathBuf> {
         let named = self
@@ -129,7 +136,7 @@ impl QemuBackend {
             BootSpec::Kernel { kernel } => kernel.clone(),
             BootSpec::Image { name } => {
                 return Err(Error::usage(format!(
-                    "image `{name}`: image mode is not implemented yet in the QEMU backend; use kernel mode"
+                    "image `{name}`: an image guest is prepared by `launch`, not `prepare`"
                 )))
             }
         };
@@ -369,6 +376,9 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn launch(&self, spec: &VmSpec, run: &RunDir) -> Result<Box<dyn Vm>> {
+        if let BootSpec::Image { name } = &spec.boot {
+            return image::launch(self, spec, run, name).await;
+        }
         let prepared = self.prepare(spec).await?;
         if let Some(note) = &prepared.note {
             note_once(note);
@@ -410,6 +420,10 @@ impl Hypervisor for QemuBackend {
         let vm = vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, self.opts.die_with_parent)
             .await?;
         Ok(Box::new(vm))
+    }
+
+    async fn list_images(&self) -> Result<Vec<String>> {
+        Ok(image_build::ImageStore::new(&self.cache)?.list().into_iter().map(|i| i.info.name).collect())
     }
 
     async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {

@@ -70,8 +70,23 @@ impl QemuVm {
         boot_timeout: Duration,
         die_with_parent: bool,
     ) -> Result<QemuVm> {
+        Self::boot_with_args(cmd, &[], record, run, mode, boot_timeout, die_with_parent).await
+    }
+
+    /// [`QemuVm::boot`] with more QEMU arguments (image mode: the disk, the SSH forward).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn boot_with_args(
+        cmd: &QemuCommand,
+        extra_args: &[std::ffi::OsString],
+        record: &mut VmRecord,
+        run: &RunDir,
+        mode: BootMode<'_>,
+        boot_timeout: Duration,
+        die_with_parent: bool,
+    ) -> Result<QemuVm> {
         let t0 = Instant::now();
         let mut args = cmd.args();
+        args.extend(extra_args.iter().cloned());
         match &mode {
             BootMode::Cold(_) => {}
             BootMode::SnapshotSource { qmp } => {
@@ -348,6 +363,11 @@ impl QemuVm {
     /// Record a launch phase that happened outside `boot` (e.g. making a snapshot first).
     pub fn add_timing(&mut self, phase: &'static str, took: Duration) {
         self.timings.insert(0, (phase, took));
+    }
+
+    /// Record a launch phase that came after `boot` (e.g. waiting for sshd).
+    pub fn add_timing_last(&mut self, phase: &'static str, took: Duration) {
+        self.timings.push((phase, took));
     }
 
     pub fn pid(&self) -> u32 {

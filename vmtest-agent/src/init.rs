@@ -28,6 +28,12 @@ pub fn pid1() -> ! {
     let before = sys::uptime_ms();
     load_modules();
     MODULES_MS.store(sys::uptime_ms() - before, Ordering::Relaxed);
+    if let Some(dev) = crate::imageroot::param(&cmdline, "vmtest.root") {
+        // Image mode: the image's own init becomes PID 1 and starts the agent as a service.
+        let e = crate::imageroot::boot(&cmdline, dev);
+        eprintln!("vmtest-agent: cannot boot the image root: {e}");
+        sys::power_off();
+    }
     // SAFETY: fork in a single-threaded process; the child goes on to serve.
     match unsafe { libc::fork() } {
         0 => serve_as_child(),

@@ -8,6 +8,7 @@
 //! Run as an ordinary process (an image whose init starts it), it serves the port given as
 //! its first argument, or the one named [`AGENT_PORT_NAME`].
 
+mod imageroot;
 mod init;
 mod net;
 mod server;

@@ -145,7 +145,8 @@ pub struct RunSettings {
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub kernel: Option<PathBuf>,
 
-    /// Boot this image of the backend's image store instead of a kernel (bhyve, multipass).
+    /// Boot this image of the backend's image store instead of a kernel (qemu: built by
+    /// `vmtest image build`; commands go through $VMTEST_EXEC=agent|ssh|serial).
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
 
@@ -329,11 +330,21 @@ pub enum ImageCommand {
         #[arg(long)]
         force: bool,
     },
-    /// List a backend's base images.
+    /// List a backend's base images (default: the QEMU image cache).
     List {
-        #[arg(long, env = "VMTEST_BACKEND", value_name = "NAME")]
+        #[arg(long, env = "VMTEST_BACKEND", value_name = "NAME", default_value = "qemu")]
         backend: String,
     },
+    /// Build a QEMU image from a spec (debootstrap; cached by the spec's content: a second
+    /// build of the same spec is instant).
+    Build {
+        /// The image spec (TOML: name, release, packages, files, commands).
+        spec: PathBuf,
+    },
+    /// Remove a QEMU image by name (its files go unless another name shares them).
+    Rm { name: String },
+    /// Remove QEMU images no name points at and leftovers of interrupted builds.
+    Gc,
 }
 
 #[derive(Subcommand, Debug)]

@@ -59,6 +59,36 @@ pub struct VmSpec {
     /// `/etc/hosts` lines for the guest (the other nodes' names).
     #[serde(default)]
     pub hosts: Vec<crate::protocol::HostsEntry>,
+    /// How commands reach an image-mode guest (kernel mode always uses the agent).
+    #[serde(default)]
+    pub exec: ExecVia,
+}
+
+/// How commands reach a guest booted from an image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecVia {
+    /// vmtest-agent over virtio-serial (started by the image's init).
+    #[default]
+    Agent,
+    /// SSH to the guest's sshd through a loopback port forward, with a per-run key.
+    Ssh,
+    /// A shell on the serial console (`ShellSession`): no network needed.
+    Serial,
+}
+
+impl std::str::FromStr for ExecVia {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "agent" => Ok(ExecVia::Agent),
+            "ssh" => Ok(ExecVia::Ssh),
+            "serial" => Ok(ExecVia::Serial),
+            other => {
+                Err(Error::usage(format!("unknown exec transport `{other}`; use one of agent, ssh, serial")))
+            }
+        }
+    }
 }
 
 /// One NIC attached to a private network switch (see [`crate::network`]).
@@ -95,6 +125,7 @@ impl VmSpec {
             boot_timeout: Duration::from_secs(120),
             nics: Vec::new(),
             hosts: Vec::new(),
+            exec: ExecVia::Agent,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! timeout = "10m"         # the whole test
 //! step_timeout = "2m"     # default deadline of each step
 //!
-//! [defaults]              # every node: cpus, memory, kernel | image, networks, files, boot_timeout
+//! [defaults]              # every node: cpus, memory, kernel | image (+ exec), networks, files, boot_timeout
 //! memory = "512M"
 //!
 //! [nodes.server]
@@ -334,7 +334,7 @@ pub const ACTIONS: &[&str] = &[
 
 const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
 const NODE_KEYS: &[&str] =
-    &["cpus", "memory", "kernel", "image", "networks", "files", "boot_timeout", "backend"];
+    &["cpus", "memory", "kernel", "image", "exec", "networks", "files", "boot_timeout", "backend"];
 
 /// One step, checked.
 #[derive(Clone, Debug)]
@@ -355,6 +355,10 @@ pub struct NodeDef {
     pub cpus: u32,
     pub memory_mib: u64,
     pub kernel: Option<PathBuf>,
+    /// A built image (`vmtest image build`): image mode instead of kernel mode.
+    pub image: Option<String>,
+    /// How commands reach an image node: `agent` (default), `ssh` or `serial`.
+    pub exec: crate::spec::ExecVia,
     pub networks: Vec<u8>,
     /// (host path, guest path); host paths resolved against the test file's directory.
     pub files: Vec<(PathBuf, PathBuf)>,
@@ -491,6 +495,8 @@ struct NodeRaw {
     cpus: Option<u32>,
     memory_mib: Option<u64>,
     kernel: Option<PathBuf>,
+    image: Option<String>,
+    exec: Option<crate::spec::ExecVia>,
     networks: Option<Vec<u8>>,
     files: Option<Vec<(PathBuf, PathBuf)>>,
     boot_timeout: Option<Duration>,
@@ -535,13 +541,26 @@ impl Check<'_> {
                     }
                 }
                 "image" => {
-                    self.at(
-                        v,
-                        format!(
-                            "{what}: `image` nodes need image mode, which is not implemented yet; \
-                             remove `image` to boot the host's kernel and root (kernel mode)"
-                        ),
-                    );
+                    if let Some(s) = self.string(v, "image") {
+                        if s.is_empty() || s.contains('/') {
+                            self.at(
+                                v,
+                                format!(
+                                    "{what}: `image` must name a built image (see `vmtest image list`), not `{s}`"
+                                ),
+                            );
+                        } else {
+                            n.image = Some(s);
+                        }
+                    }
+                }
+                "exec" => {
+                    if let Some(s) = self.string(v, "exec") {
+                        match s.parse() {
+                            Ok(e) => n.exec = Some(e),
+                            Err(e) => self.at(v, format!("{what}: {}", crate::Error::message(&e))),
+                        }
+                    }
                 }
                 "backend" => {
                     if let Some(b) = self.string(v, "backend") {
@@ -762,6 +781,8 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
             cpus: raw.cpus.or(defaults.cpus).unwrap_or(1),
             memory_mib: raw.memory_mib.or(defaults.memory_mib).unwrap_or(512),
             kernel: raw.kernel.clone().or_else(|| defaults.kernel.clone()),
+            image: raw.image.clone().or_else(|| defaults.image.clone()),
+            exec: raw.exec.or(defaults.exec).unwrap_or_default(),
             networks: raw.networks.clone().or_else(|| defaults.networks.clone()).unwrap_or_else(|| vec![1]),
             files: {
                 let mut f = defaults.files.clone().unwrap_or_default();
@@ -1161,7 +1182,7 @@ timeout = "ten minutes"
 memory = "lots"
 
 [nodes.client]
-image = "debian.qcow2"
+image = "images/debian.qcow2"
 files = [{ src = "missing.html", dst = "/x" }]
 
 [[step]]
@@ -1189,7 +1210,7 @@ timeout = "5 parsecs"
         let expect = [
             "2: `timeout`: bad duration `ten minutes`",
             "5: `memory`: bad memory size `lots`",
-            "8: node `client`: `image` nodes need image mode, which is not implemented yet",
+            "8: node `client`: `image` must name a built image",
             "9: file `missing.html` does not exist",
             "12: unknown node `sever` (nodes: server, client)",
             "17: unknown action or key `suceed` in step; did you mean `succeed`?",

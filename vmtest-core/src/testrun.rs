@@ -72,7 +72,11 @@ where
             let mut spec = VmSpec::new("", &n.name);
             spec.cpus = n.cpus;
             spec.memory_mib = n.memory_mib;
-            spec.boot = BootSpec::Kernel { kernel: n.kernel.clone() };
+            spec.boot = match &n.image {
+                Some(name) => BootSpec::Image { name: name.clone() },
+                None => BootSpec::Kernel { kernel: n.kernel.clone() },
+            };
+            spec.exec = n.exec;
             spec.accel = cfg.accel;
             spec.boot_timeout = n.boot_timeout;
             NodeConfig { spec, networks: n.networks.clone(), files: n.files.clone() }

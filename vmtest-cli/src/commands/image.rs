@@ -1,7 +1,11 @@
-//! `vmtest image import | list`: base images of backends with an image store.
+//! `vmtest image build | list | rm | gc | import`: base images. QEMU builds its own from a spec
+//! (debootstrap into a content-addressed cache); bhyve imports raw images.
 
 use crate::cli::ImageCommand;
+use backend_qemu::cache::Cache;
+use backend_qemu::image_build::{ImageStore, LoadedSpec};
 use backend_qemu::QemuOptions;
+use std::time::Instant;
 use vmtest_core::Result;
 
 pub async fn image(cmd: ImageCommand) -> Result<i32> {
@@ -14,9 +18,53 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
             let at = super::backends::named(&all, &backend)?.import_image(&file, &name, force).await?;
             println!("imported {name}: {at}");
         }
+        ImageCommand::List { backend } if backend == "qemu" => {
+            let store = ImageStore::new(&Cache::from_env())?;
+            for img in store.list() {
+                println!(
+                    "{}\t{}\t{}\tkernel {}\t{:.0} MiB\tbuilt in {:.0}s\t{}",
+                    img.info.name,
+                    img.info.key,
+                    img.info.release,
+                    img.info.kernel_release,
+                    img.info.qcow2_bytes as f64 / (1 << 20) as f64,
+                    img.info.build_secs,
+                    img.base().display()
+                );
+            }
+        }
         ImageCommand::List { backend } => {
             for name in super::backends::named(&all, &backend)?.list_images().await? {
                 println!("{name}");
+            }
+        }
+        ImageCommand::Build { spec } => {
+            let loaded = LoadedSpec::from_file(&spec)?;
+            let store = ImageStore::new(&Cache::from_env())?;
+            let t0 = Instant::now();
+            let name = loaded.spec.name.clone();
+            let (img, hit) = tokio::task::spawn_blocking(move || {
+                store.build(&loaded, &|line| eprintln!("[image {name}] {line}"))
+            })
+            .await
+            .map_err(|e| vmtest_core::Error::infra(format!("image build: {e}")))??;
+            let what = if hit { "cached" } else { "built" };
+            println!(
+                "{} {what} in {:.1}s: {} ({:.0} MiB, kernel {})",
+                img.info.name,
+                t0.elapsed().as_secs_f64(),
+                img.base().display(),
+                img.info.qcow2_bytes as f64 / (1 << 20) as f64,
+                img.info.kernel_release
+            );
+        }
+        ImageCommand::Rm { name } => {
+            ImageStore::new(&Cache::from_env())?.remove(&name)?;
+            println!("removed {name}");
+        }
+        ImageCommand::Gc => {
+            for p in ImageStore::new(&Cache::from_env())?.gc()? {
+                println!("removed {}", p.display());
             }
         }
     }

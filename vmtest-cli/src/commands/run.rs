@@ -158,5 +158,8 @@ pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
         Some(name) => BootSpec::Image { name: name.clone() },
         None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
     };
+    if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
+        spec.exec = via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.message())))?;
+    }
     Ok(spec)
 }
