@@ -86,11 +86,23 @@ async fn client_fetches_from_server_by_name_and_faults_apply() {
     assert_eq!(server.wait_for_console("marker-\\w+", T).await.unwrap(), "marker-two");
     assert!(server.wait_for_console("marker-\\w+", Duration::from_millis(500)).await.is_err());
 
-    // Copy out.
-    let got = client.copy_from("/etc/hostname".as_ref(), &tmp.path().join("out")).await;
-    if let Ok(p) = got {
-        assert!(p.exists());
-    }
+    // Copy in and out, byte for byte.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let host_in = tmp.path().join("payload.bin");
+    std::fs::write(&host_in, &payload).unwrap();
+    client.copy_to(&host_in, "/root/payload.bin".as_ref()).await.unwrap();
+    let sum = client.succeed("cksum < /root/payload.bin").await.unwrap();
+    let host_sum = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("cksum < {}", host_in.display()))
+        .output()
+        .unwrap();
+    assert_eq!(sum, String::from_utf8_lossy(&host_sum.stdout));
+    client.succeed("echo from-the-guest > /root/out.txt").await.unwrap();
+    let got = client.copy_from("/root/out.txt".as_ref(), &tmp.path().join("out")).await.unwrap();
+    assert_eq!(std::fs::read_to_string(got).unwrap(), "from-the-guest\n");
+    let e = client.copy_from("/root/missing".as_ref(), &tmp.path().join("out")).await.unwrap_err();
+    assert!(e.message().contains("client") && e.message().contains("/root/missing"), "{e}");
     cluster.shutdown().await.unwrap();
     let left: Vec<_> = std::fs::read_dir(state.path()).unwrap().flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "{left:?}");
