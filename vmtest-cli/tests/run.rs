@@ -283,3 +283,48 @@ fn sigterm_during_boot_tears_everything_down() {
     assert!(error_line(&out).contains("interrupted by SIGTERM"), "{}", stderr(&out));
     vt.assert_clean();
 }
+
+/// As a non-root user, the command runs as that user inside the VM, with the host's
+/// permissions (root can switch to `nobody` to check it; the current uid is checked above).
+#[test]
+fn a_non_root_user_runs_as_itself_in_the_guest() {
+    if unsafe { libc_getuid() } != 0 {
+        return; // only root can become another user here; runs_in_the_host_cwd... checks our uid
+    }
+    let vt = Vmtest::new();
+    let list = vt.cmd().args(["kernel", "list"]).output().unwrap();
+    let default = stdout(&list).lines().find(|l| l.starts_with("default: ")).unwrap_or_default().to_owned();
+    let image = std::path::PathBuf::from(default.split_whitespace().nth(2).expect("a default kernel"));
+    // Give `nobody` a kernel it can read: the kernel tree linked into a world-readable place.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(home.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let tree = image.parent().unwrap().parent().unwrap();
+    let copy = home.path().join("kernel");
+    let linked = std::process::Command::new("cp").arg("-al").arg(tree).arg(&copy).status().unwrap();
+    assert!(linked.success());
+    std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(&copy).status().unwrap();
+    let kernel = copy.join("boot").join(image.file_name().unwrap());
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "env"])
+        .arg(format!("HOME={}", home.path().display()))
+        .arg(format!("VMTEST_STATE_DIR={}/state", home.path().display()))
+        .arg(format!("VMTEST_CACHE_DIR={}/cache", home.path().display()))
+        .arg(format!("VMTEST_KERNEL={}", kernel.display()))
+        .arg(env!("CARGO_BIN_EXE_vmtest"))
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat /etc/shadow >/dev/null 2>&1 || echo denied; touch /tmp/mine && echo wrote",
+        ])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\ndenied\nwrote\n");
+    let left: Vec<_> =
+        std::fs::read_dir(home.path().join("state")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.iter().all(|n| n == "locks"), "{left:?}");
+}
