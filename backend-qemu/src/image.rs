@@ -35,8 +35,13 @@ const USER_NET_ADDR: [u8; 4] = [10, 0, 2, 15];
 /// The modules an image guest needs from its initramfs.
 fn guest_modules(kind: MachineKind) -> &'static [&'static str] {
     match kind {
-        MachineKind::Microvm => &["virtio_mmio", "virtio_console", "virtio_blk", "ext4", "virtio_net"],
-        MachineKind::Pc => &["virtio_pci", "virtio_console", "virtio_blk", "ext4", "virtio_net"],
+        // ext4 needs a crc32c driver, a soft dependency that modules.dep does not list.
+        MachineKind::Microvm => {
+            &["virtio_mmio", "virtio_console", "virtio_blk", "crc32c_generic", "ext4", "virtio_net"]
+        }
+        MachineKind::Pc => {
+            &["virtio_pci", "virtio_console", "virtio_blk", "crc32c_generic", "ext4", "virtio_net"]
+        }
     }
 }
 
@@ -210,7 +215,27 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
                 ready_timeout: spec.boot_timeout.saturating_sub(t0.elapsed()).max(Duration::from_secs(10)),
                 nudge_every: Duration::from_secs(2),
             };
-            match ShellSession::start(inner.console()?, opts).await {
+            // The setup must reach the shell, not the tty before getty opens it (agetty
+            // flushes pending input): wait for the autologin's root prompt first.
+            let mut console = inner.console()?;
+            let prompt = regex::bytes::Regex::new(r"root@\S+:\S*# *$").unwrap();
+            let deadline = Instant::now() + opts.ready_timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let _ = inner.kill().await;
+                    return Err(Error::boot(
+                        "no root shell appeared on the serial console (is serial-getty@ttyS0 in the image?)",
+                    )
+                    .with_detail(inner.console_log().tail(30)));
+                }
+                match console.wait_for(&prompt, left.min(Duration::from_secs(3))).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == vmtest_core::ErrorKind::Timeout => console.send(b"\r").await?,
+                    Err(e) => return Err(e),
+                }
+            }
+            match ShellSession::start(console, opts).await {
                 Ok(s) => {
                     inner.add_timing_last("shell-ready", t1.elapsed());
                     shell = Some(tokio::sync::Mutex::new(s));

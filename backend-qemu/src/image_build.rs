@@ -29,8 +29,16 @@ const RECIPE: &str = "image-recipe-1";
 pub const BASE_PACKAGES: &[&str] = &["linux-image-amd64", "systemd-sysv", "udev"];
 
 /// Modules copied out of the image for vmtest's initramfs (both machine types).
-pub const BOOT_MODULES: &[&str] =
-    &["virtio_mmio", "virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "ext4", "overlay"];
+pub const BOOT_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_net",
+    "ext4",
+    "crc32c_generic",
+    "overlay",
+];
 
 /// What an image holds.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -48,7 +48,7 @@ fn bad_files_get_every_problem_with_its_line_and_nothing_boots() {
 timeout = "soon"
 
 [nodes.web]
-image = "debian.qcow2"
+image = "images/debian.qcow2"
 
 [nodes.db]
 files = [{ src = "nope.sql", dst = "/srv/nope.sql" }]
@@ -73,7 +73,7 @@ partition = [["web"], ["ghost"]]
     let b = bad.display().to_string();
     for want in [
         format!("{b}:2: `timeout`: bad duration `soon`"),
-        format!("{b}:5: node `web`: `image` nodes need image mode, which is not implemented yet"),
+        format!("{b}:5: node `web`: `image` must name a built image"),
         format!("{b}:8: file `nope.sql` does not exist"),
         format!("{b}:11: unknown node `wbe`"),
         format!(
