@@ -56,8 +56,12 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let spec = spec_from(&eff)?;
     let timeout = eff.timeout.value.as_deref().map(spec::parse_duration).transpose();
     let timeout = blame(timeout, &eff.timeout.source)?;
-    let req =
+    let mut req =
         super::request::exec_request_with(&args.command_args, &eff.env_rules(), timeout, &args.command)?;
+    if matches!(spec.boot, BootSpec::Image { .. }) && args.command_args.cwd.is_none() {
+        // An image has its own files, not the host's: the host's cwd means nothing there.
+        req.cwd = None;
+    }
     let keep = match eff.keep.value {
         Keep::Never => KeepPolicy::Never,
         Keep::OnFailure => KeepPolicy::OnFailure,
