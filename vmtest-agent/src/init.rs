@@ -131,7 +131,8 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
         eprintln!("vmtest-agent: cannot set the clock: {e}");
     }
     if !s.entropy.is_empty() {
-        sys::add_entropy(&s.entropy).map_err(|e| io::Error::new(e.kind(), format!("reseeding the RNG: {e}")))?;
+        sys::add_entropy(&s.entropy)
+            .map_err(|e| io::Error::new(e.kind(), format!("reseeding the RNG: {e}")))?;
     }
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
