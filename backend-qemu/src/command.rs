@@ -218,14 +218,22 @@ mod tests {
     #[test]
     fn nics_are_dgram_netdevs_with_their_macs() {
         let mut c = cmd(true, Accel::Tcg);
-        c.nics.push(QemuNic { mac: "52:54:00:12:01:02".into(), local: "/r/n0".into(), remote: "/r/sw".into() });
+        c.nics.push(QemuNic {
+            mac: "52:54:00:12:01:02".into(),
+            local: "/r/n0".into(),
+            remote: "/r/sw".into(),
+        });
         let args: Vec<String> = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(
             &"dgram,id=net0,local.type=unix,local.path=/r/n0,remote.type=unix,remote.path=/r/sw".to_owned()
         ));
         assert!(args.contains(&"virtio-net-device,netdev=net0,mac=52:54:00:12:01:02".to_owned()));
         let mut c = cmd(false, Accel::Tcg);
-        c.nics.push(QemuNic { mac: "52:54:00:12:01:02".into(), local: "/r/n0".into(), remote: "/r/sw".into() });
+        c.nics.push(QemuNic {
+            mac: "52:54:00:12:01:02".into(),
+            local: "/r/n0".into(),
+            remote: "/r/sw".into(),
+        });
         let args: Vec<String> = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(&"virtio-net-pci,netdev=net0,mac=52:54:00:12:01:02,romfile=".to_owned()));
     }

@@ -22,7 +22,10 @@ fn a_new_shape_makes_one_snapshot_then_restores_it() {
     let second = vt.run(&shape, &["true"]);
     assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
     let t = timings(&second);
-    assert!(!t.contains("snapshot ") && t.contains("restore ") && !t.contains("boot "), "then restores only: {t}");
+    assert!(
+        !t.contains("snapshot ") && t.contains("restore ") && !t.contains("boot "),
+        "then restores only: {t}"
+    );
     // Another kernel command line is another shape: a new snapshot.
     let other = vt.run(&["--timings", "--memory", "424M", "--kernel-args", "vmtest.test=shape2"], &["true"]);
     assert!(timings(&other).contains("snapshot "), "{}", timings(&other));
@@ -44,7 +47,8 @@ fn restored_guests_get_their_own_randomness_the_host_clock_and_the_cwd() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let host_now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         let text = stdout(&out);
         let lines: Vec<&str> = text.lines().collect();
         let guest_now: i64 = lines[1].parse().unwrap();
