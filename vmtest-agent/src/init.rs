@@ -180,8 +180,10 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> 
         "mode=0620,ptmxmode=0666",
     )?;
     sys::mount("tmpfs", &root.join("dev/shm"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
-    // A real tmpfs /tmp: open-unlink-fstat works, and nothing is shared with the host's /tmp.
-    sys::mount("tmpfs", &root.join("tmp"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
+    // /tmp is the overlay's, like every other directory: the host's files stay visible (a
+    // checkout or a temp dir under /tmp is still there), and what the guest writes lives in
+    // the tmpfs upper layer, where open-unlink-fstat works (danobi/vmtest#83) and nothing
+    // reaches the host.
     sys::mount("tmpfs", &root.join("run"), "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
     if let Err(e) = sys::mount("cgroup2", &root.join("sys/fs/cgroup"), "cgroup2", nodev, "") {
         eprintln!("vmtest-agent: {e} (continuing without cgroups)");

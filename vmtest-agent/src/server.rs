@@ -169,15 +169,7 @@ fn exec(start: ExecStart, tx: Sender<GuestMessage>, table: Table) {
     if let Some(cwd) = &start.cwd {
         if !Path::new(OsStr::from_bytes(cwd)).is_dir() {
             let shown = String::from_utf8_lossy(cwd);
-            let hint = if shown.starts_with("/tmp/") {
-                " (the guest's /tmp is its own tmpfs, the host's /tmp is not shared: run from a directory outside /tmp, or pass --cwd)"
-            } else {
-                ""
-            };
-            return fail(
-                format!("working directory {shown} does not exist in the guest{hint}"),
-                libc::ENOTDIR,
-            );
+            return fail(format!("working directory {shown} does not exist in the guest"), libc::ENOTDIR);
         }
     }
     let mut cmd = Command::new(OsStr::from_bytes(program));

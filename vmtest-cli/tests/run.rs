@@ -82,21 +82,22 @@ extern "C" {
 }
 
 #[test]
-fn guest_writes_never_reach_the_host_and_tmp_is_a_real_tmpfs() {
+fn guest_writes_never_reach_the_host_and_unlinked_temp_files_work() {
     let vt = Vmtest::new();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let victim = dir.path().join("keep.txt");
     std::fs::write(&victim, "original").unwrap();
     let script = format!(
-        "echo changed > {v} && cat {v} && rm -f /etc/hostname && touch /usr/vmtest-was-here && \
-         stat -f -c %T /tmp && python3 -c 'import tempfile; f = tempfile.TemporaryFile(); f.write(b\"ok\"); f.seek(0); print(f.read().decode())'",
+        "echo changed > {v} && cat {v} && rm -f /etc/hostname && touch /usr/vmtest-was-here /tmp/vmtest-was-here && \
+         python3 -c 'import tempfile; f = tempfile.TemporaryFile(); f.write(b\"ok\"); f.seek(0); print(f.read().decode())'",
         v = victim.display()
     );
     let out = vt.run(&[], &["sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "changed\ntmpfs\nok\n");
+    assert_eq!(stdout(&out), "changed\nok\n");
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "original");
     assert!(!std::path::Path::new("/usr/vmtest-was-here").exists());
+    assert!(!std::path::Path::new("/tmp/vmtest-was-here").exists());
     vt.assert_clean();
 }
 
@@ -132,7 +133,7 @@ fn command_timeout_kills_it_and_exits_124() {
 }
 
 #[test]
-fn missing_command_is_127_and_a_missing_cwd_126_with_messages() {
+fn missing_command_is_127_and_a_missing_cwd_126_and_host_tmp_is_visible() {
     let vt = Vmtest::new();
     let out = vt.run(&[], &["no-such-command-anywhere"]);
     assert_eq!(out.status.code(), Some(127));
@@ -141,11 +142,20 @@ fn missing_command_is_127_and_a_missing_cwd_126_with_messages() {
         "{}",
         stderr(&out)
     );
-    // The host's /tmp is not the guest's: a cwd there is explained.
-    let tmp = tempfile::tempdir_in("/tmp").unwrap();
-    let out = vt.cmd().current_dir(tmp.path()).args(["run", "--", "true"]).output().unwrap();
+    // A working directory the guest does not have is explained.
+    let out = vt.run(&["--cwd", "/nonexistent/dir"], &["true"]);
     assert_eq!(out.status.code(), Some(126), "{}", stderr(&out));
-    assert!(stderr(&out).contains("the host's /tmp is not shared"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("working directory /nonexistent/dir does not exist in the guest"),
+        "{}",
+        stderr(&out)
+    );
+    // The host's /tmp is visible (copy-on-write): a checkout or temp dir there works.
+    let tmp = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::write(tmp.path().join("host-file"), "from the host").unwrap();
+    let out = vt.cmd().current_dir(tmp.path()).args(["run", "--", "cat", "host-file"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from the host");
     vt.assert_clean();
 }
 

@@ -8,7 +8,7 @@ use common::{error_line, stderr, stdout, Vmtest};
 use serde_json::Value;
 use std::path::Path;
 
-/// A project dir outside /tmp (the guest does not see the host's /tmp) with a vmtest.toml
+/// A project dir with a vmtest.toml
 /// and a subdirectory to run from, as cargo runs a test binary from a package dir.
 fn project(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
