@@ -19,7 +19,10 @@ use vmtest_core::{Capabilities, Error, Result, Vm};
 /// How a boot went wrong, turned into one line plus the console tail.
 fn boot_failure(what: String, console: &ConsoleLog, qemu_stderr: &str) -> Error {
     let tail = console.tail(40);
-    let panic_line = tail.lines().find(|l| l.contains("Kernel panic") || l.contains("not syncing"));
+    // A panic's call trace can be longer than the tail shown, so look further back for its
+    // first line.
+    let recent = console.tail(400);
+    let panic_line = recent.lines().find(|l| l.contains("Kernel panic") || l.contains("not syncing"));
     let message = match panic_line {
         Some(line) => format!("the guest kernel panicked: {}", line.trim()),
         None => what,
@@ -355,7 +358,9 @@ impl QemuVm {
 
     /// An error for a command that lost its VM.
     async fn lost(&self, req_display: &str) -> Error {
-        self.wait_exit(Duration::from_secs(2)).await;
+        if self.wait_exit(Duration::from_secs(2)).await {
+            self.console.wait_closed(Duration::from_secs(1)).await;
+        }
         let what = format!("the VM stopped while `{req_display}` was running ({})", self.exit_text());
         self.failure(what)
     }

@@ -81,6 +81,16 @@ impl ConsoleLog {
         ConsoleHandle { log: self.clone(), cursor: 0 }
     }
 
+    /// Wait up to `limit` for the console stream to end (the VM's side closed and everything
+    /// it wrote has been read), so a tail taken afterwards holds the VM's last words.
+    pub async fn wait_closed(&self, limit: Duration) -> bool {
+        let mut seen = self.seen.clone();
+        let closed = async {
+            while seen.changed().await.is_ok() {}
+        };
+        tokio::time::timeout(limit, closed).await.is_ok()
+    }
+
     /// The last `lines` lines printed, lossily decoded, without carriage returns.
     pub fn tail(&self, lines: usize) -> String {
         let buf = self.buffer.lock().unwrap();
