@@ -71,7 +71,7 @@ fn ci() -> Result<()> {
     // The in-VM example passes only inside a VM: it runs below, through the runner.
     step(
         "cargo test (unit, contract and real-VM tests)",
-        cargo().args(["test", "--workspace", "--exclude", "in-vm-example"]),
+        cargo().args(["test", "--workspace", "--exclude", "in-vm-example", "--no-fail-fast"]),
     )?;
     cargo_runner_proof(&vmtest)
 }
