@@ -320,6 +320,17 @@ impl Hypervisor for BhyveBackend {
             .map_err(|e| Error::infra(format!("listing VMs panicked: {e}")))?
     }
 
+    async fn attach(&self, record: &VmRecord) -> Result<Box<dyn Vm>> {
+        // The record has every host parameter; the login and the copy settings come from here.
+        let mut cfg = self.config()?.clone();
+        let data = BhyveData::from_record(record)?;
+        cfg.flavor = Some(data.flavor);
+        cfg.pool = data.pool.clone();
+        cfg.host = data.host.clone();
+        cfg.devroot = data.devroot.clone();
+        vm::BhyveVm::attach(cfg, record).await.map(|v| Box::new(v) as Box<dyn Vm>)
+    }
+
     async fn destroy_record(&self, record: &VmRecord) -> Result<()> {
         let data = BhyveData::from_record(record)?;
         let name = record.name.clone();

@@ -4,18 +4,21 @@ use crate::config::{Config, Flavor, ShareMode};
 use crate::teardown::{self, vnic_name};
 use crate::{dev_path, wait_for_device, BhyveData, ConsoleKind, HOST_TIMEOUT};
 use async_trait::async_trait;
+use regex::bytes::Regex;
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use vmtest_core::console::{Console, ConsoleLog};
 use vmtest_core::exec::{ExecOutput, ExecRequest};
 use vmtest_core::shell::{self, Login, ShellOptions, ShellSession};
 use vmtest_core::spec::{format_duration, VmSpec};
-use vmtest_core::state::{ProcessId, RunDir, VmRecord};
+use vmtest_core::state::{ProcessId, RunDir, StateDir, VmRecord};
 use vmtest_core::{Capabilities, Error, ErrorKind, Result, Vm};
 
 /// What bhyve's exit status means (both flavors).
@@ -30,6 +33,21 @@ pub fn exit_meaning(code: i32) -> &'static str {
     }
 }
 
+/// The exit status of a bhyve that is not our child (an attached VM): unknown.
+const EXIT_UNKNOWN: i32 = -1;
+
+/// "bhyve exited with status N (meaning)", or just "bhyve exited" when the status is unknown.
+fn bhyve_exit(code: i32) -> String {
+    if code == EXIT_UNKNOWN {
+        "bhyve exited".to_owned()
+    } else {
+        format!("bhyve exited with status {code} ({})", exit_meaning(code))
+    }
+}
+
+/// How long logging in again on a kept VM's console may take.
+const RELOGIN_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Host directories whose programs are assumed to exist in the guest too.
 const SYSTEM_DIRS: &[&str] = &["/bin/", "/sbin/", "/usr/", "/lib/", "/lib64/", "/etc/", "/opt/", "/nix/"];
 
@@ -41,11 +59,143 @@ pub struct BhyveVm {
     node: String,
     vm_dir: PathBuf,
     console: ConsoleLog,
-    shell: tokio::sync::Mutex<ShellSession>,
+    /// Closes our end of the console when this handle goes (even while handles live on).
+    gate: Arc<Gate>,
+    /// The serial shell; `None` until an attached VM first needs one.
+    shell: tokio::sync::Mutex<Option<ShellSession>>,
+    /// The console login, for logging in again on an attached VM.
+    login: Login,
+    network: bool,
     exited: watch::Receiver<Option<i32>>,
     detached: AtomicBool,
     torn_down: Arc<AtomicBool>,
     timings: Vec<(&'static str, Duration)>,
+}
+
+/// The open/closed state shared by a [`Gated`] reader and its VM handle.
+#[derive(Default)]
+pub struct Gate {
+    closed: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Gate {
+    /// End the reader: the console log's pump sees end of stream and lets go of the console.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
+}
+
+/// A console reader that ends when its [`Gate`] closes, so dropping a VM handle gives the
+/// console back (the nmdm B side, or illumos bhyve's single console client slot).
+pub struct Gated<R> {
+    inner: R,
+    gate: Arc<Gate>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Gated<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.gate.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(()));
+        }
+        *self.gate.waker.lock().unwrap() = Some(cx.waker().clone());
+        if self.gate.closed.load(Ordering::SeqCst) {
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// Open the console (FreeBSD: the nmdm B side, raw; illumos: bhyve's console socket) and tee
+/// it to `log_path` (appended).
+async fn open_console(data: &BhyveData, log_path: &Path, gate: &Arc<Gate>) -> std::io::Result<ConsoleLog> {
+    type R = Box<dyn AsyncRead + Send + Unpin>;
+    type W = Box<dyn AsyncWrite + Send + Unpin>;
+    let (r, w): (R, W) = match &data.console {
+        ConsoleKind::Socket { path } => {
+            let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        ConsoleKind::Nmdm { b, .. } => {
+            let (r, w) = crate::tty::open_raw(&dev_path(&data.devroot, b))?;
+            (Box::new(r), Box::new(w))
+        }
+    };
+    ConsoleLog::spawn(Gated { inner: r, gate: gate.clone() }, Some(w), log_path)
+        .map_err(|e| std::io::Error::other(e.message().to_owned()))
+}
+
+/// A shell on the console of a guest that is already up, set up by an earlier vmtest: resume
+/// the prepared shell, or log in again when the console shows a login prompt.
+pub async fn reattach_shell(console: &ConsoleLog, login: &Login, name: &str) -> Result<ShellSession> {
+    let closed = |e: Error| {
+        Error::infra(format!(
+            "the serial console of {name} closed ({}); another client may hold it (a `vmtest console`?)",
+            e.message()
+        ))
+        .with_detail(console.tail(20))
+    };
+    // A CR: a getty prints a fresh `login:`, a prepared shell (no prompt, no echo) prints
+    // nothing, an interactive one its prompt. From the start: on FreeBSD a prompt printed
+    // while nobody read the nmdm is waiting there already.
+    let what = Regex::new(r"ogin: *$|[#$%>] *$").unwrap();
+    let mut probe = console.handle_from_start();
+    probe.send(b"\r").await?;
+    let seen = match probe.wait_for(&what, Duration::from_secs(1)).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == ErrorKind::Timeout => String::new(),
+        Err(e) => return Err(closed(e)),
+    };
+    if seen.contains("ogin") {
+        tracing::debug!("{name}: the console shows a login prompt; logging in again");
+        let mut h = console.handle();
+        h.send(b"\r").await?;
+        let opts = ShellOptions {
+            login: Some(login.clone()),
+            exec_sh: true,
+            ready_timeout: RELOGIN_TIMEOUT,
+            nudge_every: Duration::from_secs(1),
+        };
+        return ShellSession::start(Box::new(h), opts).await;
+    }
+    match ShellSession::resume(Box::new(console.handle()), Duration::from_secs(5)).await {
+        Ok(s) => return Ok(s),
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        Err(e) => return Err(closed(e)),
+    }
+    // Something holds the shell (a command, or a here-document a killed vmtest left open):
+    // interrupt it once, end any here-document, and try again.
+    tracing::debug!("{name}: the shell does not answer; sending Ctrl-C");
+    let mut h = console.handle();
+    h.send(b"\x03").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.send(b"\nVMT_EOF\n").await?;
+    ShellSession::resume(Box::new(h), Duration::from_secs(10)).await.map_err(|e| {
+        if e.kind() == ErrorKind::Timeout {
+            Error::infra(format!(
+                "the serial console of {name} shows neither a shell nor a login prompt; look at it with \
+                 `vmtest console {name}`"
+            ))
+            .with_detail(console.tail(30))
+        } else {
+            closed(e)
+        }
+    })
+}
+
+/// Where a record's run dir is: next to its VM dir, else under the state dir.
+fn run_dir_of(record: &VmRecord) -> Option<RunDir> {
+    let near = record.paths.first().and_then(|p| p.parent()?.parent().map(StateDir::at));
+    near.into_iter()
+        .chain([StateDir::from_env()])
+        .find_map(|s| s.runs().into_iter().find(|r| r.id() == record.run_id))
 }
 
 async fn wait_exit(rx: &mut watch::Receiver<Option<i32>>) -> i32 {
@@ -197,24 +347,10 @@ impl BhyveVm {
 
         // The console: connect at once (illumos drops output while no client is connected).
         let log_path = vm_dir.join("console.log");
+        let gate = Arc::new(Gate::default());
         let connect = async {
             loop {
-                let attempt: std::io::Result<ConsoleLog> = match &data.console {
-                    ConsoleKind::Socket { path } => match tokio::net::UnixStream::connect(path).await {
-                        Ok(s) => {
-                            let (r, w) = s.into_split();
-                            ConsoleLog::spawn(r, Some(Box::new(w)), &log_path)
-                                .map_err(|e| std::io::Error::other(e.message().to_owned()))
-                        }
-                        Err(e) => Err(e),
-                    },
-                    ConsoleKind::Nmdm { b, .. } => match crate::tty::open_raw(&dev_path(&data.devroot, b)) {
-                        Ok((r, w)) => ConsoleLog::spawn(r, Some(Box::new(w)), &log_path)
-                            .map_err(|e| std::io::Error::other(e.message().to_owned())),
-                        Err(e) => Err(e),
-                    },
-                };
-                match attempt {
+                match open_console(data, &log_path, &gate).await {
                     Ok(log) => return log,
                     Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
@@ -262,12 +398,124 @@ impl BhyveVm {
             node: spec.node.clone(),
             vm_dir: vm_dir.to_owned(),
             console,
-            shell: tokio::sync::Mutex::new(shell),
+            gate,
+            shell: tokio::sync::Mutex::new(Some(shell)),
+            login: Login { user: cfg.user.clone(), password: cfg.password.clone() },
+            network: cfg.nic.is_some(),
             exited,
             detached: AtomicBool::new(false),
             torn_down: Arc::new(AtomicBool::new(false)),
             timings,
         })
+    }
+
+    /// Reach a VM that outlived its runner (`--keep`) from its record: reconnect to its
+    /// console (teed to the run dir's `console.log`) and watch its bhyve. The serial shell is
+    /// taken over on first use. The handle is detached: dropping it leaves the VM running.
+    pub(crate) async fn attach(cfg: Config, record: &VmRecord) -> Result<BhyveVm> {
+        let data = BhyveData::from_record(record)?;
+        let name = record.name.clone();
+        let gone = |why: String| {
+            Error::usage(format!("{name} is not running any more ({why}); `vmtest destroy {name}` cleans up"))
+        };
+        let pid = data
+            .pid
+            .or_else(|| record.processes.first().copied())
+            .ok_or_else(|| gone("its bhyve was never started".into()))?;
+        if !teardown::alive(&pid) {
+            return Err(gone(format!("bhyve, pid {}, has exited", pid.pid)));
+        }
+        let vmm = dev_path(&data.devroot, &format!("/dev/vmm/{}", data.vm));
+        if vmm.parent().is_some_and(Path::is_dir) && !vmm.exists() {
+            return Err(gone(format!("the kernel VM {} is destroyed", data.vm)));
+        }
+        let run = run_dir_of(record).ok_or_else(|| {
+            Error::infra(format!(
+                "the run dir {} of {name} is gone; `vmtest destroy {name}` cleans up",
+                record.run_id
+            ))
+        })?;
+        let vm_dir = run.vm_dir(&record.node)?;
+        let log_path = vm_dir.join("console.log");
+
+        // illumos bhyve takes one console client and closes any other at once; the previous
+        // vmtest's may not be noticed gone yet. Retry for a moment before calling it taken.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let (console, gate) = loop {
+            let gate = Arc::new(Gate::default());
+            let log = open_console(&data, &log_path, &gate).await.map_err(|e| {
+                let where_ = match &data.console {
+                    ConsoleKind::Nmdm { b, .. } => b.clone(),
+                    ConsoleKind::Socket { path } => path.display().to_string(),
+                };
+                if !teardown::alive(&pid) {
+                    gone(format!("bhyve, pid {}, has exited", pid.pid))
+                } else {
+                    Error::infra(format!("cannot open the console of {name} ({where_}): {e}"))
+                }
+            })?;
+            if matches!(data.console, ConsoleKind::Nmdm { .. }) {
+                break (log, gate);
+            }
+            let mut h = log.handle();
+            match tokio::time::timeout(Duration::from_millis(150), h.read()).await {
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(None) => {
+                    return Err(Error::infra(format!(
+                        "bhyve closed the console connection of {name} at once: another client holds it \
+                         (a `vmtest console {name}`, or `nc -U`); leave that first"
+                    )))
+                }
+                _ => break (log, gate),
+            }
+        };
+
+        // Not our child: watch its pid.
+        let (tx, exited) = watch::channel(None);
+        tokio::spawn(async move {
+            while teardown::alive(&pid) {
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = tx.send(Some(EXIT_UNKNOWN));
+        });
+        tracing::debug!("attached to {name} ({} flavor)", data.flavor.name());
+        Ok(BhyveVm {
+            name: name.clone(),
+            network: data.tap.is_some() || data.vnic.is_some(),
+            login: Login { user: cfg.user.clone(), password: cfg.password.clone() },
+            cfg,
+            data,
+            run,
+            node: record.node.clone(),
+            vm_dir,
+            console,
+            gate,
+            shell: tokio::sync::Mutex::new(None),
+            exited,
+            detached: AtomicBool::new(true),
+            torn_down: Arc::new(AtomicBool::new(false)),
+            timings: Vec::new(),
+        })
+    }
+
+    /// The serial shell, taking it over first on an attached VM.
+    async fn shell<'a>(&self, slot: &'a mut Option<ShellSession>) -> Result<&'a mut ShellSession> {
+        if slot.is_none() {
+            let mut exited = self.exited.clone();
+            let s = tokio::select! {
+                s = reattach_shell(&self.console, &self.login, &self.name) => s?,
+                code = wait_exit(&mut exited) => {
+                    return Err(Error::infra(format!("{} is gone: {}", self.name, bhyve_exit(code))))
+                }
+            };
+            *slot = Some(s);
+        }
+        Ok(slot.as_mut().expect("just set"))
     }
 
     /// The recorded teardown parameters.
@@ -532,7 +780,7 @@ impl Vm for BhyveVm {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            network: self.cfg.nic.is_some(),
+            network: self.network,
             snapshots: false,
             concurrent_exec: false,
             console: true,
@@ -542,13 +790,10 @@ impl Vm for BhyveVm {
 
     async fn exec(&self, mut req: ExecRequest) -> Result<ExecOutput> {
         if let Some(code) = self.vm_gone() {
-            return Err(Error::infra(format!(
-                "{} is gone: bhyve exited with status {code} ({})",
-                self.name,
-                exit_meaning(code)
-            )));
+            return Err(Error::infra(format!("{} is gone: {}", self.name, bhyve_exit(code))));
         }
-        let mut shell = self.shell.lock().await;
+        let mut slot = self.shell.lock().await;
+        let shell = self.shell(&mut slot).await?;
         let mut fallback = b"/".to_vec();
         if let Some(prog) = req.argv.first().map(PathBuf::from) {
             let s = prog.to_string_lossy().into_owned();
@@ -563,7 +808,7 @@ impl Vm for BhyveVm {
                 } else {
                     std::env::current_dir().unwrap_or_default().join(prog)
                 };
-                self.copy_in_locked(&mut shell, &prog, guest.as_bytes()).await?;
+                self.copy_in_locked(shell, &prog, guest.as_bytes()).await?;
                 req.argv[0] = OsString::from(guest);
                 fallback = self.cfg.bay.as_bytes().to_vec();
             }
@@ -573,20 +818,22 @@ impl Vm for BhyveVm {
         tokio::select! {
             r = shell.exec_script(req, &script) => r,
             code = wait_exit(&mut exited) => Err(Error::infra(format!(
-                "bhyve exited with status {code} ({}) while the command ran in {}",
-                exit_meaning(code),
+                "{} while the command ran in {}",
+                bhyve_exit(code),
                 self.name
             )).with_detail(self.console.tail(30))),
         }
     }
 
     async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()> {
-        let mut shell = self.shell.lock().await;
-        self.copy_in_locked(&mut shell, host, guest.as_os_str().as_bytes()).await
+        let mut slot = self.shell.lock().await;
+        let shell = self.shell(&mut slot).await?;
+        self.copy_in_locked(shell, host, guest.as_os_str().as_bytes()).await
     }
 
     async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {
-        let data = self.shell.lock().await.read_file(guest.as_os_str().as_bytes(), None).await?;
+        let mut slot = self.shell.lock().await;
+        let data = self.shell(&mut slot).await?.read_file(guest.as_os_str().as_bytes(), None).await?;
         std::fs::write(host, data).map_err(|e| Error::io(format!("cannot write {}", host.display()), e))
     }
 
@@ -607,13 +854,36 @@ impl Vm for BhyveVm {
         tracing::info!("keeping {} (run dir {})", self.name, self.vm_dir.display());
     }
 
+    /// A shell a person can use: taken over (or logged in again) like for `exec`, then with
+    /// echo and a prompt. The next `exec` prepares it again.
+    async fn prepare_interactive_console(&self) -> Result<()> {
+        let mut slot = self.shell.lock().await;
+        self.shell(&mut slot).await?;
+        *slot = None;
+        let nonce = format!("{:x}{:x}", std::process::id(), now_nanos() & 0xffff_ffff);
+        let prompt = if self.login.user == "root" { "# " } else { "$ " };
+        let mut h = self.console.handle();
+        h.send(
+            format!("stty echo 2>/dev/null; PS1='{prompt}'; export PS1; printf '==%s %s==\\n' VMI {nonce}\n")
+                .as_bytes(),
+        )
+        .await?;
+        let marker = Regex::new(&format!("==VMI {nonce}==")).unwrap();
+        h.wait_for(&marker, Duration::from_secs(10)).await.map(|_| ())
+    }
+
     fn boot_timings(&self) -> Vec<(&'static str, Duration)> {
         self.timings.clone()
     }
 }
 
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
 impl Drop for BhyveVm {
     fn drop(&mut self) {
+        self.gate.close();
         if self.detached.load(Ordering::SeqCst) || self.torn_down.load(Ordering::SeqCst) {
             return;
         }

@@ -547,3 +547,121 @@ async fn omicron_test_binary_runs_by_name_and_failures_keep_the_vm() {
     assert!(!fh.datasets().iter().any(|d| d.contains("/run/")), "{:?}", fh.datasets());
     let _ = Path::new("/");
 }
+
+/// A kept VM is reached again from its record alone (`Hypervisor::attach`): exec resumes the
+/// serial shell the run left, a guest back at its login prompt is logged in again, dropping the
+/// handle leaves the VM up and gives the console back, and a VM whose bhyve is gone is a
+/// one-line usage error pointing at `vmtest destroy`.
+async fn attach_to_a_kept_vm(flavor: Flavor) {
+    let fh = FakeHost::new(flavor, &[("FAKE_GUEST_RESPAWN", "1")]);
+    let be = fh.backend(fh.config(Privilege::None));
+    fh.import(&be, "img1").await;
+    let state = StateDir::at(fh.dir.path().join("state"));
+    let run = state.create_run().unwrap();
+    let sp = spec(&run);
+    let vm = be.launch(&sp, &run).await.unwrap();
+    let _guard = DestroyOnDrop(run.record_path("vm"));
+    let mark = fh.dir.path().join("mark");
+    let out = vm.exec(ExecRequest::shell(&format!("echo kept >{}; exit 1", mark.display()))).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(1));
+    vm.detach();
+    drop(vm);
+    let mut rec = record(&run);
+    rec.kept = true;
+    run.write_record(&rec).unwrap();
+    // The record names the bhyve process with its start time (`vmtest list` status).
+    let data = BhyveData::from_record(&rec).unwrap();
+    let pid = data.pid.expect("bhyve pid recorded");
+    assert_eq!(rec.processes, [pid]);
+    assert_eq!(Some(pid), ProcessId::of(pid.pid));
+    assert!(pid.is_alive());
+
+    let a = be.attach(&rec).await.unwrap();
+    assert_eq!(a.name(), rec.name);
+    let out = a.exec(ExecRequest::new(["cat", mark.to_str().unwrap()])).await.unwrap();
+    assert_eq!((out.status, out.stdout_lossy()), (ExitStatus::Code(0), "kept\n".to_owned()));
+    let out = a.exec(ExecRequest::shell("echo out; echo err >&2; exit 7")).await.unwrap();
+    assert_eq!(out.status, ExitStatus::Code(7));
+    assert_eq!((out.stdout_lossy(), out.stderr_lossy()), ("out\n".to_owned(), "err\n".to_owned()));
+    if flavor == Flavor::Illumos {
+        // bhyve serves one console client: a second attach is told who holds it.
+        let t = Instant::now();
+        let e = be.attach(&rec).await.err().expect("the console is taken");
+        assert_eq!(e.kind(), ErrorKind::Infrastructure, "{e}");
+        assert!(e.message().contains("another client holds it"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+    drop(a);
+    assert_eq!(fh.vmm(), [rec.name.clone()], "dropping an attached handle leaves the VM up");
+    assert!(pid.is_alive());
+
+    // The guest logs out (its getty prompts again): the next attach logs in again.
+    let b = be.attach(&rec).await.unwrap();
+    let mut con = b.console().unwrap();
+    con.send(b"exit\n").await.unwrap();
+    con.wait_for(&regex::bytes::Regex::new("ogin: *$").unwrap(), Duration::from_secs(10)).await.unwrap();
+    drop(con);
+    drop(b);
+    let c = be.attach(&rec).await.unwrap();
+    let out = c.exec(ExecRequest::shell("echo back; exit 3")).await.unwrap();
+    assert_eq!((out.status, out.stdout_lossy()), (ExitStatus::Code(3), "back\n".to_owned()));
+    // An interactive console gets echo and a prompt; exec afterwards still works.
+    c.prepare_interactive_console().await.unwrap();
+    let mut con = c.console().unwrap();
+    con.send(b"echo SUM=$((40+2))\n").await.unwrap();
+    con.wait_for(&regex::bytes::Regex::new("SUM=42").unwrap(), Duration::from_secs(10)).await.unwrap();
+    drop(con);
+    let out = c.exec(ExecRequest::new(["echo", "again"])).await.unwrap();
+    assert_eq!(out.stdout_lossy(), "again\n");
+    drop(c);
+    let log = std::fs::read_to_string(run.path().join("vm/console.log")).unwrap();
+    assert!(log.contains("SUM=42"), "{log}");
+    // Logged in at boot and again after the logout, as the user (nothing else typed at login:).
+    assert_eq!(log.matches("ogin: root\r\n").count(), 2, "{log}");
+    assert!(
+        log.split("ogin: ").skip(1).all(|after| after.starts_with("root\r\n") || after.starts_with("\r\n")),
+        "only the user or a CR is typed at a login prompt: {log}"
+    );
+    assert_eq!(fh.commands().iter().filter(|c| c[0] == "bhyve").count(), 1, "attach starts no bhyve");
+
+    // bhyve goes away: attach says so in one line and points at `vmtest destroy`.
+    let st = std::process::Command::new("kill").args(["-TERM", &pid.pid.to_string()]).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    while pid.is_alive() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid.is_alive());
+    let e = be.attach(&rec).await.err().expect("gone");
+    assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+    assert!(e.message().contains("is not running any more"), "{e}");
+    assert!(e.message().contains(&format!("`vmtest destroy {}` cleans up", rec.name)), "{e}");
+    assert!(!e.message().contains('\n'), "{e}");
+    be.destroy_record(&rec).await.unwrap();
+    assert!(fh.vmm().is_empty());
+    assert!(!fh.datasets().iter().any(|d| d.contains("/run/")), "{:?}", fh.datasets());
+    assert!(fh.datasets().contains(&"tank/vmtest/img/img1@base".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freebsd_attach_to_a_kept_vm() {
+    attach_to_a_kept_vm(Flavor::FreeBsd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn illumos_attach_to_a_kept_vm() {
+    attach_to_a_kept_vm(Flavor::Illumos).await;
+}
+
+/// Tears a kept VM down (from its record file) if its test fails midway: no fake bhyve
+/// outlives a test. Idempotent, like every teardown.
+struct DestroyOnDrop(std::path::PathBuf);
+
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        let rec: Option<VmRecord> = std::fs::read(&self.0).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(d) = rec.as_ref().and_then(|r| BhyveData::from_record(r).ok()) {
+            let _ = backend_bhyve::teardown::destroy(&rec.unwrap().name, &d);
+        }
+    }
+}

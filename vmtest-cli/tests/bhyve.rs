@@ -165,3 +165,158 @@ fn image_import_then_a_kept_run_then_destroy() {
     let s: serde_json::Value = serde_json::from_slice(&std::fs::read(h.p("s/state.json")).unwrap()).unwrap();
     assert!(s["datasets"].as_object().unwrap().keys().any(|k| k == "tank/vmtest/img/img1"), "{s}");
 }
+
+impl Host {
+    /// `vmtest` with this host's env, for a caller that wires stdin/stdout itself.
+    fn vmtest_command(&self, args: &[&str]) -> Command {
+        let flavor = std::fs::read_to_string(self.p("flavor")).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vmtest"));
+        c.args(args)
+            .env("VMTEST_STATE_DIR", self.p("state"))
+            .env("VMTEST_BHYVE_FLAVOR", &flavor)
+            .env("VMTEST_BHYVE_PATH", self.p("bin"))
+            .env("VMTEST_BHYVE_DEVROOT", self.p("s/dev"))
+            .env("VMTEST_BHYVE_POOL", "tank")
+            .env("VMTEST_BHYVE_IMAGE", "img1")
+            .env("VMTEST_BHYVE_BOOTROM", self.p("uefi.fd"))
+            .env("VMTEST_BHYVE_BAY", self.p("bay"))
+            .env("VMTEST_BHYVE_SHARE", "serial")
+            .env("VMTEST_PRIV", "pfexec")
+            .env("FAKE_BHYVE_STATE", self.p("s"))
+            .env("FAKE_BHYVE_FLAVOR", &flavor);
+        c
+    }
+
+    /// How often the fake bhyve was started.
+    fn bhyve_starts(&self) -> usize {
+        std::fs::read_to_string(self.p("s/commands.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("[\"bhyve\""))
+            .count()
+    }
+}
+
+/// Destroys a kept VM if the test ends early, so no fake bhyve outlives it.
+struct KeptGuard<'a> {
+    host: &'a Host,
+    name: String,
+}
+
+impl Drop for KeptGuard<'_> {
+    fn drop(&mut self) {
+        if !self.name.is_empty() {
+            let _ = self.host.vmtest(&[], &["destroy", &self.name]);
+        }
+    }
+}
+
+fn kept_vm_takes_exec_and_console_until_destroyed(flavor: &str) {
+    use std::io::{Read, Write};
+    let h = Host::new(flavor);
+    h.import();
+    let mark = h.p("guest-state");
+    let script = format!("echo written by the failed run >{}; exit 2", mark.display());
+    let out = h.vmtest(&[], &["run", "--backend", "bhyve", "--keep", "--", "sh", "-c", &script]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let rows: serde_json::Value = serde_json::from_slice(&h.vmtest(&[], &["list", "--json"]).stdout).unwrap();
+    let name = rows[0]["name"].as_str().unwrap().to_owned();
+    let mut guard = KeptGuard { host: &h, name: name.clone() };
+    assert_eq!(rows[0]["status"], "kept");
+    assert!(stderr.contains(&format!("vmtest exec {name} -- CMD")), "{stderr}");
+    assert_eq!(h.bhyve_starts(), 1);
+
+    // exec: the command's status and output, in the same VM the failed run left.
+    let out = h.vmtest(&[], &["exec", &name, "--", "sh", "-c", "echo hi; exit 5"]);
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    let out = h.vmtest(&[], &["exec", &name, "--", "cat", mark.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "written by the failed run\n");
+    assert_eq!(h.bhyve_starts(), 1, "exec reattached; it started no new bhyve");
+    let log = std::fs::read_dir(h.p("state"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("vm/console.log"))
+        .find(|p| p.exists())
+        .expect("the run dir's console.log");
+    let before = std::fs::metadata(&log).unwrap().len();
+
+    // console: what is typed runs in the guest; Ctrl-] leaves, the VM keeps running.
+    let mut con = h
+        .vmtest_command(&["console", &name])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = con.stdin.take().unwrap();
+    let mut stdout = con.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    stdin.write_all(b"echo SUM=$((40+2))\n").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("SUM=42") {
+        if std::time::Instant::now() > deadline || con.try_wait().unwrap().is_some() {
+            let _ = con.kill();
+            let out = con.wait_with_output().unwrap();
+            panic!(
+                "no SUM=42 on the console: {:?}\nstderr: {}",
+                String::from_utf8_lossy(&seen.lock().unwrap()),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    stdin.write_all(&[0x1d]).unwrap();
+    drop(stdin);
+    let out = con.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let con_err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{con_err}");
+    assert!(con_err.contains("it keeps running"), "{con_err}");
+    assert_eq!(h.leftovers().1, 1, "the VM is still up after the console");
+    let logged = String::from_utf8_lossy(&std::fs::read(&log).unwrap()[before as usize..]).into_owned();
+    assert!(logged.contains("SUM=42"), "the console is teed to console.log: {logged:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&h.vmtest(&[], &["list", "--json"]).stdout).unwrap();
+    assert_eq!(rows[0]["status"], "kept");
+    // exec works again after a person used the console.
+    let out = h.vmtest(&[], &["exec", &name, "--", "sh", "-c", "echo again"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
+
+    // destroy: nothing left but the image.
+    let out = h.vmtest(&[], &["destroy", &name]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    guard.name.clear();
+    assert_eq!(h.leftovers(), (vec![], 0));
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(h.p("s/state.json")).unwrap()).unwrap();
+    let ds = s["datasets"].as_object().unwrap();
+    assert!(ds.contains_key("tank/vmtest/img/img1") && ds.contains_key("tank/vmtest/img/img1@base"), "{s}");
+    let out = h.vmtest(&[], &["exec", &name, "--", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("no VM named"), "{stderr}");
+}
+
+#[test]
+fn kept_freebsd_vm_takes_exec_and_console_until_destroyed() {
+    kept_vm_takes_exec_and_console_until_destroyed("freebsd");
+}
+
+#[test]
+fn kept_illumos_vm_takes_exec_and_console_until_destroyed() {
+    kept_vm_takes_exec_and_console_until_destroyed("illumos");
+}

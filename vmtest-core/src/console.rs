@@ -85,9 +85,7 @@ impl ConsoleLog {
     /// it wrote has been read), so a tail taken afterwards holds the VM's last words.
     pub async fn wait_closed(&self, limit: Duration) -> bool {
         let mut seen = self.seen.clone();
-        let closed = async {
-            while seen.changed().await.is_ok() {}
-        };
+        let closed = async { while seen.changed().await.is_ok() {} };
         tokio::time::timeout(limit, closed).await.is_ok()
     }
 

@@ -11,6 +11,7 @@ $FAKE_BHYVE_FLAVOR (freebsd|illumos). Failure injection:
   FAKE_ZVOL_DELAY_MS=N   a new zvol's device node appears N ms after zfs returns
   FAKE_GUEST_PASSWORD=P  the guest asks for a password and checks it
   FAKE_GUEST_NO_GETTY=1  the guest never prints a login prompt
+  FAKE_GUEST_RESPAWN=1   when the login shell exits, getty prompts again (else the guest powers off)
 """
 import fcntl, json, os, pty, select, signal, socket, subprocess, sys, termios, time, tty
 
@@ -553,6 +554,14 @@ class Guest:
                         data = os.read(self.gfd, 65536)
                     except OSError:
                         data = b""
+                    if not data and os.environ.get("FAKE_GUEST_RESPAWN"):
+                        # init respawns the getty on the console: a fresh login prompt.
+                        os.close(self.gfd)
+                        self.gfd = None
+                        self.sh.wait()
+                        self.sh = None
+                        self.prompt()
+                        break
                     if not data:
                         stop["now"] = True   # the guest powered off
                         break
