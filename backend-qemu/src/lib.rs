@@ -327,6 +327,14 @@ impl Hypervisor for QemuBackend {
         "qemu"
     }
 
+    fn private_networks(&self) -> bool {
+        true
+    }
+
+    fn boots_kernels(&self) -> bool {
+        true
+    }
+
     async fn preflight(&self) -> Preflight {
         let mut pf = Preflight::default();
         // No `qemu --version` here: `auto` runs this before every run, and a spawn costs.

@@ -275,9 +275,11 @@ pub struct TestArgs {
     #[arg(long)]
     pub check: bool,
 
-    /// Hypervisor backend (multi-VM networks need qemu).
-    #[arg(long, default_value = "qemu", value_name = "NAME")]
-    pub backend: String,
+    /// Hypervisor backend for every file: qemu, bhyve, multipass or auto. Default: the file's
+    /// `backend` in [test], else $VMTEST_BACKEND, else qemu. Private networks, partitions and
+    /// link faults need qemu.
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
 
     /// CPU acceleration: kvm only when proven to work (auto), or forced.
     #[arg(long, default_value = "auto", value_name = "auto|kvm|tcg")]

@@ -286,3 +286,111 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+
+/// A two-node test file on the multipass backend, its files and output in `dir`.
+fn two_node_file(dir: &std::path::Path, backend_line: &str, last_step: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("index.html"), "hello from the host\n").unwrap();
+    // The fake's guests run on this host, so guest paths live in the test's temp dir.
+    let srv = dir.join("srv");
+    let text = format!(
+        r#"[test]
+name = "mp-pair"
+{backend_line}
+
+[defaults]
+image = "24.04"
+memory = "1G"
+
+[nodes.server]
+files = [{{ src = "index.html", dst = "{srv}/index.html" }}]
+
+[nodes.client]
+cpus = 2
+
+[[step]]
+subtest = "files"
+on = "server"
+succeed = "cat {srv}/index.html"
+expect_stdout = "hello from the host"
+
+[[step]]
+subtest = "everywhere"
+on = "*"
+succeed = "echo up"
+
+[[step]]
+subtest = "statuses"
+{last_step}
+"#,
+        srv = srv.display()
+    );
+    let path = dir.join("pair.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_test_file_runs_its_nodes_as_multipass_instances() {
+    for v in ["1.16", "main"] {
+        let e = env(v);
+        let dir = tempfile::tempdir().unwrap();
+        // `fail` on status 4: 1.16's client would re-run it forever (#3771) without the sentinel.
+        let file =
+            two_node_file(dir.path(), r#"backend = "multipass""#, "on = \"client\"\nfail = \"exit 4\"");
+        let junit = dir.path().join("junit.xml");
+        let o = e.vmtest(&["test", file.to_str().unwrap(), "--junit", junit.to_str().unwrap()], None);
+        assert_eq!(o.status.code(), Some(0), "{v}: {}", stderr(&o));
+        assert!(stderr(&o).contains("mp-pair: PASSED (3 case(s)"), "{v}: {}", stderr(&o));
+        let launches = e.fake.calls_of("launch");
+        assert_eq!(launches.len(), 2, "one instance per node: {launches:?}");
+        for l in &launches {
+            assert_eq!(l[1], "24.04", "the node's image: {l:?}");
+            assert!(l.windows(2).any(|w| w == ["--memory", "1024M"]), "{l:?}");
+        }
+        assert!(launches.iter().any(|l| l.windows(2).any(|w| w == ["--cpus", "2"])), "{launches:?}");
+        let report = std::fs::read_to_string(&junit).unwrap();
+        for case in ["files", "everywhere", "statuses"] {
+            assert!(report.contains(&format!("name=\"{case}\"")), "{report}");
+        }
+        assert!(!report.contains("<failure"), "{report}");
+        assert_eq!(e.fake.calls_of("delete").len(), 2, "{v}: one delete --purge per node");
+        e.assert_clean();
+    }
+}
+
+#[test]
+fn a_failing_step_on_a_multipass_node_names_it_and_tears_down() {
+    let e = env("main");
+    let dir = tempfile::tempdir().unwrap();
+    let file = two_node_file(
+        dir.path(),
+        "",
+        "on = \"client\"\nsucceed = \"echo out-text; echo err-text >&2; exit 3\"",
+    );
+    let o = e.vmtest(&["test", "--backend", "multipass", file.to_str().unwrap()], None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("pair.toml:29: succeed `echo out-text; echo err-text >&2; exit 3` on client"),
+        "{err}"
+    );
+    assert!(err.contains("out-text") && err.contains("err-text") && err.contains("status 3"), "{err}");
+    assert_eq!(e.fake.calls_of("launch").len(), 2);
+    e.assert_clean();
+}
+
+#[test]
+fn network_faults_on_multipass_are_refused_before_anything_launches() {
+    let e = env("1.16");
+    let dir = tempfile::tempdir().unwrap();
+    let file =
+        two_node_file(dir.path(), r#"backend = "multipass""#, "partition = [[\"client\"], [\"server\"]]");
+    let o = e.vmtest(&["test", file.to_str().unwrap()], None);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(64), "{err}");
+    assert!(err.contains("pair.toml:28: partition"), "{err}");
+    assert!(err.contains("the multipass backend has no private networks"), "{err}");
+    assert!(err.contains("nothing was booted"), "{err}");
+    assert!(e.fake.calls_of("launch").is_empty(), "{:?}", e.fake.calls());
+    e.assert_clean();
+}

@@ -94,6 +94,18 @@ pub trait Hypervisor: Send + Sync {
     /// Is it installed, is its daemon up, is acceleration usable, is there disk.
     async fn preflight(&self) -> Preflight;
 
+    /// Can its VMs join the runner's private L2 networks ([`VmSpec::nics`]), with partitions
+    /// and link faults? Default: no; multi-VM tests then run without private networks.
+    fn private_networks(&self) -> bool {
+        false
+    }
+
+    /// Can it boot a given kernel file (kernel mode, `BootSpec::Kernel { kernel: Some(..) }`)?
+    /// Default: no, it boots images.
+    fn boots_kernels(&self) -> bool {
+        false
+    }
+
     /// Boot a VM and wait until commands can run in it. Everything teardown needs is written
     /// to the run dir's record before anything is started.
     async fn launch(&self, spec: &VmSpec, dir: &RunDir) -> Result<Box<dyn Vm>>;

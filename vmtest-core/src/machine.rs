@@ -516,6 +516,17 @@ impl Cluster {
         if nodes.len() > 254 {
             return Err(Error::usage("at most 254 nodes fit on a network"));
         }
+        if !hv.private_networks() {
+            if let Some(n) = nodes.iter().find(|n| !n.networks.is_empty()) {
+                return Err(Error::usage(format!(
+                    "node `{}` joins network {}, but the {} backend has no private networks; \
+                     use the qemu backend, or give the node no networks",
+                    n.spec.node,
+                    n.networks[0],
+                    hv.name()
+                )));
+            }
+        }
         let slots = match slots {
             Some(pool) => Some(crate::runner::take_slots(pool, nodes.len(), reporter).await?),
             None => None,

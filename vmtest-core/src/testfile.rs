@@ -236,6 +236,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// Partitions, heals, link faults and blocks act on the runner's private network.
+    pub fn needs_private_network(&self) -> bool {
+        matches!(
+            self,
+            Action::Partition(_)
+                | Action::Heal
+                | Action::Loss { .. }
+                | Action::Delay { .. }
+                | Action::Block
+                | Action::Unblock
+        )
+    }
+
     /// `succeed "curl ..."`, for messages and JUnit.
     pub fn describe(&self) -> String {
         let link = |l: &Option<(String, String)>| match l {
@@ -334,7 +347,10 @@ pub const ACTIONS: &[&str] = &[
 
 const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
 const NODE_KEYS: &[&str] =
-    &["cpus", "memory", "kernel", "image", "exec", "networks", "files", "boot_timeout", "backend"];
+    &["cpus", "memory", "kernel", "image", "exec", "networks", "files", "boot_timeout"];
+
+/// The values of `backend` in [test].
+const BACKENDS: &[&str] = &["qemu", "bhyve", "multipass", "auto"];
 
 /// One step, checked.
 #[derive(Clone, Debug)]
@@ -360,6 +376,8 @@ pub struct NodeDef {
     /// How commands reach an image node: `agent` (default), `ssh` or `serial`.
     pub exec: crate::spec::ExecVia,
     pub networks: Vec<u8>,
+    /// `networks` was written (for the node or in [defaults]) rather than the default `[1]`.
+    pub networks_explicit: bool,
     /// (host path, guest path); host paths resolved against the test file's directory.
     pub files: Vec<(PathBuf, PathBuf)>,
     pub boot_timeout: Duration,
@@ -370,6 +388,8 @@ pub struct NodeDef {
 pub struct NetDef {
     pub loss_percent: f64,
     pub delay: Duration,
+    /// Where `[networks.N]` is, for messages.
+    pub line: usize,
 }
 
 /// A checked test file.
@@ -379,13 +399,69 @@ pub struct TestFile {
     pub name: String,
     pub timeout: Duration,
     pub step_timeout: Duration,
+    /// `backend` in [test]: qemu, bhyve, multipass or auto. `None`: the caller's choice.
     pub backend: Option<String>,
     pub nodes: Vec<NodeDef>,
     pub networks: BTreeMap<u8, NetDef>,
     pub steps: Vec<Step>,
 }
 
+/// What the backend that runs a test can do, for [`TestFile::check_backend`].
+#[derive(Clone, Copy, Debug)]
+pub struct BackendTraits<'a> {
+    pub name: &'a str,
+    /// Private L2 networks between nodes, with partitions and link faults.
+    pub private_networks: bool,
+    /// Boots a given kernel file.
+    pub boots_kernels: bool,
+}
+
 impl TestFile {
+    /// Everything in the file that `backend` cannot do, each with its line, before anything
+    /// boots. Nodes that merely keep the default network run without one where the backend
+    /// has no private networks.
+    pub fn check_backend(&self, backend: BackendTraits<'_>) -> Result<()> {
+        let b = backend.name;
+        let mut problems: Vec<(usize, String)> = Vec::new();
+        for n in &self.nodes {
+            if n.kernel.is_some() && !backend.boots_kernels {
+                problems.push((
+                    n.line,
+                    format!("node `{}`: the {b} backend boots images, not a `kernel`", n.name),
+                ));
+            }
+            if n.networks_explicit && !n.networks.is_empty() && !backend.private_networks {
+                problems.push((
+                    n.line,
+                    format!(
+                        "node `{}` joins network {}, but the {b} backend has no private networks; use the qemu \
+                         backend or `networks = []`",
+                        n.name, n.networks[0]
+                    ),
+                ));
+            }
+        }
+        if !backend.private_networks {
+            for (id, def) in &self.networks {
+                problems
+                    .push((def.line, format!("[networks.{id}]: the {b} backend has no private networks")));
+            }
+            for st in &self.steps {
+                if st.action.needs_private_network() {
+                    problems.push((
+                        st.line,
+                        format!("{}: the {b} backend has no private networks to fault", st.action.describe()),
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(report(&self.path, problems))
+        }
+    }
+
     /// The subtests, in order of first appearance.
     pub fn subtests(&self) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
@@ -562,16 +638,10 @@ impl Check<'_> {
                         }
                     }
                 }
-                "backend" => {
-                    if let Some(b) = self.string(v, "backend") {
-                        if b != "qemu" {
-                            self.at(
-                                v,
-                                format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"),
-                            );
-                        }
-                    }
-                }
+                "backend" => self.at(
+                    k,
+                    format!("{what}: `backend` is set for the whole test, in [test] (one backend runs every node)"),
+                ),
                 "networks" => {
                     if let Some(items) = self.array(v, "networks") {
                         let mut nets = Vec::new();
@@ -697,8 +767,8 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         "backend" => {
                             backend = c.string(v2, "backend");
                             if let Some(b) = &backend {
-                                if b != "qemu" {
-                                    c.at(v2, format!("backend `{b}`: multi-VM tests run on the qemu backend only so far"));
+                                if !BACKENDS.contains(&b.as_str()) {
+                                    c.at(v2, format!("unknown backend `{b}`; expected one of {}", BACKENDS.join(", ")));
                                 }
                             }
                         }
@@ -744,7 +814,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         c.at(nk, format!("network `{}` must be a number from 1 to 254", nk.get_ref()));
                         continue;
                     };
-                    let mut def = NetDef::default();
+                    let mut def = NetDef { line: c.line(nk.span().start), ..NetDef::default() };
                     let Some(t2) = c.table(nv, "network") else { continue };
                     for (k2, v2) in t2 {
                         match k2.get_ref().as_str() {
@@ -784,6 +854,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
             image: raw.image.clone().or_else(|| defaults.image.clone()),
             exec: raw.exec.or(defaults.exec).unwrap_or_default(),
             networks: raw.networks.clone().or_else(|| defaults.networks.clone()).unwrap_or_else(|| vec![1]),
+            networks_explicit: raw.networks.is_some() || defaults.networks.is_some(),
             files: {
                 let mut f = defaults.files.clone().unwrap_or_default();
                 f.extend(raw.files.clone().unwrap_or_default());
@@ -1108,6 +1179,67 @@ mod tests {
         let all = e.detail().map(str::to_owned).unwrap_or_else(|| e.message().to_owned());
         let prefix = format!("{}:", path.display());
         all.lines().map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_backend_without_networks_or_kernels_refuses_what_needs_them_by_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("vmlinuz");
+        std::fs::write(&kernel, "k").unwrap();
+        let text = format!(
+            r#"[test]
+backend = "multipass"
+[nodes.a]
+[nodes.b]
+networks = [2]
+[nodes.c]
+kernel = "{}"
+[networks.2]
+loss = 5
+[[step]]
+on = "a"
+succeed = "true"
+[[step]]
+heal = true
+[[step]]
+on = "b"
+block = true
+"#,
+            kernel.display()
+        );
+        let path = tmp.path().join("t.toml");
+        let file = parse(&path, &text).unwrap();
+        assert_eq!(file.backend.as_deref(), Some("multipass"));
+        let none = BackendTraits { name: "multipass", private_networks: false, boots_kernels: false };
+        let e = file.check_backend(none).unwrap_err();
+        let prefix = format!("{}:", path.display());
+        let lines: Vec<String> =
+            e.detail().unwrap().lines().map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned()).collect();
+        assert_eq!(
+            lines,
+            [
+                "4: node `b` joins network 2, but the multipass backend has no private networks; use the qemu \
+                 backend or `networks = []`",
+                "6: node `c`: the multipass backend boots images, not a `kernel`",
+                "8: [networks.2]: the multipass backend has no private networks",
+                "14: heal: the multipass backend has no private networks to fault",
+                "17: block: the multipass backend has no private networks to fault",
+            ]
+        );
+        // Node `a` keeps the default network: fine anywhere.
+        let qemu = BackendTraits { name: "qemu", private_networks: true, boots_kernels: true };
+        file.check_backend(qemu).unwrap();
+    }
+
+    #[test]
+    fn backend_is_one_per_test() {
+        assert_eq!(
+            problems("[test]\nbackend = \"vbox\"\n[nodes.a]\nbackend = \"qemu\"\n[[step]]\non = \"a\"\nsucceed = \"true\"\n"),
+            [
+                "2: unknown backend `vbox`; expected one of qemu, bhyve, multipass, auto",
+                "4: node `a`: `backend` is set for the whole test, in [test] (one backend runs every node)",
+            ]
+        );
     }
 
     #[test]

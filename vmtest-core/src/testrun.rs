@@ -10,7 +10,7 @@ use crate::network::LinkFault;
 use crate::runner::{CancelReason, Reporter};
 use crate::spec::{format_duration, AccelChoice, BootSpec, VmSpec};
 use crate::state::StateDir;
-use crate::testfile::{Action, Step, Target, TestFile};
+use crate::testfile::{Action, BackendTraits, Step, Target, TestFile};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,6 +65,10 @@ where
     let log = cfg.log;
     let mut cases = Cases::new(file, cfg.filter.as_deref());
 
+    if let Err(e) = file.check_backend(backend_traits(hv.as_ref())) {
+        return cases.abort(file, started, Verdict::Error(e), Vec::new());
+    }
+    let private_networks = hv.private_networks();
     let nodes: Vec<NodeConfig> = file
         .nodes
         .iter()
@@ -79,7 +83,10 @@ where
             spec.exec = n.exec;
             spec.accel = cfg.accel;
             spec.boot_timeout = n.boot_timeout;
-            NodeConfig { spec, networks: n.networks.clone(), files: n.files.clone() }
+            // Without private networks, nodes that kept the default network get none
+            // (check_backend refused explicit ones).
+            let networks = if private_networks { n.networks.clone() } else { Vec::new() };
+            NodeConfig { spec, networks, files: n.files.clone() }
         })
         .collect();
     let names: Vec<&str> = file.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -162,6 +169,15 @@ where
     }
     let verdict = failure.unwrap_or(Verdict::Passed);
     cases.finish(file, started, verdict, kept)
+}
+
+/// What `hv` can do, as [`TestFile::check_backend`] asks it.
+pub fn backend_traits(hv: &dyn Hypervisor) -> BackendTraits<'_> {
+    BackendTraits {
+        name: hv.name(),
+        private_networks: hv.private_networks(),
+        boots_kernels: hv.boots_kernels(),
+    }
 }
 
 fn global_timeout(file: &TestFile) -> Error {

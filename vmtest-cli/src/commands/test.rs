@@ -6,6 +6,7 @@
 use crate::cli::TestArgs;
 use crate::signals::Signals;
 use backend_qemu::QemuOptions;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use vmtest_core::junit;
 use vmtest_core::lock::{self, SlotPool};
@@ -13,7 +14,7 @@ use vmtest_core::runner::{Event, Reporter};
 use vmtest_core::state::StateDir;
 use vmtest_core::testfile::{self, TestFile};
 use vmtest_core::testrun::{self, RunConfig, Verdict};
-use vmtest_core::{sweep, Error, ErrorKind, Result};
+use vmtest_core::{sweep, Error, ErrorKind, Hypervisor, Result};
 
 /// Says when a test waits for VM slots; the rest is the test's own log.
 struct SlotNotices;
@@ -28,6 +29,15 @@ impl Reporter for SlotNotices {
             );
         }
     }
+}
+
+/// The backend a file runs on: `--backend`, else the file's [test] `backend`, else
+/// `$VMTEST_BACKEND`, else qemu (the one with private networks).
+fn backend_name(flag: Option<&str>, file: &TestFile) -> String {
+    flag.map(str::to_owned)
+        .or_else(|| file.backend.clone())
+        .or_else(|| std::env::var("VMTEST_BACKEND").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "qemu".to_owned())
 }
 
 /// `K/N` with 1 <= K <= N.
@@ -94,10 +104,34 @@ pub async fn test(args: TestArgs) -> Result<i32> {
 
     let qemu = QemuOptions { die_with_parent: !args.keep, ..QemuOptions::default() };
     let state = StateDir::from_env();
-    let all = super::backends::all(qemu);
-    sweep::sweep_orphans(&state, &super::backends::refs(&all)).await;
-    let backend: Arc<dyn vmtest_core::Hypervisor> =
-        Arc::from(super::backends::choose(&args.backend, all).await?);
+    sweep::sweep_orphans(&state, &super::backends::refs(&super::backends::all(qemu.clone()))).await;
+    // Each file's backend, chosen (and its pre-flight passed) once per name, and every file
+    // checked against what its backend can do before anything boots.
+    let mut chosen: BTreeMap<String, Arc<dyn Hypervisor>> = BTreeMap::new();
+    let mut backends: Vec<Arc<dyn Hypervisor>> = Vec::new();
+    for file in &files {
+        let name = backend_name(args.backend.as_deref(), file);
+        let hv = match chosen.get(&name) {
+            Some(hv) => hv.clone(),
+            None => {
+                let hv: Arc<dyn Hypervisor> =
+                    Arc::from(super::backends::choose(&name, super::backends::all(qemu.clone())).await?);
+                chosen.insert(name, hv.clone());
+                hv
+            }
+        };
+        if let Err(e) = file.check_backend(testrun::backend_traits(hv.as_ref())) {
+            problems.push(e.message().to_owned());
+            problems.extend(e.detail().unwrap_or_default().lines().map(|l| format!("  {l}")));
+        }
+        backends.push(hv);
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        return Err(Error::usage("the test files ask for what their backend cannot do; nothing was booted"));
+    }
     let most_nodes = files.iter().map(|f| f.nodes.len()).max().unwrap_or(1);
     let max_memory = files.iter().flat_map(|f| &f.nodes).map(|n| n.memory_mib).max().unwrap_or(512);
     let max_vms = match args.max_vms {
@@ -118,8 +152,8 @@ pub async fn test(args: TestArgs) -> Result<i32> {
     let mut suites = Vec::new();
     let mut exit = 0;
     let mut first_error: Option<Error> = None;
-    for file in &files {
-        let out = testrun::run_file(backend.clone(), &state, file, &cfg, signals.recv()).await;
+    for (file, backend) in files.iter().zip(backends) {
+        let out = testrun::run_file(backend, &state, file, &cfg, signals.recv()).await;
         let cases = out.suite.cases.len();
         let secs = vmtest_core::spec::format_duration(out.suite.time);
         match &out.verdict {
