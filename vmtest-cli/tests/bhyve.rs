@@ -320,3 +320,41 @@ fn kept_freebsd_vm_takes_exec_and_console_until_destroyed() {
 fn kept_illumos_vm_takes_exec_and_console_until_destroyed() {
     kept_vm_takes_exec_and_console_until_destroyed("illumos");
 }
+
+#[test]
+fn a_test_file_runs_its_nodes_as_bhyve_vms() {
+    let h = Host::new("illumos");
+    h.import();
+    let junit = h.p("junit.xml");
+    let file = h.p("pair.toml");
+    std::fs::write(
+        &file,
+        r#"[test]
+name = "bhyve-pair"
+backend = "bhyve"
+
+[nodes.a]
+[nodes.b]
+
+[[step]]
+subtest = "both"
+on = "*"
+succeed = "echo up"
+expect_stdout = "up"
+
+[[step]]
+subtest = "status"
+on = "b"
+fail = "exit 3"
+"#,
+    )
+    .unwrap();
+    let out = h.vmtest(&[], &["test", file.to_str().unwrap(), "--junit", junit.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("bhyve-pair: PASSED (2 case(s)"), "{err}");
+    assert_eq!(h.bhyve_starts(), 2, "one bhyve per node");
+    let report = std::fs::read_to_string(&junit).unwrap();
+    assert!(report.contains("name=\"both\"") && report.contains("name=\"status\""), "{report}");
+    assert_eq!(h.leftovers(), (vec![], 0));
+}
