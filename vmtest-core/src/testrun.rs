@@ -91,6 +91,13 @@ where
         .collect();
     let names: Vec<&str> = file.nodes.iter().map(|n| n.name.as_str()).collect();
     log(&format!("[{}] booting {} node(s): {}", file.name, names.len(), names.join(", ")));
+    if !private_networks && names.len() > 1 {
+        log(&format!(
+            "[{}] the {} backend has no private networks: the nodes are not connected to each other by vmtest",
+            file.name,
+            hv.name()
+        ));
+    }
 
     let created = tokio::select! {
         r = Cluster::create(hv, state, nodes, cfg.slots.as_ref(), cfg.reporter) => r,
