@@ -32,22 +32,8 @@ impl Host {
     }
 
     fn vmtest(&self, extra_env: &[(&str, &str)], args: &[&str]) -> Output {
-        let flavor = std::fs::read_to_string(self.p("flavor")).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_vmtest"));
-        c.args(args)
-            .env("VMTEST_STATE_DIR", self.p("state"))
-            .env("VMTEST_BHYVE_FLAVOR", &flavor)
-            .env("VMTEST_BHYVE_PATH", self.p("bin"))
-            .env("VMTEST_BHYVE_DEVROOT", self.p("s/dev"))
-            .env("VMTEST_BHYVE_POOL", "tank")
-            .env("VMTEST_BHYVE_IMAGE", "img1")
-            .env("VMTEST_BHYVE_BOOTROM", self.p("uefi.fd"))
-            .env("VMTEST_BHYVE_BAY", self.p("bay"))
-            .env("VMTEST_BHYVE_SHARE", "serial")
-            .env("VMTEST_PRIV", "pfexec")
-            .env("FAKE_BHYVE_STATE", self.p("s"))
-            .env("FAKE_BHYVE_FLAVOR", &flavor)
-            .stdin(std::process::Stdio::null());
+        let mut c = self.vmtest_command(args);
+        c.stdin(std::process::Stdio::null());
         for (k, v) in extra_env {
             c.env(k, v);
         }
