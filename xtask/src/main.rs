@@ -318,7 +318,7 @@ fn bench_suite(vmtest: &Path, accel: &str) -> Result<()> {
             .env(RUNNER_VAR, format!("{} run --accel {accel} --max-vms {jobs} --", vmtest.display()))
             .env("VMTEST_LOG", "error")
             .env("CI", "true")
-            .args(["nextest", "run", "--no-fail-fast", "-j", &jobs.to_string()]);
+            .args(["nextest", "run", "-j", &jobs.to_string()]);
         if !snapshot {
             c.env("VMTEST_NO_SNAPSHOT", "1");
         }
@@ -330,7 +330,7 @@ fn bench_suite(vmtest: &Path, accel: &str) -> Result<()> {
     println!("|---|---|---|");
     for (jobs, snapshot) in [(1, false), (cores, false), (1, true), (cores, true)] {
         let t = Instant::now();
-        let out = nextest(jobs, snapshot).output().map_err(|e| e.to_string())?;
+        let out = nextest(jobs, snapshot).arg("--no-fail-fast").output().map_err(|e| e.to_string())?;
         let wall = t.elapsed();
         if !out.status.success() {
             return Err(format!("the suite failed: {}", String::from_utf8_lossy(&out.stderr)));
