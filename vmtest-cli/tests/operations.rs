@@ -177,7 +177,10 @@ fn lock_timeout_names_the_holder_and_the_wait_is_announced_once() {
 #[test]
 fn sigint_during_boot_tears_everything_down() {
     let vt = Vmtest::new();
-    let child = vt.cmd().args(["run", "--", "true"]).stderr(Stdio::piped()).spawn().unwrap();
+    // A cold boot (seconds under TCG) so the signal lands in it; `sleep` so that even a
+    // very fast boot cannot finish the run before the signal does.
+    let child =
+        vt.cmd().args(["run", "--no-snapshot", "--", "sleep", "600"]).stderr(Stdio::piped()).spawn().unwrap();
     wait_until(30, "QEMU to start", || !qemu_pids_using(vt.state.path()).is_empty());
     unsafe { kill(child.id() as i32, 2) };
     let out = child.wait_with_output().unwrap();

@@ -281,7 +281,10 @@ fn sigint_during_the_command_tears_everything_down() {
 #[test]
 fn sigterm_during_boot_tears_everything_down() {
     let vt = Vmtest::new();
-    let child = vt.cmd().args(["run", "--", "true"]).stderr(Stdio::piped()).spawn().unwrap();
+    // A cold boot (seconds under TCG) so the signal lands in it; `sleep` so that even a
+    // very fast boot cannot finish the run before the signal does.
+    let child =
+        vt.cmd().args(["run", "--no-snapshot", "--", "sleep", "600"]).stderr(Stdio::piped()).spawn().unwrap();
     // Wait until QEMU is up, then interrupt the boot.
     let deadline = Instant::now() + Duration::from_secs(30);
     while common::qemu_pids_using(vt.state.path()).is_empty() {
