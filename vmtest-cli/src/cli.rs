@@ -80,6 +80,13 @@ pub enum Command {
     /// Print the raw QEMU boot floor's command line as JSON (for `cargo xtask bench`).
     #[command(hide = true, name = "floor-command")]
     Floor(FloorArgs),
+    /// Serve a kept multi-VM test's private network until its machines are destroyed
+    /// (started detached by `vmtest test --keep`).
+    #[command(hide = true, name = "network-keeper")]
+    NetworkKeeper {
+        /// The kept run's directory.
+        run_dir: PathBuf,
+    },
 }
 
 /// When a VM is left running after `vmtest run`.

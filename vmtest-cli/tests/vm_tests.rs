@@ -171,6 +171,15 @@ fn keep_leaves_the_machines_up_with_the_commands_to_reach_them() {
     assert_eq!(names.len(), 2, "{err}");
     let beta = names.iter().find(|n| n.ends_with("-beta")).unwrap();
     let o = vt.cmd().args(["exec", beta, "--cwd", "/", "--", "hostname"]).output().unwrap();
+    // The private network outlived `vmtest test`: beta still fetches a page from alpha.
+    let alpha = names.iter().find(|n| n.ends_with("-alpha")).unwrap();
+    let serve = "cd / && setsid /usr/bin/python3 -m http.server 8080 </dev/null >/dev/null 2>&1 &";
+    let served = vt.cmd().args(["exec", alpha, "--", "sh", "-c", serve]).output().unwrap();
+    let fetch = "for i in $(seq 30); do curl -fsS --max-time 5 -o /dev/null http://alpha:8080/ && echo reached && exit; \
+                 sleep 1; done; exit 1";
+    let ping = vt.cmd().args(["exec", beta, "--", "sh", "-c", fetch]).output().unwrap();
+    let state = vt.state.path().to_string_lossy().into_owned();
+    let keepers = common::pids_with(&["network-keeper", &state]);
     // Destroy before asserting, so a failed assertion leaves no VM behind.
     for n in &names {
         let d = vt.cmd().args(["destroy", n]).output().unwrap();
@@ -178,6 +187,15 @@ fn keep_leaves_the_machines_up_with_the_commands_to_reach_them() {
     }
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "beta\n");
+    assert_eq!(served.status.code(), Some(0), "{}", stderr(&served));
+    assert_eq!(keepers.len(), 1, "one network keeper for the kept run");
+    assert_eq!(stdout(&ping), "reached\n", "{}", stderr(&ping));
+    // The keeper ends by itself once the last machine is destroyed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !common::pids_with(&["network-keeper", &state]).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the network keeper outlived its machines");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     vt.assert_clean();
 }
 

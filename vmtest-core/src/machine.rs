@@ -469,6 +469,10 @@ impl NodeConfig {
     }
 }
 
+/// Starts a process that serves a kept run's private network, given the run dir
+/// ([`Cluster::keep`]).
+pub type NetworkKeeper = dyn Fn(&Path) -> Result<()> + Sync;
+
 /// Several machines of one run, on private networks, torn down together.
 pub struct Cluster {
     run: RunDir,
@@ -670,11 +674,21 @@ impl Cluster {
         let _ = self.run.remove();
     }
 
-    /// Leave every machine running (`--keep`); returns their VM names. The private network
-    /// stops with this process; exec, console and destroy keep working.
-    pub async fn keep(mut self) -> Vec<String> {
+    /// Leave every machine running (`--keep`); returns their VM names. Exec, console and
+    /// destroy keep working on them.
+    ///
+    /// With a private network, `keep_network` is called with the run dir once the switch's
+    /// plan is saved: it should start a process that serves it (e.g. with
+    /// [`crate::network::serve_while`]) while the kept machines live. Without one the
+    /// network stops with this process.
+    pub async fn keep(mut self, keep_network: Option<&NetworkKeeper>) -> Vec<String> {
         for m in &self.machines {
             m.detach().await;
+        }
+        if let (Some(sw), Some(start)) = (&self.switch, keep_network) {
+            if let Err(e) = sw.save_plan().and_then(|_| start(self.run.path())) {
+                tracing::warn!("the private network stops with this process: {e}");
+            }
         }
         self.finished = true;
         self.machines.iter().map(|m| m.spec.name.clone()).collect()

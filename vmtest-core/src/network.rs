@@ -102,7 +102,12 @@ struct Inner {
     rng: Mutex<u64>,
 }
 
-/// Builds a switch: declare every port, then [`SwitchBuilder::start`].
+/// Where a kept run's switch plan is written, in the switch's directory.
+pub const PLAN_FILE: &str = "switch.json";
+
+/// Builds a switch: declare every port, then [`SwitchBuilder::start`]. Serializable, so a
+/// kept run's network can be served again by another process ([`serve_while`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SwitchBuilder {
     dir: PathBuf,
     ports: Vec<(String, u8)>,
@@ -180,6 +185,21 @@ impl Drop for Switch {
 impl Switch {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The ports this switch was built with, to start it again elsewhere (faults not
+    /// included: a kept network starts healed).
+    pub fn plan(&self) -> SwitchBuilder {
+        let ports = self.inner.ports.iter().map(|p| (p.node.clone(), p.network)).collect();
+        SwitchBuilder { dir: self.dir.clone(), ports }
+    }
+
+    /// Write [`Switch::plan`] to `PLAN_FILE` in the switch's directory.
+    pub fn save_plan(&self) -> Result<PathBuf> {
+        let path = self.dir.join(PLAN_FILE);
+        let json = serde_json::to_vec(&self.plan()).expect("a plan serializes");
+        std::fs::write(&path, json).map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        Ok(path)
     }
 
     /// The nodes with at least one port.
@@ -264,6 +284,22 @@ impl Switch {
             .collect::<Vec<_>>()
             .join("; ")
     }
+}
+
+/// Serve the network saved in `dir` (by [`Switch::save_plan`]) for as long as `needed`
+/// says, checking every second: what keeps a kept run's machines connected after the runner
+/// that booted them is gone. Rebinding the switch's socket paths takes the ports over.
+pub async fn serve_while(dir: &Path, needed: impl Fn() -> bool) -> Result<()> {
+    let path = dir.join(PLAN_FILE);
+    let text = std::fs::read(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let plan: SwitchBuilder = serde_json::from_slice(&text)
+        .map_err(|e| Error::infra(format!("bad switch plan {}: {e}", path.display())))?;
+    let switch = plan.start()?;
+    tracing::info!("serving {} from {}", switch.describe(), dir.display());
+    while needed() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(())
 }
 
 fn check_fault(f: &LinkFault) -> Result<()> {

@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::hypervisor::Hypervisor;
 use crate::junit::{Case, CaseStatus, Suite};
 use crate::lock::SlotPool;
-use crate::machine::{join_all, output_detail, Cluster, Machine, NodeConfig};
+use crate::machine::{join_all, output_detail, Cluster, Machine, NetworkKeeper, NodeConfig};
 use crate::network::LinkFault;
 use crate::runner::{CancelReason, Reporter};
 use crate::spec::{format_duration, AccelChoice, BootSpec, VmSpec};
@@ -26,6 +26,9 @@ pub struct RunConfig<'a> {
     pub accel: AccelChoice,
     /// Progress lines (the CLI prints them to stderr).
     pub log: &'a (dyn Fn(&str) + Sync),
+    /// With `keep`: starts a process that serves a kept run's private network (given the
+    /// run dir), so kept machines stay connected. See [`Cluster::keep`].
+    pub keep_network: Option<&'a NetworkKeeper>,
 }
 
 /// How a test file ended.
@@ -168,7 +171,7 @@ where
     let interrupted = matches!(&failure, Some(Verdict::Error(e)) if e.kind() == ErrorKind::Interrupted);
     let mut kept = Vec::new();
     if failure.is_some() && cfg.keep && !interrupted {
-        kept = cluster.keep().await;
+        kept = cluster.keep(cfg.keep_network).await;
     } else if interrupted {
         cluster.kill().await;
     } else if let Err(e) = cluster.shutdown().await {

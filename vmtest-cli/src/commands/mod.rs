@@ -8,6 +8,7 @@ mod doctor;
 mod floor;
 mod image;
 mod kernel;
+mod network_keeper;
 mod reporter;
 mod request;
 mod run;
@@ -31,6 +32,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image(cmd) => image::image(cmd).await,
         Command::Doctor { backend } => doctor::doctor(&backend).await,
         Command::Floor(args) => floor::floor_command(args).await,
+        Command::NetworkKeeper { run_dir } => network_keeper::serve(&run_dir).await,
         Command::Config(args) => config::config(args),
         Command::Completions { shell } => completions::completions(shell),
         Command::Man { out_dir } => completions::man(out_dir.as_deref()),

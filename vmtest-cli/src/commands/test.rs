@@ -147,6 +147,7 @@ pub async fn test(args: TestArgs) -> Result<i32> {
         reporter: &SlotNotices,
         accel,
         log: &log,
+        keep_network: Some(&super::network_keeper::spawn),
     };
 
     let mut suites = Vec::new();
@@ -173,7 +174,7 @@ pub async fn test(args: TestArgs) -> Result<i32> {
         }
         if !out.kept.is_empty() {
             eprintln!(
-                "vmtest: the machines of {} are kept running (the private network stopped with vmtest):",
+                "vmtest: the machines of {} are kept running (their private network too, without faults):",
                 file.name
             );
             for name in &out.kept {

@@ -58,13 +58,17 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// Pids of QEMU processes whose command line mentions `dir`.
 pub fn qemu_pids_using(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
+    pids_with(&["qemu-system", &dir.to_string_lossy()])
+}
+
+/// Processes whose command line contains every one of `words`.
+pub fn pids_with(words: &[&str]) -> Vec<u32> {
     let mut pids = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("qemu-system") && cmdline.contains(&needle) {
+        if words.iter().all(|w| cmdline.contains(w)) {
             pids.push(pid);
         }
     }
