@@ -1,6 +1,6 @@
 //! `vmtest network-keeper RUN_DIR` (hidden): a kept multi-VM test's private network, served
 //! by a process of its own so the kept machines stay connected after `vmtest test` exits.
-//! It ends by itself once the run's last machine is destroyed (its run dir goes).
+//! It ends by itself once the run's last machine is destroyed or its hypervisor is gone.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -16,7 +16,10 @@ pub async fn serve(run_dir: &Path) -> Result<i32> {
         .into_iter()
         .find(|r| r.path() == run_dir)
         .ok_or_else(|| Error::usage(format!("{} is not a vmtest run dir", run_dir.display())))?;
-    network::serve_while(&run_dir.join("net"), || run.path().is_dir() && !run.records().is_empty()).await?;
+    // Needed while a machine of the run is recorded and its hypervisor process lives.
+    let needed =
+        || run.path().is_dir() && run.records().iter().any(|r| r.processes.iter().any(|p| p.is_alive()));
+    network::serve_while(&run_dir.join("net"), needed).await?;
     Ok(0)
 }
 
