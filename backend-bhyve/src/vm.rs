@@ -415,6 +415,14 @@ impl BhyveVm {
     pub(crate) async fn attach(cfg: Config, record: &VmRecord) -> Result<BhyveVm> {
         let data = BhyveData::from_record(record)?;
         let name = record.name.clone();
+        // A serial console has one reader: a second one would steal the runner's output.
+        if !record.kept && record.owner.is_alive() {
+            return Err(Error::usage(format!(
+                "{name} is in use by vmtest pid {} ({}); its console has room for one client: wait for it, \
+                 or run it with --keep",
+                record.owner.pid, record.owner_command
+            )));
+        }
         let gone = |why: String| {
             Error::usage(format!("{name} is not running any more ({why}); `vmtest destroy {name}` cleans up"))
         };
@@ -458,7 +466,8 @@ impl BhyveVm {
                 break (log, gate);
             }
             let mut h = log.handle();
-            match tokio::time::timeout(Duration::from_millis(150), h.read()).await {
+            // bhyve closes a second client at once; give a loaded host time to do it.
+            match tokio::time::timeout(Duration::from_millis(500), h.read()).await {
                 Ok(None) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

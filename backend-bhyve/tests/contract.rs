@@ -567,6 +567,10 @@ async fn attach_to_a_kept_vm(flavor: Flavor) {
     vm.detach();
     drop(vm);
     let mut rec = record(&run);
+    // Not kept and its owner (this test) alive: a runner still uses the console.
+    let busy = be.attach(&rec).await.err().expect("a VM in use is not attached");
+    assert_eq!(busy.kind(), ErrorKind::Usage, "{busy}");
+    assert!(busy.message().contains("in use by vmtest pid"), "{busy}");
     rec.kept = true;
     run.write_record(&rec).unwrap();
     // The record names the bhyve process with its start time (`vmtest list` status).

@@ -294,6 +294,9 @@ pub async fn serve_while(dir: &Path, needed: impl Fn() -> bool) -> Result<()> {
     let text = std::fs::read(&path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
     let plan: SwitchBuilder = serde_json::from_slice(&text)
         .map_err(|e| Error::infra(format!("bad switch plan {}: {e}", path.display())))?;
+    if !needed() {
+        return Ok(()); // destroyed meanwhile: do not make its directory again
+    }
     let switch = plan.start()?;
     tracing::info!("serving {} from {}", switch.describe(), dir.display());
     while needed() {
