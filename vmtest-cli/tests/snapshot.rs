@@ -10,16 +10,46 @@ fn timings(out: &std::process::Output) -> String {
     stderr(out).lines().find(|l| l.starts_with("vmtest: timings:")).unwrap_or_default().to_owned()
 }
 
+/// `vmtest run` with a cache of its own, so that no snapshot of an earlier run of this suite
+/// (CI keeps its cache between runs) is found and this test's snapshots go with it. The kernel
+/// is the shared cache's, so nothing is fetched.
+struct PrivateCache {
+    dir: tempfile::TempDir,
+    kernel: String,
+}
+
+impl PrivateCache {
+    fn new(vt: &Vmtest) -> PrivateCache {
+        let list = vt.cmd().args(["kernel", "list"]).output().unwrap();
+        let default =
+            stdout(&list).lines().find(|l| l.starts_with("default: ")).unwrap_or_default().to_owned();
+        let kernel = default.split_whitespace().nth(2).expect("a default kernel").to_owned();
+        PrivateCache { dir: tempfile::tempdir().unwrap(), kernel }
+    }
+
+    fn run(&self, vt: &Vmtest, args: &[&str], command: &[&str]) -> std::process::Output {
+        vt.cmd()
+            .env("VMTEST_CACHE_DIR", self.dir.path())
+            .env("VMTEST_KERNEL", &self.kernel)
+            .arg("run")
+            .args(args)
+            .arg("--")
+            .args(command)
+            .output()
+            .unwrap()
+    }
+}
+
 #[test]
 fn a_new_shape_makes_one_snapshot_then_restores_it() {
     let vt = Vmtest::new();
-    // A shape no other test uses: its own snapshot.
+    let cache = PrivateCache::new(&vt);
     let shape = ["--timings", "--memory", "424M", "--kernel-args", "vmtest.test=shape1"];
-    let first = vt.run(&shape, &["true"]);
+    let first = cache.run(&vt, &shape, &["true"]);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     let t = timings(&first);
     assert!(t.contains("snapshot ") && t.contains("restore "), "first run makes and restores: {t}");
-    let second = vt.run(&shape, &["true"]);
+    let second = cache.run(&vt, &shape, &["true"]);
     assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
     let t = timings(&second);
     assert!(
@@ -27,9 +57,10 @@ fn a_new_shape_makes_one_snapshot_then_restores_it() {
         "then restores only: {t}"
     );
     // Another kernel command line is another shape: a new snapshot.
-    let other = vt.run(&["--timings", "--memory", "424M", "--kernel-args", "vmtest.test=shape2"], &["true"]);
+    let other =
+        cache.run(&vt, &["--timings", "--memory", "424M", "--kernel-args", "vmtest.test=shape2"], &["true"]);
     assert!(timings(&other).contains("snapshot "), "{}", timings(&other));
-    let cold = vt.run(&["--timings", "--no-snapshot", "--memory", "424M"], &["true"]);
+    let cold = cache.run(&vt, &["--timings", "--no-snapshot", "--memory", "424M"], &["true"]);
     let t = timings(&cold);
     assert!(t.contains("boot ") && !t.contains("restore ") && !t.contains("snapshot "), "{t}");
     vt.assert_clean();
