@@ -19,11 +19,9 @@ async fn shell_session_runs_commands_over_the_guest_serial_console() {
     let vm = backend.launch(&spec, &run).await.expect("the QEMU guest boots");
 
     let result = async {
-        // A shell on the serial port, as its session's controlling terminal so Ctrl-C works.
-        let start = ExecRequest::shell("setsid -f -c sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; echo started")
-            .timeout(Duration::from_secs(60));
-        let out = vm.exec(start).await.unwrap();
-        assert_eq!(out.stdout_lossy().trim(), "started");
+        // A shell on the serial port, started the way `vmtest console` does it (the agent
+        // makes ttyS0 its controlling terminal, so Ctrl-C works).
+        vm.prepare_interactive_console().await.unwrap();
 
         let opts =
             ShellOptions { login: None, ready_timeout: Duration::from_secs(60), ..ShellOptions::default() };
