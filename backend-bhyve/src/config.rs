@@ -129,6 +129,11 @@ fn var(name: &str) -> Option<String> {
 }
 
 impl Config {
+    /// The guest's console login.
+    pub fn login(&self) -> vmtest_core::shell::Login {
+        vmtest_core::shell::Login { user: self.user.clone(), password: self.password.clone() }
+    }
+
     pub fn from_env() -> Result<Config> {
         let flavor = match var("VMTEST_BHYVE_FLAVOR") {
             Some(f) => Some(Flavor::parse(&f)?),

@@ -63,8 +63,6 @@ pub struct BhyveVm {
     gate: Arc<Gate>,
     /// The serial shell; `None` until an attached VM first needs one.
     shell: tokio::sync::Mutex<Option<ShellSession>>,
-    /// The console login, for logging in again on an attached VM.
-    login: Login,
     network: bool,
     exited: watch::Receiver<Option<i32>>,
     detached: AtomicBool,
@@ -366,7 +364,7 @@ impl BhyveVm {
 
         // Log in and get a shell.
         let opts = ShellOptions {
-            login: Some(Login { user: cfg.user.clone(), password: cfg.password.clone() }),
+            login: Some(cfg.login()),
             exec_sh: true,
             ready_timeout: spec.boot_timeout,
             ..ShellOptions::default()
@@ -400,7 +398,6 @@ impl BhyveVm {
             console,
             gate,
             shell: tokio::sync::Mutex::new(Some(shell)),
-            login: Login { user: cfg.user.clone(), password: cfg.password.clone() },
             network: cfg.nic.is_some(),
             exited,
             detached: AtomicBool::new(false),
@@ -496,7 +493,6 @@ impl BhyveVm {
         Ok(BhyveVm {
             name: name.clone(),
             network: data.tap.is_some() || data.vnic.is_some(),
-            login: Login { user: cfg.user.clone(), password: cfg.password.clone() },
             cfg,
             data,
             run,
@@ -516,8 +512,9 @@ impl BhyveVm {
     async fn shell<'a>(&self, slot: &'a mut Option<ShellSession>) -> Result<&'a mut ShellSession> {
         if slot.is_none() {
             let mut exited = self.exited.clone();
+            let login = self.cfg.login();
             let s = tokio::select! {
-                s = reattach_shell(&self.console, &self.login, &self.name) => s?,
+                s = reattach_shell(&self.console, &login, &self.name) => s?,
                 code = wait_exit(&mut exited) => {
                     return Err(Error::infra(format!("{} is gone: {}", self.name, bhyve_exit(code))))
                 }
@@ -870,7 +867,7 @@ impl Vm for BhyveVm {
         self.shell(&mut slot).await?;
         *slot = None;
         let nonce = format!("{:x}{:x}", std::process::id(), now_nanos() & 0xffff_ffff);
-        let prompt = if self.login.user == "root" { "# " } else { "$ " };
+        let prompt = if self.cfg.user == "root" { "# " } else { "$ " };
         let mut h = self.console.handle();
         h.send(
             format!("stty echo 2>/dev/null; PS1='{prompt}'; export PS1; printf '==%s %s==\\n' VMI {nonce}\n")

@@ -306,9 +306,7 @@ fn a_non_root_user_runs_as_itself_in_the_guest() {
         return; // only root can become another user here; runs_in_the_host_cwd... checks our uid
     }
     let vt = Vmtest::new();
-    let list = vt.cmd().args(["kernel", "list"]).output().unwrap();
-    let default = stdout(&list).lines().find(|l| l.starts_with("default: ")).unwrap_or_default().to_owned();
-    let image = std::path::PathBuf::from(default.split_whitespace().nth(2).expect("a default kernel"));
+    let image = common::default_kernel(&vt);
     // Give `nobody` a kernel it can read: the kernel tree linked into a world-readable place.
     let home = tempfile::tempdir().unwrap();
     std::fs::set_permissions(home.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();

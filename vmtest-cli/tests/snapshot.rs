@@ -15,16 +15,12 @@ fn timings(out: &std::process::Output) -> String {
 /// is the shared cache's, so nothing is fetched.
 struct PrivateCache {
     dir: tempfile::TempDir,
-    kernel: String,
+    kernel: std::path::PathBuf,
 }
 
 impl PrivateCache {
     fn new(vt: &Vmtest) -> PrivateCache {
-        let list = vt.cmd().args(["kernel", "list"]).output().unwrap();
-        let default =
-            stdout(&list).lines().find(|l| l.starts_with("default: ")).unwrap_or_default().to_owned();
-        let kernel = default.split_whitespace().nth(2).expect("a default kernel").to_owned();
-        PrivateCache { dir: tempfile::tempdir().unwrap(), kernel }
+        PrivateCache { dir: tempfile::tempdir().unwrap(), kernel: common::default_kernel(vt) }
     }
 
     fn run(&self, vt: &Vmtest, args: &[&str], command: &[&str]) -> std::process::Output {

@@ -191,11 +191,9 @@ fn keep_leaves_the_machines_up_with_the_commands_to_reach_them() {
     assert_eq!(keepers.len(), 1, "one network keeper for the kept run");
     assert_eq!(stdout(&ping), "reached\n", "{}", stderr(&ping));
     // The keeper ends by itself once the last machine is destroyed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !common::pids_with(&["network-keeper", &state]).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the network keeper outlived its machines");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    common::wait_until(10, "the network keeper to end with its machines", || {
+        common::pids_with(&["network-keeper", &state]).is_empty()
+    });
     vt.assert_clean();
 }
 

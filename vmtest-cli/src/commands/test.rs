@@ -31,6 +31,20 @@ impl Reporter for SlotNotices {
     }
 }
 
+/// An error as `vmtest test` lists it among others: the message, then its detail indented.
+fn problem_lines(e: &Error) -> Vec<String> {
+    let detail = e.detail().unwrap_or_default().lines().map(|l| format!("  {l}"));
+    std::iter::once(e.message().to_owned()).chain(detail).collect()
+}
+
+/// Print every problem, then the usage error that ends the command before anything boots.
+fn refuse(problems: &[String], summary: String) -> Error {
+    for p in problems {
+        eprintln!("{p}");
+    }
+    Error::usage(format!("{summary}; nothing was booted"))
+}
+
 /// The backend a file runs on: `--backend`, else the file's [test] `backend`, else
 /// `$VMTEST_BACKEND`, else qemu (the one with private networks).
 fn backend_name(flag: Option<&str>, file: &TestFile) -> String {
@@ -62,23 +76,12 @@ pub async fn test(args: TestArgs) -> Result<i32> {
     for path in &args.files {
         match testfile::load(path) {
             Ok(f) => files.push(f),
-            Err(e) => {
-                problems.push(e.message().to_owned());
-                if let Some(d) = e.detail() {
-                    problems.extend(d.lines().map(|l| format!("  {l}")));
-                }
-            }
+            Err(e) => problems.extend(problem_lines(&e)),
         }
     }
     if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("{p}");
-        }
-        return Err(Error::usage(format!(
-            "{} of {} test file(s) invalid; nothing was booted",
-            args.files.len() - files.len(),
-            args.files.len()
-        )));
+        let invalid = args.files.len() - files.len();
+        return Err(refuse(&problems, format!("{invalid} of {} test file(s) invalid", args.files.len())));
     }
     if let Some((k, n)) = partition {
         files = files.into_iter().enumerate().filter(|(i, _)| i % n == k - 1).map(|(_, f)| f).collect();
@@ -121,16 +124,12 @@ pub async fn test(args: TestArgs) -> Result<i32> {
             }
         };
         if let Err(e) = file.check_backend(testrun::backend_traits(hv.as_ref())) {
-            problems.push(e.message().to_owned());
-            problems.extend(e.detail().unwrap_or_default().lines().map(|l| format!("  {l}")));
+            problems.extend(problem_lines(&e));
         }
         backends.push(hv);
     }
     if !problems.is_empty() {
-        for p in &problems {
-            eprintln!("{p}");
-        }
-        return Err(Error::usage("the test files ask for what their backend cannot do; nothing was booted"));
+        return Err(refuse(&problems, "the test files ask for what their backend cannot do".into()));
     }
     let most_nodes = files.iter().map(|f| f.nodes.len()).max().unwrap_or(1);
     let max_memory = files.iter().flat_map(|f| &f.nodes).map(|n| n.memory_mib).max().unwrap_or(512);

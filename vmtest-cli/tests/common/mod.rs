@@ -56,6 +56,13 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The kernel `vmtest kernel list` calls the default (in the shared cache).
+pub fn default_kernel(vt: &Vmtest) -> PathBuf {
+    let list = vt.cmd().args(["kernel", "list"]).output().unwrap();
+    let default = stdout(&list).lines().find(|l| l.starts_with("default: ")).unwrap_or_default().to_owned();
+    PathBuf::from(default.split_whitespace().nth(2).expect("a default kernel"))
+}
+
 /// Pids of QEMU processes whose command line mentions `dir`.
 pub fn qemu_pids_using(dir: &Path) -> Vec<u32> {
     pids_with(&["qemu-system", &dir.to_string_lossy()])
