@@ -116,6 +116,9 @@ impl VmRecord {
     }
 }
 
+/// Run dirs are made under this prefix and renamed into place (see [`StateDir::create_run`]).
+const STAGING_PREFIX: &str = ".new-";
+
 /// The root of all run dirs.
 #[derive(Clone, Debug)]
 pub struct StateDir {
@@ -144,22 +147,65 @@ impl StateDir {
     }
 
     /// Make a fresh run dir with a new unique run id.
+    ///
+    /// The dir appears under its id with its owner already recorded: it is made under a
+    /// staging name that [`StateDir::runs`] never lists, the owner file is written, and only
+    /// then is it renamed into place. Another run's sweep therefore never sees a run dir
+    /// without an owner and mistakes it for a dead one.
     pub fn create_run(&self) -> Result<RunDir> {
         create_private_dir(&self.root)?;
         for _ in 0..16 {
             let id = new_run_id();
-            let path = self.root.join(&id);
-            match std::fs::create_dir(&path) {
-                Ok(()) => {
-                    let run = RunDir { id, path };
-                    run.write_owner()?;
-                    return Ok(run);
-                }
+            let staging = RunDir { id: id.clone(), path: self.root.join(format!("{STAGING_PREFIX}{id}")) };
+            match std::fs::create_dir(&staging.path) {
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(Error::io(format!("cannot create run dir {}", path.display()), e)),
+                Err(e) => {
+                    return Err(Error::io(format!("cannot create run dir {}", staging.path.display()), e))
+                }
+            }
+            let run = RunDir { id: id.clone(), path: self.root.join(&id) };
+            let placed = staging.write_owner().and_then(|()| {
+                // A run dir in place always holds its owner file, so a rename onto an id
+                // in use fails (the target is not empty) instead of replacing it.
+                std::fs::rename(&staging.path, &run.path)
+                    .map_err(|e| Error::io(format!("cannot create run dir {}", run.path.display()), e))
+            });
+            match placed {
+                Ok(()) => return Ok(run),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&staging.path);
+                    if run.path.exists() {
+                        continue;
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(Error::infra(format!("could not pick a free run id under {}", self.root.display())))
+    }
+
+    /// Staging dirs left by runners killed inside [`StateDir::create_run`]: the owner is dead,
+    /// or no owner was written and the dir is older than a minute.
+    pub fn dead_staging_dirs(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(STAGING_PREFIX)))
+            .filter(|e| {
+                let staging = RunDir { id: String::new(), path: e.path() };
+                match staging.owner() {
+                    Some(owner) => !owner.is_alive(),
+                    None => e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > std::time::Duration::from_secs(60)),
+                }
+            })
+            .map(|e| e.path())
+            .collect()
     }
 
     /// Every run dir, records or not.

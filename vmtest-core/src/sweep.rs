@@ -111,13 +111,18 @@ pub async fn destroy(found: &Found, backends: &[&dyn Hypervisor]) -> Result<()> 
 }
 
 /// Remove run dirs that hold no record and whose owner is gone (a runner killed between
-/// making its run dir and writing the first record).
+/// making its run dir and writing the first record), and staging dirs of runners killed
+/// while making one. A run dir in place always has its owner file (see
+/// [`StateDir::create_run`]), so a missing owner means a damaged dir, not a young one.
 pub fn remove_empty_dead_runs(state: &StateDir) {
     for run in state.runs() {
         let dead = run.owner().map(|o| !o.is_alive()).unwrap_or(true);
         if dead && run.records().is_empty() {
             let _ = run.remove();
         }
+    }
+    for dir in state.dead_staging_dirs() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
@@ -188,5 +193,58 @@ mod tests {
         remove_empty_dead_runs(&state);
         assert!(ours.path().exists());
         assert!(!theirs.path().exists());
+    }
+
+    #[test]
+    fn staging_dirs_of_dead_runners_are_removed_and_live_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::at(tmp.path());
+        state.create_run().unwrap();
+        let dead = tmp.path().join(".new-0badf00d");
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(
+            dead.join("run.json"),
+            serde_json::to_vec(&ProcessId { pid: u32::MAX - 9, start_time: 3 }).unwrap(),
+        )
+        .unwrap();
+        // A runner that is between making its staging dir and writing its owner.
+        let young = tmp.path().join(".new-12345678");
+        std::fs::create_dir(&young).unwrap();
+        remove_empty_dead_runs(&state);
+        assert!(!dead.exists());
+        assert!(young.exists());
+        assert_eq!(state.runs().len(), 1, "staging dirs are never listed as runs");
+    }
+
+    /// Many runners at once, each making its run dir, writing a record and sweeping, as
+    /// concurrent `vmtest run`s do: no runner ever loses its run dir or its record to
+    /// another's sweep.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_runs_and_sweeps_never_disturb_each_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::at(tmp.path());
+        let mut runners = Vec::new();
+        for t in 0..12 {
+            let state = state.clone();
+            runners.push(tokio::spawn(async move {
+                for i in 0..40 {
+                    let run = state.create_run().expect("run dir");
+                    sweep_orphans(&state, &[]).await;
+                    let node = format!("n{t}-{i}");
+                    let record = VmRecord::new(&run.vm_name(&node), &node, run.id(), "qemu");
+                    run.write_record(&record).expect("record written into our own run dir");
+                    sweep_orphans(&state, &[]).await;
+                    assert_eq!(run.records(), [record], "our record survived the others' sweeps");
+                    run.remove_record(&node);
+                    sweep_orphans(&state, &[]).await;
+                    assert!(run.path().is_dir(), "an empty run dir of a live owner stays");
+                    run.remove().unwrap();
+                }
+            }));
+        }
+        for r in runners {
+            r.await.unwrap();
+        }
+        assert!(state.runs().is_empty());
     }
 }
