@@ -1,13 +1,18 @@
 //! Choosing between KVM and TCG.
 //!
-//! `/dev/kvm` existing proves nothing: on some hosts it opens and creates VMs, and guests
-//! then hang. So KVM is trusted only after a probe boot: a 150-byte PVH kernel that writes
-//! to QEMU's `isa-debug-exit` port must make QEMU exit with the expected status within
-//! seconds. The verdict is cached per host boot and QEMU binary.
+//! `/dev/kvm` existing proves nothing: on some hosts it opens and creates VMs, runs a tiny
+//! guest, and then hangs a real kernel or kills it with "KVM internal error". So KVM is
+//! trusted only after the run's own kernel booted under it, on the run's machine type, to
+//! its init and powered off within [`PROBE_DEADLINE`], with QEMU saying nothing of a KVM
+//! failure. The verdict and its evidence are cached per host boot, QEMU binary and kernel;
+//! a run that finds KVM failing after all corrects it (see [`record_failure`]).
 
 use crate::cache::{digest, file_identity, Cache};
-use std::path::Path;
-use std::time::Duration;
+use crate::command::QemuCommand;
+use crate::kernel::BootImage;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use vmtest_core::spec::AccelChoice;
 use vmtest_core::{Error, Result};
 
@@ -26,55 +31,18 @@ impl Accel {
     }
 }
 
-/// The byte the probe writes; QEMU then exits with `(PROBE_BYTE << 1) | 1`.
-const PROBE_BYTE: u8 = 0x2a;
-pub const PROBE_EXIT: i32 = ((PROBE_BYTE as i32) << 1) | 1;
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a kernel may take to boot to its init and power off under KVM. A working KVM
+/// does it in well under a second; a broken one hangs, so this bounds the cost of finding out.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// A minimal 32-bit ELF with a PVH entry note whose code is `out 0xf4, 0x2a; hlt`.
-pub fn probe_kernel() -> Vec<u8> {
-    const BASE: u32 = 0x10_0000;
-    const EHDR: usize = 52;
-    const PHDR: usize = 32;
-    let note_off = EHDR + 2 * PHDR;
-    let code_off = note_off + 20;
-    let code: [u8; 7] = [0xb0, PROBE_BYTE, 0xe6, 0xf4, 0xfa, 0xf4, 0xeb]; // mov al; out; cli; hlt; jmp
-    let total = code_off + code.len() + 1;
-    let entry = BASE + code_off as u32;
-    let mut f = Vec::with_capacity(total);
-    let u16le = |f: &mut Vec<u8>, v: u16| f.extend_from_slice(&v.to_le_bytes());
-    let u32le = |f: &mut Vec<u8>, v: u32| f.extend_from_slice(&v.to_le_bytes());
-    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0]);
-    f.extend_from_slice(&[0; 8]);
-    u16le(&mut f, 2); // ET_EXEC
-    u16le(&mut f, 3); // EM_386
-    u32le(&mut f, 1);
-    u32le(&mut f, entry);
-    u32le(&mut f, EHDR as u32); // e_phoff
-    u32le(&mut f, 0); // e_shoff
-    u32le(&mut f, 0); // e_flags
-    u16le(&mut f, EHDR as u16);
-    u16le(&mut f, PHDR as u16);
-    u16le(&mut f, 2); // e_phnum
-    u16le(&mut f, 40);
-    u16le(&mut f, 0);
-    u16le(&mut f, 0);
-    // PT_LOAD: the whole file at BASE.
-    for v in [1, 0, BASE, BASE, total as u32, total as u32, 5, 0x1000] {
-        u32le(&mut f, v);
-    }
-    // PT_NOTE: the PVH entry.
-    for v in [4, note_off as u32, BASE + note_off as u32, BASE + note_off as u32, 20, 20, 4, 4] {
-        u32le(&mut f, v);
-    }
-    for v in [4, 4, 18] {
-        u32le(&mut f, v); // namesz, descsz, XEN_ELFNOTE_PHYS32_ENTRY
-    }
-    f.extend_from_slice(b"Xen\0");
-    u32le(&mut f, entry);
-    f.extend_from_slice(&code);
-    f.push(0xfd); // jmp -3 (back to hlt)
-    f
+/// The verdict on KVM for one host boot, QEMU binary and kernel.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Verdict {
+    pub usable: bool,
+    /// What was seen: the boot time, or what failed and how.
+    pub evidence: String,
+    /// When it was decided (Unix seconds).
+    pub decided_unix: u64,
 }
 
 /// Why KVM cannot be used here, or `None` when `/dev/kvm` opens and creates a VM.
@@ -88,11 +56,11 @@ pub fn kvm_device_problem() -> Option<String> {
     const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
     // SAFETY: ioctls on an fd we own, with integer arguments.
     unsafe {
-        let v = libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION, 0);
+        let v = libc::ioctl(dev.as_raw_fd(), KVM_GET_API_VERSION as _, 0);
         if v != 12 {
             return Some(format!("/dev/kvm reports API version {v}, not 12"));
         }
-        let vm = libc::ioctl(dev.as_raw_fd(), KVM_CREATE_VM, 0);
+        let vm = libc::ioctl(dev.as_raw_fd(), KVM_CREATE_VM as _, 0);
         if vm < 0 {
             return Some(format!("/dev/kvm cannot create a VM: {}", std::io::Error::last_os_error()));
         }
@@ -101,86 +69,279 @@ pub fn kvm_device_problem() -> Option<String> {
     None
 }
 
-/// Boot the probe kernel under `accel`. `Ok(())` when it ran to its `out` instruction.
-pub async fn probe_boot(qemu: &Path, accel: Accel, cache: &Cache) -> std::result::Result<(), String> {
-    let dir = cache.dir("probe").map_err(|e| e.to_string())?;
-    let kernel = dir.join("probe.elf");
-    if !kernel.is_file() {
-        Cache::write_atomic(&kernel, &probe_kernel()).map_err(|e| e.to_string())?;
-    }
-    let mut cmd = tokio::process::Command::new(qemu);
-    cmd.args(["-M", "microvm", "-accel", accel.name(), "-m", "16", "-nodefaults", "-no-user-config"])
-        .args(["-display", "none", "-serial", "none", "-no-reboot"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel"])
-        .arg(&kernel)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    if accel == Accel::Kvm {
-        cmd.args(["-cpu", "host"]);
-    }
-    let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
-    match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
-        Err(_) => Err(format!("a probe guest did not finish within {PROBE_TIMEOUT:?} (the guest hangs)")),
-        Ok(Err(e)) => Err(format!("probe: {e}")),
-        Ok(Ok(out)) if out.status.code() == Some(PROBE_EXIT) => Ok(()),
-        Ok(Ok(out)) => Err(format!(
-            "probe guest ended with {} ({})",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("no message")
-        )),
+/// The line of QEMU's stderr that says the accelerator failed, if any.
+pub fn failure_line(qemu_stderr: &str) -> Option<&str> {
+    const SIGNS: &[&str] = &["KVM internal error", "emulation failure", "failed to set MSR", "kvm_", "kvm.c"];
+    qemu_stderr.lines().map(str::trim).find(|l| SIGNS.iter().any(|s| l.contains(s)))
+}
+
+/// Boot `boot` under `accel` with an init that powers off at once, and report how it went.
+/// `Ok(took)` when QEMU exited cleanly within [`PROBE_DEADLINE`].
+pub async fn probe_boot(
+    qemu: &Path,
+    boot: &BootImage,
+    accel: Accel,
+    cache: &Cache,
+) -> std::result::Result<Duration, String> {
+    let initramfs = crate::initramfs::build_poweroff(cache, crate::AGENT).map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("vmtest-probe-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temporary dir for the probe: {e}"))?;
+    let cmd = QemuCommand {
+        qemu: qemu.to_owned(),
+        accel,
+        kernel: boot.clone(),
+        initramfs,
+        cpus: 1,
+        memory_mib: 256,
+        share_root: false,
+        agent_socket: dir.path().join("agent.sock"),
+        console_socket: dir.path().join("console.sock"),
+        kernel_args: vec![vmtest_core::protocol::POWEROFF_MARKER.into()],
+        nics: Vec::new(),
+    };
+    let mut child = KillOnDrop(
+        std::process::Command::new(qemu)
+            .args(cmd.args())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?,
+    );
+    let stderr = spawn_reader(child.0.stderr.take());
+    let console = ConsoleCounter::attach(cmd.console_socket.clone());
+    let started = Instant::now();
+    let outcome = loop {
+        let said = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+        if let Some(line) = failure_line(&said) {
+            break Err(format!("QEMU said: {line}"));
+        }
+        match child.0.try_wait() {
+            Ok(Some(status)) if status.success() => break Ok(started.elapsed()),
+            Ok(Some(status)) => {
+                std::thread::sleep(Duration::from_millis(20));
+                let said = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+                let line = failure_line(&said).or_else(|| said.lines().next()).unwrap_or("no message");
+                break Err(format!("QEMU ended with {status}: {}", line.trim()));
+            }
+            Ok(None) => {}
+            Err(e) => break Err(format!("cannot wait for QEMU: {e}")),
+        }
+        if started.elapsed() > PROBE_DEADLINE {
+            let printed = console.bytes();
+            break Err(if printed == 0 {
+                format!(
+                    "the kernel printed nothing and did not reach its init within {}s (the guest hangs)",
+                    PROBE_DEADLINE.as_secs()
+                )
+            } else {
+                format!(
+                    "the kernel printed {printed} bytes but did not reach its init and power off within {}s",
+                    PROBE_DEADLINE.as_secs()
+                )
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    outcome
+}
+
+/// The probe's QEMU, ended however the probe ends (also when the run is interrupted).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-/// The verdict on KVM, probed once per host boot and QEMU binary (a device that cannot even
-/// create a VM is part of the verdict, so a cached answer costs one file read).
-pub async fn kvm_verdict(qemu: &Path, cache: &Cache) -> std::result::Result<(), String> {
+/// The kernel as named in evidence: its release (the extracted image's file name is the
+/// release plus a cache key).
+fn kernel_name(boot: &BootImage) -> String {
+    let name = boot.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let release = match name.rsplit_once('-') {
+        Some((release, key)) if key.len() == 24 && key.bytes().all(|b| b.is_ascii_hexdigit()) => release,
+        _ => &name,
+    };
+    format!("kernel {release}")
+}
+
+fn spawn_reader(pipe: Option<std::process::ChildStderr>) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    if let Some(mut pipe) = pipe {
+        let sink = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+    }
+    buf
+}
+
+/// Counts what the guest prints on its serial console (evidence for a hang).
+struct ConsoleCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConsoleCounter {
+    fn attach(socket: PathBuf) -> Self {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + PROBE_DEADLINE;
+            let mut stream = loop {
+                match std::os::unix::net::UnixStream::connect(&socket) {
+                    Ok(s) => break s,
+                    Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => return,
+                }
+            };
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                seen.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        ConsoleCounter(count)
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Where the verdict for this host boot, QEMU and kernel is kept.
+fn verdict_path(qemu: &Path, boot: &BootImage, cache: &Cache) -> Result<PathBuf> {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let qemu_id = file_identity(qemu).unwrap_or_default();
-    let key = digest([boot_id.trim().as_bytes(), qemu_id.as_bytes()]);
-    let verdict_path = cache.dir("probe").map_err(|e| e.to_string())?.join(format!("kvm-{key}"));
-    if let Ok(saved) = std::fs::read_to_string(&verdict_path) {
-        return if saved == "ok" { Ok(()) } else { Err(saved) };
-    }
-    let verdict = match kvm_device_problem() {
-        Some(problem) => Err(problem),
-        None => {
-            probe_boot(qemu, Accel::Kvm, cache).await.map_err(|e| format!("KVM is present but unusable: {e}"))
-        }
-    };
-    let saved = match &verdict {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => e.clone(),
-    };
-    let _ = Cache::write_atomic(&verdict_path, saved.as_bytes());
-    verdict.map_err(|_| saved)
+    let kernel_id = file_identity(&boot.path).unwrap_or_default();
+    let key = digest([boot_id.trim().as_bytes(), qemu_id.as_bytes(), kernel_id.as_bytes()]);
+    Ok(cache.dir("probe")?.join(format!("kvm-{key}.json")))
 }
 
-/// Pick the accelerator for `choice`. The second value is a one-line note when falling back.
-pub async fn choose(choice: AccelChoice, qemu: &Path, cache: &Cache) -> Result<(Accel, Option<String>)> {
+/// The cached verdict, if this host boot, QEMU and kernel have one.
+pub fn cached_verdict(qemu: &Path, boot: &BootImage, cache: &Cache) -> Option<Verdict> {
+    let path = verdict_path(qemu, boot, cache).ok()?;
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// The verdict on KVM for running `boot` with `qemu`: cached, or probed now (one probe at a
+/// time per cache, so concurrent first runs wait for one answer).
+pub async fn verdict(qemu: &Path, boot: &BootImage, cache: &Cache) -> Result<Verdict> {
+    if let Some(v) = cached_verdict(qemu, boot, cache) {
+        return Ok(v);
+    }
+    let lock = {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || cache.lock("probe/.kvm.lock"))
+            .await
+            .map_err(|e| Error::infra(format!("probe lock: {e}")))??
+    };
+    if let Some(v) = cached_verdict(qemu, boot, cache) {
+        return Ok(v);
+    }
+    let started = Instant::now();
+    let (usable, evidence) = match kvm_device_problem() {
+        Some(problem) => (false, problem),
+        None => match probe_boot(qemu, boot, Accel::Kvm, cache).await {
+            Ok(took) => (
+                true,
+                format!("{} booted to its init under KVM in {:.2}s", kernel_name(boot), took.as_secs_f64()),
+            ),
+            Err(why) => (false, format!("{} under KVM: {why}", kernel_name(boot))),
+        },
+    };
+    tracing::debug!("KVM verdict after {:?}: usable={usable}: {evidence}", started.elapsed());
+    let v = save(qemu, boot, cache, usable, evidence)?;
+    drop(lock);
+    Ok(v)
+}
+
+fn save(qemu: &Path, boot: &BootImage, cache: &Cache, usable: bool, evidence: String) -> Result<Verdict> {
+    let decided_unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let v = Verdict { usable, evidence, decided_unix };
+    Cache::write_atomic(&verdict_path(qemu, boot, cache)?, &serde_json::to_vec(&v).expect("serializes"))?;
+    Ok(v)
+}
+
+/// A run found KVM failing although the verdict said it works: correct the verdict, so the
+/// next run goes straight to TCG.
+pub fn record_failure(qemu: &Path, boot: &BootImage, cache: &Cache, evidence: &str) {
+    let evidence = format!("{} failed under KVM in a run: {evidence}", kernel_name(boot));
+    if let Err(e) = save(qemu, boot, cache, false, evidence) {
+        tracing::debug!("cannot record the KVM failure: {e}");
+    }
+}
+
+/// The error a KVM failure during a run becomes: the accelerator, not the guest, is at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM failed on this host: {0}")]
+pub struct KvmFailed(pub String);
+
+/// What failed, when `err` is a [`KvmFailed`].
+pub fn kvm_failure(err: &Error) -> Option<&str> {
+    std::error::Error::source(err).and_then(|s| s.downcast_ref::<KvmFailed>()).map(|k| k.0.as_str())
+}
+
+/// Whether `err` is a [`KvmFailed`].
+pub fn is_kvm_failure(err: &Error) -> bool {
+    kvm_failure(err).is_some()
+}
+
+/// `err` as the `--accel kvm` error: one line, exit 69.
+pub fn forced_kvm_error(err: &Error) -> Error {
+    Error::preflight(format!(
+        "--accel kvm: {}; use --accel auto (falls back to TCG) or --accel tcg",
+        err.message()
+    ))
+    .with_detail(err.detail().unwrap_or_default().to_owned())
+}
+
+/// Pick the accelerator for `choice` and `boot`. The second value is a one-line notice for
+/// the user when falling back to TCG, given once per host boot and verdict (later runs log
+/// it at info level, shown with -v).
+pub async fn choose(
+    choice: AccelChoice,
+    qemu: &Path,
+    boot: &BootImage,
+    cache: &Cache,
+) -> Result<(Accel, Option<String>)> {
     match choice {
         AccelChoice::Tcg => Ok((Accel::Tcg, None)),
-        AccelChoice::Kvm => match kvm_verdict(qemu, cache).await {
-            Ok(()) => Ok((Accel::Kvm, None)),
-            Err(why) => Err(Error::preflight(format!("--accel kvm: {why}; use --accel tcg or --accel auto"))),
-        },
-        AccelChoice::Auto => match kvm_verdict(qemu, cache).await {
-            Ok(()) => Ok((Accel::Kvm, None)),
-            Err(why) => Ok((Accel::Tcg, Some(format!("using TCG (software emulation, slower): {why}")))),
-        },
+        AccelChoice::Kvm => {
+            let v = verdict(qemu, boot, cache).await?;
+            if v.usable {
+                Ok((Accel::Kvm, None))
+            } else {
+                Err(Error::preflight(format!(
+                    "--accel kvm: KVM does not work on this host: {}; use --accel auto (falls back to TCG) or --accel tcg",
+                    v.evidence
+                )))
+            }
+        }
+        AccelChoice::Auto => {
+            let v = verdict(qemu, boot, cache).await?;
+            if v.usable {
+                return Ok((Accel::Kvm, None));
+            }
+            let notice = format!("using TCG (software emulation, slower): no usable KVM: {}", v.evidence);
+            Ok((Accel::Tcg, first_notice(qemu, boot, cache, &v).then_some(notice)))
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probe_kernel_is_a_pvh_elf() {
-        let k = probe_kernel();
-        assert!(k.starts_with(b"\x7fELF"));
-        assert!(k.windows(4).any(|w| w == b"Xen\0"));
-        assert!(k.len() < 200);
-    }
+/// True the first time this verdict is shown on this host (a marker beside the verdict).
+fn first_notice(qemu: &Path, boot: &BootImage, cache: &Cache, v: &Verdict) -> bool {
+    let Ok(path) = verdict_path(qemu, boot, cache) else { return true };
+    let marker = path.with_extension(format!("noticed-{}", v.decided_unix));
+    std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok()
 }

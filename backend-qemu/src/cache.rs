@@ -41,6 +41,32 @@ impl Cache {
         Ok(d)
     }
 
+    /// An exclusive lock on the cache file `name`, held until the returned file is dropped
+    /// (the kernel drops it when the process dies). Used where concurrent first runs would
+    /// otherwise all do the same slow work: fetching QEMU, probing KVM.
+    pub fn lock(&self, name: &str) -> Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        let path = self.root.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io(format!("cannot create cache dir {}", parent.display()), e))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("cannot open lock file {}", path.display()), e))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io(
+                format!("cannot lock {}", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(file)
+    }
+
     /// Write `data` to `path` atomically.
     pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));

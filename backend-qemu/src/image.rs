@@ -11,6 +11,7 @@
 //! per-run key, a loopback port forward), or a `ShellSession` on the serial console.
 //! Snapshots are not used in image mode (the disk state would have to match).
 
+use crate::accel::Accel;
 use crate::command::{MachineKind, QemuCommand};
 use crate::image_build::{Image, ImageStore};
 use crate::ssh::SshTarget;
@@ -67,7 +68,7 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
 pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) -> Result<Box<dyn Vm>> {
     let store = ImageStore::new(b.cache())?;
     let image: Image = store.find(name)?;
-    let qemu = b.qemu_binary()?;
+    let qemu = b.qemu_binary().await?;
     let cache = b.cache().clone();
     let kernel_path = image.kernel_image();
     let (boot, initramfs) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -82,9 +83,9 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
     })
     .await
     .map_err(|e| Error::infra(format!("image boot files: {e}")))??;
-    let (accel, note) = crate::accel::choose(spec.accel, &qemu, b.cache()).await?;
+    let (accel, note) = crate::accel::choose(spec.accel, &qemu, &boot, b.cache()).await?;
     if let Some(note) = &note {
-        crate::note_once(note);
+        tracing::warn!("{note}");
     }
 
     let vm_dir = run.vm_dir(&spec.node)?;
@@ -179,16 +180,30 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
         entropy: crate::random_bytes(32),
     };
     let t0 = Instant::now();
-    let mut inner = QemuVm::boot_with_args(
+    let die_with_parent = b.options().die_with_parent;
+    let first = QemuVm::boot_with_args(
         &cmd,
         &extra,
         &mut record,
         run,
-        crate::vm::BootMode::Cold(setup),
+        crate::vm::BootMode::Cold(setup.clone()),
         spec.boot_timeout,
-        b.options().die_with_parent,
+        die_with_parent,
     )
-    .await?;
+    .await;
+    let mut inner = match first {
+        Err(e) if crate::accel::is_kvm_failure(&e) && cmd.accel == Accel::Kvm => {
+            let accel = b.after_kvm_failure(spec.accel, &qemu, &cmd.kernel, &e)?;
+            // The failed attempt may have written to the overlay: start from the base again.
+            let _ = std::fs::remove_file(&overlay);
+            create_overlay(&image.base(), &overlay)?;
+            let cmd = QemuCommand { accel, ..cmd.clone() };
+            let mode = crate::vm::BootMode::Cold(setup);
+            QemuVm::boot_with_args(&cmd, &extra, &mut record, run, mode, spec.boot_timeout, die_with_parent)
+                .await?
+        }
+        other => other?,
+    };
     let mut shell = None;
     match spec.exec {
         ExecVia::Agent => {}

@@ -9,11 +9,13 @@ pub mod agent_client;
 pub mod cache;
 pub mod command;
 pub mod fetch;
+pub mod health;
 pub mod image;
 pub mod image_build;
 pub mod initramfs;
 pub mod kernel;
 pub mod modules;
+pub mod qemu_fetch;
 pub mod qmp;
 pub mod snapshot;
 pub mod ssh;
@@ -36,9 +38,10 @@ pub const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmtest-agent"
 /// How the backend behaves; the defaults suit `vmtest run`.
 #[derive(Clone, Debug)]
 pub struct QemuOptions {
-    /// The QEMU binary; default `$VMTEST_QEMU`, else `qemu-system-x86_64` on `PATH`.
+    /// The QEMU binary; default `$VMTEST_QEMU`, else `qemu-system-x86_64` on `PATH`, else
+    /// one fetched into the cache.
     pub qemu: Option<PathBuf>,
-    /// Fetch the distro kernel into the cache when no kernel is found.
+    /// Fetch the distro's kernel, and QEMU, into the cache when none is found.
     pub auto_fetch: bool,
     /// Kill QEMU when the runner dies. Off when a VM may be kept after the run.
     pub die_with_parent: bool,
@@ -47,6 +50,9 @@ pub struct QemuOptions {
     /// Start guests from a snapshot taken at "agent ready" (made on first use) instead of
     /// booting them.
     pub snapshots: bool,
+    /// Let the preflight probe KVM when no verdict is cached (`vmtest doctor`); otherwise it
+    /// only reports a cached verdict, since `auto` runs the preflight before every run.
+    pub prove_kvm: bool,
 }
 
 impl Default for QemuOptions {
@@ -57,6 +63,7 @@ impl Default for QemuOptions {
             die_with_parent: true,
             kernel_args: Vec::new(),
             snapshots: true,
+            prove_kvm: false,
         }
     }
 }
@@ -95,21 +102,50 @@ impl QemuBackend {
         &self.opts
     }
 
-    /// The QEMU binary to run.
-    pub fn qemu_binary(&self) -> Result<PathBuf> {
-        let named = self
-            .opts
-            .qemu
-            .clone()
-            .or_else(|| std::env::var_os("VMTEST_QEMU").filter(|v| !v.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-        find_executable(&named).ok_or_else(|| {
-            Error::preflight(format!(
-                "QEMU not found ({}); install it: apt-get install qemu-system-x86 (Debian/Ubuntu), \
-                 dnf install qemu-system-x86-core (Fedora), or set VMTEST_QEMU",
-                named.display()
-            ))
-        })
+    /// The QEMU binary to run and where it came from, without fetching: `None` when there
+    /// is none yet (no `VMTEST_QEMU`, none on `PATH`, none fetched).
+    pub fn locate_qemu(&self) -> Result<Option<(PathBuf, String)>> {
+        let named = match &self.opts.qemu {
+            Some(q) => Some((q.clone(), "the embedding program")),
+            None => std::env::var_os("VMTEST_QEMU")
+                .filter(|v| !v.is_empty())
+                .map(|v| (PathBuf::from(v), "$VMTEST_QEMU")),
+        };
+        if let Some((named, origin)) = named {
+            return match find_executable(&named) {
+                Some(path) => Ok(Some((path, format!("from {origin}")))),
+                None => Err(Error::preflight(format!(
+                    "QEMU {} (from {origin}) is not an executable file; fix the path, or unset it to use \
+                     the system's QEMU (apt-get install qemu-system-x86) or one vmtest fetches",
+                    named.display()
+                ))),
+            };
+        }
+        if let Some(path) = find_executable(Path::new(qemu_fetch::BINARY)) {
+            return Ok(Some((path, "on PATH".into())));
+        }
+        Ok(qemu_fetch::cached(&self.cache)
+            .map(|f| (f.binary, format!("{} {} fetched into the cache", qemu_fetch::PACKAGE, f.version))))
+    }
+
+    /// The QEMU binary to run, fetching the distro's into the cache when there is none and
+    /// fetching is allowed.
+    pub async fn qemu_binary(&self) -> Result<PathBuf> {
+        if let Some((path, _)) = self.locate_qemu()? {
+            return Ok(path);
+        }
+        if !self.opts.auto_fetch {
+            return Err(Error::preflight(
+                "QEMU not found (qemu-system-x86_64 on PATH, $VMTEST_QEMU, or fetched); install it: \
+                 apt-get install qemu-system-x86 (Debian/Ubuntu), dnf install qemu-system-x86-core (Fedora), \
+                 or run `vmtest qemu fetch`",
+            ));
+        }
+        let cache = self.cache.clone();
+        let fetched = tokio::task::spawn_blocking(move || qemu_fetch::fetch(&cache))
+            .await
+            .map_err(|e| Error::infra(format!("QEMU fetch: {e}")))??;
+        Ok(fetched.binary)
     }
 
     /// Find the kernel, fetching the distro's when allowed and none is found.
@@ -140,7 +176,7 @@ impl QemuBackend {
                 )))
             }
         };
-        let qemu = self.qemu_binary()?;
+        let qemu = self.qemu_binary().await?;
         let cache = self.cache.clone();
         let kernel = {
             let this = QemuBackend { opts: self.opts.clone(), cache: cache.clone() };
@@ -170,7 +206,7 @@ impl QemuBackend {
             .await
             .map_err(|e| Error::infra(format!("initramfs build: {e}")))??
         };
-        let (accel, note) = accel::choose(spec.accel, &qemu, &self.cache).await?;
+        let (accel, note) = accel::choose(spec.accel, &qemu, &boot, &self.cache).await?;
         Ok(Prepared { qemu, kernel, boot, initramfs, accel, note })
     }
 
@@ -217,6 +253,106 @@ impl QemuBackend {
 }
 
 impl QemuBackend {
+    /// The acceleration line of the preflight: the verdict for the default kernel and its
+    /// evidence. Only a cached verdict unless [`QemuOptions::prove_kvm`] asks for a probe.
+    async fn acceleration_check(&self, qemu: &Path, kernel: &Kernel) -> Check {
+        let boot = match kernel::boot_image(kernel, &self.cache) {
+            Ok(b) => b,
+            Err(e) => {
+                return Check::warn(
+                    "acceleration",
+                    format!("cannot tell: {}", e.message()),
+                    "check the kernel",
+                )
+            }
+        };
+        let verdict = if self.opts.prove_kvm {
+            accel::verdict(qemu, &boot, &self.cache).await.ok()
+        } else {
+            accel::cached_verdict(qemu, &boot, &self.cache)
+        };
+        match verdict {
+            Some(v) if v.usable => Check::ok("acceleration", format!("KVM works: {}", v.evidence)),
+            Some(v) => Check::warn(
+                "acceleration",
+                format!("no usable KVM, TCG is used (slower): {}", v.evidence),
+                "on bare metal, enable virtualization in firmware and give your user access to /dev/kvm; \
+                 the verdict is made again after a reboot or a new QEMU or kernel",
+            ),
+            None => Check::ok(
+                "acceleration",
+                format!(
+                    "KVM not proven yet: the first run boots the kernel under KVM (at most {}s) to decide",
+                    accel::PROBE_DEADLINE.as_secs()
+                ),
+            ),
+        }
+    }
+
+    /// KVM failed during a boot although the verdict said it works. Correct the verdict;
+    /// under `auto` go on with TCG (the accelerator to retry with), under `--accel kvm` fail.
+    pub(crate) fn after_kvm_failure(
+        &self,
+        choice: vmtest_core::spec::AccelChoice,
+        qemu: &Path,
+        boot: &BootImage,
+        err: &Error,
+    ) -> Result<Accel> {
+        accel::record_failure(qemu, boot, &self.cache, accel::kvm_failure(err).unwrap_or(err.message()));
+        if choice != vmtest_core::spec::AccelChoice::Auto {
+            return Err(accel::forced_kvm_error(err));
+        }
+        tracing::warn!("{}; retrying under TCG (later runs use TCG at once)", err.message());
+        Ok(Accel::Tcg)
+    }
+
+    /// Boot a kernel-mode guest with everything prepared: from the snapshot when there is
+    /// one, else cold.
+    async fn launch_prepared(&self, prepared: &Prepared, spec: &VmSpec, run: &RunDir) -> Result<Box<dyn Vm>> {
+        if let Some(note) = &prepared.note {
+            tracing::warn!("{note}");
+        } else if prepared.accel == Accel::Tcg {
+            tracing::info!("using TCG (software emulation)");
+        }
+        let vm_dir = run.vm_dir(&spec.node)?;
+        let cmd = self.command(prepared, spec, &vm_dir, true);
+        let mut record = VmRecord::new(&spec.name, &spec.node, run.id(), self.name());
+        record.paths.push(vm_dir.clone());
+        record.backend_data = serde_json::json!({
+            "qemu": prepared.qemu,
+            "kernel": prepared.kernel.image,
+            "accel": prepared.accel.name(),
+            "console_socket": cmd.console_socket,
+            "agent_socket": cmd.agent_socket,
+        });
+        run.write_record(&record)?;
+        let (secs, nanos) = now_unix();
+        let setup = GuestSetup {
+            root_tag: Some(ROOT_TAG.to_owned()),
+            shares: Vec::new(),
+            hostname: spec.node.clone(),
+            unix_time_secs: secs,
+            unix_time_nanos: nanos,
+            overlay_size: "50%".into(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| vmtest_core::protocol::GuestNic { mac: n.mac, address: n.address, prefix: n.prefix })
+                .collect(),
+            hosts: spec.hosts.clone(),
+            entropy: random_bytes(32),
+        };
+        if self.opts.snapshots {
+            if let Some(vm) = self.restore(prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {
+                return Ok(Box::new(vm));
+            }
+        }
+        let mode = vm::BootMode::Cold(setup);
+        let vm = vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, self.opts.die_with_parent)
+            .await?;
+        Ok(Box::new(vm))
+    }
+
     /// Start the guest from its snapshot, making the snapshot first if there is none.
     /// `Ok(None)`: no snapshot could be made or restored; the caller boots cold. A guest of
     /// this shape that fails to boot at all is an error: a cold boot would fail the same way.
@@ -246,7 +382,9 @@ impl QemuBackend {
                     made = Some(started.elapsed());
                     tracing::info!("saved a snapshot in {:?}: {}", started.elapsed(), state.display())
                 }
-                Err(e) if e.kind() == vmtest_core::ErrorKind::Boot => return Err(e),
+                Err(e) if e.kind() == vmtest_core::ErrorKind::Boot || accel::is_kvm_failure(&e) => {
+                    return Err(e)
+                }
                 Err(e) => {
                     tracing::warn!("could not save a snapshot ({e}); booting without one");
                     return Ok(None);
@@ -261,6 +399,8 @@ impl QemuBackend {
                 }
                 Ok(Some(vm))
             }
+            // The accelerator failed, not the snapshot.
+            Err(e) if accel::is_kvm_failure(&e) => Err(e),
             Err(e) => {
                 // A snapshot that does not restore is useless: drop it, boot cold this time.
                 tracing::warn!("restoring {} failed ({e}); discarding it and booting cold", state.display());
@@ -338,47 +478,68 @@ impl Hypervisor for QemuBackend {
     async fn preflight(&self) -> Preflight {
         let mut pf = Preflight::default();
         // No `qemu --version` here: `auto` runs this before every run, and a spawn costs.
-        let qemu = match self.qemu_binary() {
-            Ok(q) => {
-                pf.push(Check::ok("qemu", q.display().to_string()));
+        let qemu = match self.locate_qemu() {
+            Ok(Some((q, origin))) => {
+                pf.push(Check::ok("qemu", format!("{} ({origin})", q.display())));
                 Some(q)
             }
+            Ok(None) if self.opts.auto_fetch => {
+                pf.push(Check::warn(
+                    "qemu",
+                    "none installed; the first run fetches the distro's qemu-system-x86 into the cache (no root)",
+                    "run `vmtest qemu fetch` now, or apt-get install qemu-system-x86",
+                ));
+                None
+            }
+            Ok(None) => {
+                pf.push(Check::fail(
+                    "qemu",
+                    "qemu-system-x86_64 not found",
+                    "apt-get install qemu-system-x86, or run `vmtest qemu fetch`",
+                ));
+                None
+            }
             Err(e) => {
-                pf.push(Check::fail("qemu", "qemu-system-x86_64 not found", e.message().to_owned()));
+                pf.push(Check::fail("qemu", e.message().to_owned(), "fix VMTEST_QEMU or unset it"));
                 None
             }
         };
-        if let Some(q) = &qemu {
-            match accel::kvm_verdict(q, &self.cache).await {
-                Ok(()) => pf.push(Check::ok("acceleration", "KVM works (probe boot passed)")),
-                Err(why) => pf.push(Check::warn(
-                    "acceleration",
-                    format!("no usable KVM, TCG will be used (slower): {why}"),
-                    "on bare metal, enable virtualization in firmware and give your user access to /dev/kvm",
-                )),
-            }
-        }
         pf.push(disk_check(self.cache.root()));
-        match kernel::locate(None, &self.cache) {
-            Ok(Some(k)) => pf.push(Check::ok(
-                "kernel",
-                format!("{} {} (from {})", k.image.display(), k.release, k.origin),
-            )),
-            Ok(None) if self.opts.auto_fetch => pf.push(Check::warn(
-                "kernel",
-                "no kernel found yet; the first run fetches the distro's kernel package",
-                "run `vmtest kernel fetch` now, or pass --kernel PATH",
-            )),
-            Ok(None) => pf.push(Check::fail(
-                "kernel",
-                "no kernel found",
-                "run `vmtest kernel fetch` or pass --kernel PATH",
-            )),
-            Err(e) => pf.push(Check::fail(
-                "kernel",
-                e.message().to_owned(),
-                "pass a readable kernel with --kernel PATH",
-            )),
+        let kernel = match kernel::locate(None, &self.cache) {
+            Ok(Some(k)) => {
+                pf.push(Check::ok(
+                    "kernel",
+                    format!("{} {} (from {})", k.image.display(), k.release, k.origin),
+                ));
+                Some(k)
+            }
+            Ok(None) if self.opts.auto_fetch => {
+                pf.push(Check::warn(
+                    "kernel",
+                    "no kernel found yet; the first run fetches the distro's kernel package",
+                    "run `vmtest kernel fetch` now, or pass --kernel PATH",
+                ));
+                None
+            }
+            Ok(None) => {
+                pf.push(Check::fail(
+                    "kernel",
+                    "no kernel found",
+                    "run `vmtest kernel fetch` or pass --kernel PATH",
+                ));
+                None
+            }
+            Err(e) => {
+                pf.push(Check::fail(
+                    "kernel",
+                    e.message().to_owned(),
+                    "pass a readable kernel with --kernel PATH",
+                ));
+                None
+            }
+        };
+        if let (Some(q), Some(k)) = (&qemu, &kernel) {
+            pf.push(self.acceleration_check(q, k).await);
         }
         pf
     }
@@ -387,49 +548,19 @@ impl Hypervisor for QemuBackend {
         if let BootSpec::Image { name } = &spec.boot {
             return image::launch(self, spec, run, name).await;
         }
-        let prepared = self.prepare(spec).await?;
-        if let Some(note) = &prepared.note {
-            note_once(note);
-        }
-        let vm_dir = run.vm_dir(&spec.node)?;
-        let cmd = self.command(&prepared, spec, &vm_dir, true);
-        let mut record = VmRecord::new(&spec.name, &spec.node, run.id(), self.name());
-        record.paths.push(vm_dir.clone());
-        record.backend_data = serde_json::json!({
-            "qemu": prepared.qemu,
-            "kernel": prepared.kernel.image,
-            "accel": prepared.accel.name(),
-            "console_socket": cmd.console_socket,
-            "agent_socket": cmd.agent_socket,
-        });
-        run.write_record(&record)?;
-        let (secs, nanos) = now_unix();
-        let setup = GuestSetup {
-            root_tag: Some(ROOT_TAG.to_owned()),
-            shares: Vec::new(),
-            hostname: spec.node.clone(),
-            unix_time_secs: secs,
-            unix_time_nanos: nanos,
-            overlay_size: "50%".into(),
-            nics: spec
-                .nics
-                .iter()
-                .map(|n| vmtest_core::protocol::GuestNic { mac: n.mac, address: n.address, prefix: n.prefix })
-                .collect(),
-            hosts: spec.hosts.clone(),
-            entropy: random_bytes(32),
-        };
-        if self.opts.snapshots {
-            if let Some(vm) = self.restore(&prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {
-                return Ok(Box::new(vm));
+        let mut prepared = self.prepare(spec).await?;
+        loop {
+            match self.launch_prepared(&prepared, spec, run).await {
+                Err(e) if accel::is_kvm_failure(&e) && prepared.accel == Accel::Kvm => {
+                    prepared.accel =
+                        self.after_kvm_failure(spec.accel, &prepared.qemu, &prepared.boot, &e)?;
+                    // The failed attempt's sockets and logs go; the retry starts afresh.
+                    let _ = std::fs::remove_dir_all(run.vm_dir(&spec.node)?);
+                }
+                other => return other,
             }
         }
-        let mode = vm::BootMode::Cold(setup);
-        let vm = vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, self.opts.die_with_parent)
-            .await?;
-        Ok(Box::new(vm))
     }
-
     async fn list_images(&self) -> Result<Vec<String>> {
         Ok(image_build::ImageStore::new(&self.cache)?.list().into_iter().map(|i| i.info.name).collect())
     }
@@ -491,11 +622,4 @@ fn free_bytes(path: &Path) -> Option<u64> {
         let mut st: libc::statvfs = std::mem::zeroed();
         (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
     }
-}
-
-/// Print a note once per process (the TCG fallback would otherwise repeat per VM).
-fn note_once(note: &str) {
-    static SHOWN: std::sync::Once = std::sync::Once::new();
-    // Through tracing, so a terminal's live status line is cleared before it.
-    SHOWN.call_once(|| tracing::warn!("{note}"));
 }

@@ -1,7 +1,9 @@
 //! One running QEMU guest: the process, its console, its agent connection.
 
+use crate::accel::{Accel, KvmFailed};
 use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
 use crate::command::QemuCommand;
+use crate::health::{self, Trouble};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +50,8 @@ pub struct QemuVm {
     console: ConsoleLog,
     stderr: Arc<Mutex<Vec<u8>>>,
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
+    /// Under KVM: what the health watcher saw (see [`crate::health`]).
+    trouble: Option<watch::Receiver<Option<Trouble>>>,
     detached: AtomicBool,
     timings: Vec<(&'static str, Duration)>,
 }
@@ -90,6 +94,13 @@ impl QemuVm {
         let t0 = Instant::now();
         let mut args = cmd.args();
         args.extend(extra_args.iter().cloned());
+        // Under KVM a QMP socket of its own lets the health watcher read the run state.
+        let watch_qmp =
+            (cmd.accel == Accel::Kvm).then(|| cmd.console_socket.with_file_name("qmp-watch.sock"));
+        if let Some(path) = &watch_qmp {
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server=on,wait=off", path.display()).into());
+        }
         match &mode {
             BootMode::Cold(_) => {}
             BootMode::SnapshotSource { qmp } => {
@@ -121,7 +132,8 @@ impl QemuVm {
             }
             c.spawn().map_err(|e| {
                 Error::preflight(format!(
-                    "cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86)",
+                    "cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86), or leave \
+                     VMTEST_QEMU unset and vmtest fetches the distro's QEMU",
                     cmd.qemu.display()
                 ))
             })?
@@ -149,6 +161,8 @@ impl QemuVm {
             let _ = exit_tx
                 .send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
         });
+        let trouble = (cmd.accel == Accel::Kvm)
+            .then(|| health::watch(pid, stderr.clone(), watch_qmp.clone(), exited.clone()));
 
         let qemu_said =
             |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
@@ -159,6 +173,7 @@ impl QemuVm {
             &cmd.console_socket,
             stderr.clone(),
             exited,
+            trouble.clone(),
         )
         .await
         {
@@ -168,13 +183,20 @@ impl QemuVm {
                 // Give the stderr reader a moment to collect QEMU's last words.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let said = qemu_said(&stderr);
+                if let Some(line) = crate::accel::failure_line(&said) {
+                    return Err(kvm_error(line.to_owned(), said.clone()));
+                }
                 let first = said.lines().next().unwrap_or("it exited without a message").to_owned();
-                let err = Error::boot(format!("QEMU did not start: {first}")).with_detail(said.clone());
-                return Err(if said.contains("temporarily unavailable") {
-                    Error::transient(err.message())
-                } else {
-                    err
-                });
+                if said.contains("temporarily unavailable") {
+                    return Err(Error::transient(format!("QEMU did not start: {first}")));
+                }
+                // QEMU itself cannot run here (bad binary, options, firmware): the backend
+                // is unusable, not the guest.
+                return Err(Error::preflight(format!(
+                    "QEMU ({}) could not start: {first}; check the QEMU installation (`vmtest doctor`)",
+                    cmd.qemu.display()
+                ))
+                .with_detail(said));
             }
         };
 
@@ -188,15 +210,33 @@ impl QemuVm {
             BootMode::SnapshotSource { .. } => None,
         };
 
-        // Boot: wait for the agent's hello, or QEMU's exit, or the deadline.
-        let hello = tokio::time::timeout(boot_timeout, control.recv()).await;
+        // Boot: wait for the agent's hello, or QEMU's exit, or trouble, or the deadline. A
+        // guest that shows no agent within KVM_BOOT_DEADLINE under KVM has a broken KVM under it
+        // (a working one boots in about a second), not a slow boot.
+        let deadline = match cmd.accel {
+            Accel::Kvm => boot_timeout.min(KVM_BOOT_DEADLINE),
+            Accel::Tcg => boot_timeout,
+        };
+        let hello = match vm.or_trouble(tokio::time::timeout(deadline, control.recv())).await {
+            Ok(hello) => hello,
+            Err(t) => return Err(vm.trouble_error(t).await),
+        };
         let hello = match hello {
             Ok(Some(GuestMessage::Hello(h))) => h,
             Ok(_) => {
                 vm.wait_exit(Duration::from_secs(2)).await;
-                return Err(
-                    vm.failure(format!("the guest stopped before vmtest-agent came up ({})", vm.exit_text()))
+                if let Some(t) = vm.seen_trouble() {
+                    return Err(vm.trouble_error(t).await);
+                }
+                return Err(vm.early_exit_error());
+            }
+            Err(_) if cmd.accel == Accel::Kvm && deadline < boot_timeout => {
+                vm.kill_now().await;
+                let what = format!(
+                    "the guest did not reach vmtest-agent within {}s under KVM",
+                    KVM_BOOT_DEADLINE.as_secs()
                 );
+                return Err(vm.trouble_error(Trouble::Accelerator(what)).await);
             }
             Err(_) => {
                 vm.kill_now().await;
@@ -231,10 +271,18 @@ impl QemuVm {
     /// Send the setup (root switch, clock, network) and wait for the agent to finish it.
     async fn send_setup(mut self, setup: GuestSetup, control: &mut ControlReceiver) -> Result<QemuVm> {
         let t1 = Instant::now();
-        self.agent
-            .send(&HostMessage::Setup(setup))
-            .map_err(|_| self.failure("the guest went away during setup".into()))?;
-        match tokio::time::timeout(Duration::from_secs(60), control.recv()).await {
+        if self.agent.send(&HostMessage::Setup(setup)).is_err() {
+            if let Some(t) = self.seen_trouble() {
+                return Err(self.trouble_error(t).await);
+            }
+            return Err(self.failure("the guest went away during setup".into()));
+        }
+        let done = match self.or_trouble(tokio::time::timeout(Duration::from_secs(60), control.recv())).await
+        {
+            Ok(done) => done,
+            Err(t) => return Err(self.trouble_error(t).await),
+        };
+        match done {
             Ok(Some(GuestMessage::SetupDone { error: None })) => {}
             Ok(Some(GuestMessage::SetupDone { error: Some(e) })) => {
                 self.kill_now().await;
@@ -260,6 +308,7 @@ impl QemuVm {
         console_socket: &Path,
         stderr: Arc<Mutex<Vec<u8>>>,
         exited: watch::Receiver<Option<std::process::ExitStatus>>,
+        trouble: Option<watch::Receiver<Option<Trouble>>>,
     ) -> std::result::Result<(QemuVm, ControlReceiver), ()> {
         let connect = async {
             let console = connect_socket(console_socket, &exited).await?;
@@ -281,6 +330,7 @@ impl QemuVm {
             console,
             stderr,
             exited,
+            trouble,
             detached: AtomicBool::new(false),
             timings: Vec::new(),
         };
@@ -319,6 +369,7 @@ impl QemuVm {
             &console_socket,
             Arc::default(),
             exited,
+            None,
         )
         .await
         .map_err(|()| {
@@ -329,7 +380,63 @@ impl QemuVm {
     }
 
     fn failure(&self, what: String) -> Error {
-        boot_failure(what, &self.console, &String::from_utf8_lossy(&self.stderr.lock().unwrap()))
+        boot_failure(what, &self.console, &self.qemu_said())
+    }
+
+    fn qemu_said(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// QEMU exited before the agent came up. A kernel panic is the guest's failure (71);
+    /// QEMU failing by itself (an error, a signal, no panic in sight) is the backend's (69).
+    fn early_exit_error(&self) -> Error {
+        let err =
+            self.failure(format!("the guest stopped before vmtest-agent came up ({})", self.exit_text()));
+        let qemu_failed = matches!(*self.exited.borrow(), Some(s) if !s.success());
+        if err.message().starts_with("the guest kernel panicked") || !qemu_failed {
+            return err;
+        }
+        let said = self.qemu_said();
+        let first = said.lines().next().unwrap_or("no message").trim().to_owned();
+        Error::preflight(format!(
+            "QEMU ended before the guest booted ({}): {first}; check the QEMU installation (`vmtest doctor`)",
+            self.exit_text()
+        ))
+        .with_detail(err.detail().unwrap_or_default().to_owned())
+    }
+
+    /// Wait for `fut`, unless the health watcher reports trouble first.
+    async fn or_trouble<F: std::future::Future>(&self, fut: F) -> std::result::Result<F::Output, Trouble> {
+        let Some(rx) = &self.trouble else { return Ok(fut.await) };
+        let mut rx = rx.clone();
+        tokio::pin!(fut);
+        let seen = tokio::select! {
+            out = &mut fut => return Ok(out),
+            seen = rx.wait_for(|t| t.is_some()) => seen.ok().and_then(|t| t.clone()),
+        };
+        match seen {
+            Some(t) => Err(t),
+            // The watcher ended without trouble (QEMU exited): the future tells the rest.
+            None => Ok(fut.await),
+        }
+    }
+
+    fn seen_trouble(&self) -> Option<Trouble> {
+        self.trouble.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
+    /// The error for trouble the health watcher saw (QEMU is ended first).
+    async fn trouble_error(&self, trouble: Trouble) -> Error {
+        self.kill_now().await;
+        self.console.wait_closed(Duration::from_millis(500)).await;
+        match trouble {
+            Trouble::Accelerator(what) => {
+                kvm_error(what, self.failure(String::new()).detail().unwrap_or_default().to_owned())
+            }
+            Trouble::GuestPanicked => {
+                self.failure("the guest kernel panicked (QEMU reports guest-panicked)".into())
+            }
+        }
     }
 
     fn exit_text(&self) -> String {
@@ -360,6 +467,9 @@ impl QemuVm {
     async fn lost(&self, req_display: &str) -> Error {
         if self.wait_exit(Duration::from_secs(2)).await {
             self.console.wait_closed(Duration::from_secs(1)).await;
+        }
+        if let Some(t) = self.seen_trouble() {
+            return self.trouble_error(t).await;
         }
         let what = format!("the VM stopped while `{req_display}` was running ({})", self.exit_text());
         self.failure(what)
@@ -397,6 +507,18 @@ async fn connect_socket(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Under KVM, the longest a cold boot or restore may take to reach the agent before KVM is
+/// taken to be broken (a working KVM needs about a second; see the module docs of
+/// [`crate::accel`]).
+const KVM_BOOT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The error for an accelerator failure: exit 69, with [`KvmFailed`] as its source so the
+/// backend can fall back to TCG.
+fn kvm_error(what: String, detail: String) -> Error {
+    let failed = KvmFailed(what);
+    Error::preflight(failed.to_string()).with_detail(detail).with_source(failed)
 }
 
 fn kill_pid(pid: u32) {

@@ -52,6 +52,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// QEMU for the qemu backend: where it comes from, or fetch the distro's.
+    #[command(subcommand)]
+    Qemu(QemuCommand),
     /// Manage base images of backends that have an image store.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -368,6 +371,19 @@ pub enum KernelCommand {
     },
     /// Show the kernel vmtest would use, and the cached ones.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QemuCommand {
+    /// Download the distro's qemu-system-x86 and the libraries the host lacks (apt-get
+    /// download, no root) and unpack them into the cache.
+    Fetch {
+        /// Do nothing when vmtest already finds a QEMU ($VMTEST_QEMU, PATH, or fetched).
+        #[arg(long)]
+        if_missing: bool,
+    },
+    /// Show the QEMU vmtest would use, and where it came from.
+    Which,
 }
 
 #[derive(Args, Debug)]

@@ -191,8 +191,11 @@ impl Effective {
 /// Turn an error about a value into one that says where the value came from.
 pub fn blame<T>(r: Result<T>, source: &Source) -> Result<T> {
     r.map_err(|e| match source {
-        Source::Default => e,
-        s => Error::usage(format!("{} (set by {s})", e.message())),
+        // Only a bad value is the setting's fault; a backend that cannot run keeps its kind.
+        s if *s != Source::Default && e.kind() == vmtest_core::ErrorKind::Usage => {
+            Error::usage(format!("{} (set by {s})", e.message()))
+        }
+        _ => e,
     })
 }
 

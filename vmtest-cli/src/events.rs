@@ -12,6 +12,14 @@ use vmtest_core::Error;
 /// Bumped when a field changes meaning or goes away (new fields and events do not bump it).
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Set once `run_finished` (which carries the run's error) is on stderr: the stream has ended.
+static RUN_FINISHED_ON_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the JSON stream on stderr has already ended with `run_finished`.
+pub fn stream_finished() -> bool {
+    RUN_FINISHED_ON_STDERR.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 enum Dest {
     /// Whole lines on stderr, through the shared terminal lock.
     Stderr,
@@ -64,7 +72,12 @@ impl JsonEvents {
         line.pop();
         line.push('}');
         match &self.dest {
-            Dest::Stderr => ui::line(&line),
+            Dest::Stderr => {
+                ui::line(&line);
+                if kind == "run_finished" {
+                    RUN_FINISHED_ON_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             Dest::File(f) => {
                 let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
                 line.push('\n');
@@ -72,6 +85,36 @@ impl JsonEvents {
             }
         }
     }
+}
+
+/// One log record as a `log` event line (see docs/events.md).
+pub fn log_line(level: &str, target: &str, message: &str) -> String {
+    let v = json!({
+        "type": "log",
+        "time": ui::rfc3339(SystemTime::now()),
+        "elapsed": secs(ui::process_start().elapsed()),
+        "pid": std::process::id(),
+        "level": level.to_lowercase(),
+        "target": target,
+        "message": message,
+    });
+    ordered_line(&v, &["type", "time", "elapsed", "pid", "level", "target", "message"])
+}
+
+/// An `error` event line: the error that ended the command.
+pub fn error_line(e: &Error) -> String {
+    let mut v = error_json(e);
+    v["type"] = json!("error");
+    v["time"] = json!(ui::rfc3339(SystemTime::now()));
+    v["elapsed"] = secs(ui::process_start().elapsed());
+    v["pid"] = json!(std::process::id());
+    ordered_line(&v, &["type", "time", "elapsed", "pid", "kind", "message", "detail", "exit_code"])
+}
+
+/// `v`'s fields as one JSON line in the order of `keys` (type and time first read best).
+fn ordered_line(v: &Value, keys: &[&str]) -> String {
+    let fields: Vec<String> = keys.iter().map(|k| format!("{}:{}", Value::from(*k), v[*k])).collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 fn secs(d: Duration) -> Value {

@@ -5,15 +5,26 @@ mod cli;
 mod commands;
 mod config;
 mod events;
+mod logging;
 mod signals;
 mod ui;
 
+use clap::error::ErrorKind as ClapErrorKind;
 use clap::Parser;
 use std::process::ExitCode;
 use vmtest_core::Error;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
+    ui::process_start();
+    if let cli::Command::Run(run) = &args.command {
+        if run.message_format == cli::MessageFormat::Json {
+            ui::set_json_mode();
+        }
+    }
     init_logging(args.verbose, args.quiet);
     // One thread: everything here waits on I/O, and QEMU's parent-death signal is tied to
     // the thread that spawned it, which must live as long as the run.
@@ -29,6 +40,13 @@ fn main() -> ExitCode {
 
 /// Print an error as one line (plus its detail block) and pick its exit code.
 fn report(e: &Error) -> ExitCode {
+    if ui::json_mode() {
+        // `run_finished` carries the error when the stream got that far; else it ends here.
+        if !events::stream_finished() {
+            ui::line(&events::error_line(e));
+        }
+        return ExitCode::from(e.exit_code() as u8);
+    }
     let mut text = format!("vmtest: error: {}", e.message());
     if let Some(detail) = e.detail() {
         for line in detail.lines() {
@@ -38,6 +56,16 @@ fn report(e: &Error) -> ExitCode {
     ui::set_status(None);
     ui::line(&text);
     ExitCode::from(e.exit_code() as u8)
+}
+
+/// clap's own errors: help and version exit 0, bad usage exits 64 like every other usage
+/// error (clap would exit 2, which test runners read as a failure of their own).
+fn usage_error(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    match e.kind() {
+        ClapErrorKind::DisplayHelp | ClapErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::from(vmtest_core::error::exit_codes::USAGE as u8),
+    }
 }
 
 /// Logs go through the terminal lock (never inside the status line or a command's line).
@@ -58,12 +86,5 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("VMTEST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // Colour only for a terminal: logs in CI and in files must stay plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(ui::log_writer)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
+    logging::init(filter);
 }

@@ -20,6 +20,22 @@ pub enum Verbosity {
 }
 
 static VERBOSITY: OnceLock<Verbosity> = OnceLock::new();
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// When vmtest started (the `elapsed` of JSON log events counts from here).
+pub fn process_start() -> Instant {
+    *START.get_or_init(Instant::now)
+}
+
+/// Every line vmtest writes on stderr is JSON (`--message-format json`).
+pub fn set_json_mode() {
+    JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn json_mode() -> bool {
+    JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 pub fn set_verbosity(v: Verbosity) {
     let _ = VERBOSITY.set(v);
@@ -173,31 +189,6 @@ impl OutputSink for Sink {
     fn write(&mut self, stream: Stream, data: &[u8]) {
         write_stream(stream, data);
     }
-}
-
-/// A `tracing` writer: one log record, written as a whole through the lock.
-pub struct LogWriter(Vec<u8>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for LogWriter {
-    fn drop(&mut self) {
-        if !self.0.is_empty() {
-            line(&String::from_utf8_lossy(&self.0));
-        }
-    }
-}
-
-pub fn log_writer() -> LogWriter {
-    LogWriter(Vec::new())
 }
 
 /// `1.23s`, `12.3s`, `2m05s`.

@@ -36,9 +36,11 @@ pub async fn choose(requested: &str, candidates: Vec<Box<dyn Hypervisor>>) -> Re
     let mut reasons = Vec::new();
     for c in candidates {
         let pf = c.preflight().await;
-        match pf.into_result() {
-            Ok(_) => return Ok(c),
-            Err(e) => reasons.push(format!("{}: {}", c.name(), e.message())),
+        match pf.first_failure() {
+            None => return Ok(c),
+            // One reason per backend, without the fix: `vmtest doctor` shows the fixes.
+            Some(check) if check.name == c.name() => reasons.push(format!("{}: {}", c.name(), check.detail)),
+            Some(check) => reasons.push(format!("{}: {}: {}", c.name(), check.name, check.detail)),
         }
     }
     Err(Error::preflight(format!(

@@ -66,13 +66,16 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     detail: Option<String>,
+    /// What caused it, kept for callers that need to tell causes apart (and for `source()`).
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), detail: None }
+        Error { kind, message: message.into(), detail: None, source: None }
     }
 
     pub fn usage(message: impl Into<String>) -> Self {
@@ -106,9 +109,16 @@ impl Error {
         Self::new(ErrorKind::Interrupted, format!("interrupted by {signal}; the VM was torn down"))
     }
 
-    /// An I/O error while doing `what`, as an infrastructure error.
+    /// An I/O error while doing `what`, as an infrastructure error (the I/O error is kept
+    /// as its source).
     pub fn io(what: impl std::fmt::Display, err: std::io::Error) -> Self {
-        Self::infra(format!("{what}: {err}"))
+        Self::infra(format!("{what}: {err}")).with_source(err)
+    }
+
+    /// Keep `source` as the cause of this error.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     /// Attach a multi-line detail, shown under the one-line message.

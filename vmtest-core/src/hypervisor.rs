@@ -58,9 +58,14 @@ impl Preflight {
         self.checks.iter().all(|c| c.status != CheckStatus::Fail)
     }
 
+    /// The first failed check, if any.
+    pub fn first_failure(&self) -> Option<&Check> {
+        self.checks.iter().find(|c| c.status == CheckStatus::Fail)
+    }
+
     /// The first failed check as a one-line preflight error.
     pub fn into_result(self) -> Result<Preflight> {
-        match self.checks.iter().find(|c| c.status == CheckStatus::Fail) {
+        match self.first_failure() {
             None => Ok(self),
             Some(c) => {
                 let fix = c.fix.as_deref().map(|f| format!("; {f}")).unwrap_or_default();

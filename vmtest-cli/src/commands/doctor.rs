@@ -7,7 +7,8 @@ use vmtest_core::sweep::{self, Reason, Scope};
 use vmtest_core::{backend_choice, CheckStatus, Result};
 
 pub async fn doctor(backend: &str) -> Result<i32> {
-    let all = super::backends::all(QemuOptions::default());
+    // Doctor may take the seconds a KVM probe costs: that is the answer it is asked for.
+    let all = super::backends::all(QemuOptions { prove_kvm: true, ..QemuOptions::default() });
     let mut usable = Vec::new();
     for b in &all {
         let pf = b.preflight().await;

@@ -9,6 +9,7 @@ mod floor;
 mod image;
 mod kernel;
 mod network_keeper;
+mod qemu;
 mod reporter;
 mod request;
 mod run;
@@ -29,6 +30,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Destroy { name } => vms::destroy(&name).await,
         Command::Cleanup(args) => cleanup::cleanup(args).await,
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
+        Command::Qemu(cmd) => qemu::qemu(cmd).await,
         Command::Image(cmd) => image::image(cmd).await,
         Command::Doctor { backend } => doctor::doctor(&backend).await,
         Command::Floor(args) => floor::floor_command(args).await,

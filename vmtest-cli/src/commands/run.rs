@@ -118,7 +118,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await;
     ui::set_status(None);
     let outcome = outcome?;
-    if args.timings {
+    if args.timings && args.message_format == MessageFormat::Human {
         let parts: Vec<String> = outcome
             .timings
             .phases
