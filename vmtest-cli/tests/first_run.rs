@@ -342,6 +342,37 @@ fn with_no_qemu_installed_the_distros_is_fetched_and_runs_the_command() {
     vt.assert_clean();
 }
 
+/// A host without package lists (a fresh container, say): vmtest does not need root to
+/// refresh them, it keeps a private copy in its cache.
+#[test]
+fn missing_host_package_lists_are_refreshed_privately_for_the_qemu_fetch() {
+    let vt = Vmtest::new();
+    let cache = FreshCache::new(&vt);
+    let empty_lists = tempfile::tempdir().unwrap();
+    let apt_config = cache.dir.path().join("apt.conf");
+    std::fs::write(&apt_config, format!("Dir::State::Lists \"{}\";\n", empty_lists.path().display()))
+        .unwrap();
+    let out = cache.cmd(&vt).env("APT_CONFIG", &apt_config).args(["-v", "qemu", "fetch"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refreshing a private copy of the package lists"), "{}", stderr(&out));
+    let lists = std::fs::read_dir(cache.dir.path().join("apt/lists")).unwrap().flatten();
+    assert!(
+        lists.into_iter().any(|e| e.file_name().to_string_lossy().contains("_Packages")),
+        "private lists"
+    );
+    assert_eq!(std::fs::read_dir(empty_lists.path()).unwrap().count(), 0, "the host's lists are not touched");
+    let fetched = PathBuf::from(stdout(&out).split_whitespace().next().unwrap());
+    let version = std::process::Command::new(&fetched).arg("--version").output().unwrap();
+    assert!(stdout(&version).starts_with("QEMU emulator version"), "{}", stdout(&version));
+    // Asked again, it is there already.
+    let again = cache.cmd(&vt).args(["qemu", "fetch", "--if-missing"]).output().unwrap();
+    assert!(
+        stdout(&again).contains("nothing fetched") || stdout(&again).contains("on PATH"),
+        "{}",
+        stdout(&again)
+    );
+}
+
 extern "C" {
     fn geteuid() -> u32;
 }

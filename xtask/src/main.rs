@@ -4,6 +4,8 @@
 //!   proof: the in-VM example passes through `vmtest run --` under `cargo test` and
 //!   `cargo nextest run`, and its deliberately failing test fails through it.
 //! - `bench [--runs N]`: `vmtest run -- true` against the raw QEMU boot floor, interleaved.
+//! - `bench --first-run`: a new user's first run (kernel and QEMU fetched, KVM verdict,
+//!   snapshot made), the KVM verdict's cost, and the time to a verdict when KVM hangs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -16,7 +18,10 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
-        _ => Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg] [--suite]".into()),
+        _ => {
+            Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run]"
+                .into())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,18 +129,24 @@ fn bench(args: &[String]) -> Result<()> {
     let mut runs = 9usize;
     let mut accel = "auto".to_owned();
     let mut suite = false;
+    let mut first_run = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--runs" => runs = it.next().and_then(|n| n.parse().ok()).ok_or("--runs takes a number")?,
             "--accel" => accel = it.next().cloned().ok_or("--accel takes auto|kvm|tcg")?,
             "--suite" => suite = true,
+            "--first-run" => first_run = true,
             other => return Err(format!("unknown bench flag {other}")),
         }
     }
     if suite {
         step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
         return bench_suite(&vmtest_binary("release"), &accel);
+    }
+    if first_run {
+        step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
+        return bench_first_run(&vmtest_binary("release"), runs.clamp(3, 9));
     }
     if runs < 7 {
         return Err("use at least 7 runs: the machine is noisy".into());
@@ -343,4 +354,129 @@ fn bench_suite(vmtest: &Path, accel: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A new user's first run, and what the KVM verdict costs.
+///
+/// 1. `vmtest run -- true` with an empty cache and (as root, in a mount namespace of its
+///    own) no system QEMU visible: kernel and QEMU fetched, verdict made, snapshot saved.
+///    Then the same again, everything cached.
+/// 2. The verdict's cost on this host: `vmtest run -- true` with the verdict removed before
+///    each run vs with it cached, interleaved.
+/// 3. The time to a verdict when KVM hangs a real kernel: the same with a QEMU that asks for
+///    the CPU model under which this kind of host's KVM hangs (needs a system QEMU).
+fn bench_first_run(vmtest: &Path, runs: usize) -> Result<()> {
+    let cache = tempfile_dir("first-run-cache")?;
+    let masked = is_root() && Path::new("/usr/bin/unshare").exists();
+    let run = |extra_env: &[(&str, &Path)]| {
+        let mut c = if masked {
+            let mut c = Command::new("/usr/bin/unshare");
+            c.args(["--mount", "--propagation", "private", "/bin/sh", "-c", MASK_SYSTEM_QEMU]).arg(vmtest);
+            c
+        } else {
+            Command::new(vmtest)
+        };
+        c.args(["run", "--", "true"])
+            .env("VMTEST_CACHE_DIR", &cache)
+            .env("VMTEST_LOG", "error")
+            .env("CI", "true")
+            .env_remove("VMTEST_QEMU")
+            .env_remove("VMTEST_KERNEL");
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        c
+    };
+    let first = sample(&mut run(&[]))?.wall;
+    let second = sample(&mut run(&[]))?.wall;
+    let (mut probed, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let _ = std::fs::remove_dir_all(cache.join("probe"));
+        probed.push(sample(&mut run(&[]))?.wall);
+        cached.push(sample(&mut run(&[]))?.wall);
+    }
+    let (probed, cached) = (median(&mut probed), median(&mut cached));
+    let hang = match which("qemu-system-x86_64") {
+        Some(qemu) => {
+            let wrapper = cache.join("qemu-kvm-hang");
+            std::fs::write(
+                &wrapper,
+                format!(
+                    "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = kvm ] && exec {q} \"$@\" -cpu host,-arch-capabilities; done\nexec {q} \"$@\"\n",
+                    q = qemu.display()
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+            let hang_run = |c: &mut Command| {
+                c.env("VMTEST_QEMU", &wrapper).env("CI", "true");
+            };
+            let mut with_probe = Vec::new();
+            let mut without = Vec::new();
+            for _ in 0..runs.min(3) {
+                let _ = std::fs::remove_dir_all(cache.join("probe"));
+                let mut c = Command::new(vmtest);
+                c.args(["run", "--", "true"]).env("VMTEST_CACHE_DIR", &cache).env("VMTEST_LOG", "error");
+                hang_run(&mut c);
+                with_probe.push(sample(&mut c)?.wall);
+                let mut c = Command::new(vmtest);
+                c.args(["run", "--", "true"]).env("VMTEST_CACHE_DIR", &cache).env("VMTEST_LOG", "error");
+                hang_run(&mut c);
+                without.push(sample(&mut c)?.wall);
+            }
+            Some((median(&mut with_probe), median(&mut without)))
+        }
+        None => None,
+    };
+    let _ = std::fs::remove_dir_all(&cache);
+    let secs = |d: Duration| d.as_secs_f64();
+    println!("| first run on this host (release build; medians of {runs} where repeated) | time |");
+    println!("|---|---|");
+    println!(
+        "| `vmtest run -- true`, empty cache{}: kernel + QEMU fetched, KVM verdict, snapshot saved | {:.1} s |",
+        if masked { ", no system QEMU visible" } else { " (system QEMU visible: not root)" },
+        secs(first)
+    );
+    println!("| the same again, everything cached (restored) | {:.2} s |", secs(second));
+    println!(
+        "| `vmtest run -- true` with the KVM verdict made in the run vs cached: the verdict's cost here | {:.2} s vs {:.2} s: {:+.2} s |",
+        secs(probed),
+        secs(cached),
+        secs(probed) - secs(cached)
+    );
+    if let Some((with_probe, without)) = hang {
+        println!(
+            "| KVM that hangs a real kernel: run with the verdict made vs cached (time to a verdict) | {:.2} s vs {:.2} s: {:+.2} s |",
+            secs(with_probe),
+            secs(without),
+            secs(with_probe) - secs(without)
+        );
+    }
+    Ok(())
+}
+
+/// For `sh -c`: hide the system's QEMU binary, firmware and modules, then run `$0 "$@"`.
+const MASK_SYSTEM_QEMU: &str = "for p in /usr/bin/qemu-system-x86_64 /usr/share/qemu /usr/share/seabios \
+    /usr/lib/ipxe/qemu /usr/lib/x86_64-linux-gnu/qemu; do \
+    if [ -d \"$p\" ]; then mount -t tmpfs none \"$p\"; elif [ -e \"$p\" ]; then mount --bind /dev/null \"$p\"; fi; \
+    done; exec \"$0\" \"$@\"";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn tempfile_dir(name: &str) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("vmtest-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
 }
