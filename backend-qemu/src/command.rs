@@ -88,6 +88,9 @@ impl QemuCommand {
         let mut words: Vec<String> = [
             "console=ttyS0",
             "quiet",
+            // Warnings too (quiet shows errors only): WARNING and lockdep reports are
+            // printed at warning level, and vmtest watches the console for bug reports.
+            "loglevel=5",
             // A panic ends QEMU at once (with -no-reboot) instead of hanging the run.
             "panic=-1",
             "oops=panic",

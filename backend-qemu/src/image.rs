@@ -285,6 +285,10 @@ impl Vm for ImageVm {
         self.inner.name()
     }
 
+    fn kernel_log(&self) -> Option<Box<dyn Console>> {
+        self.inner.kernel_log()
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             network: true,

@@ -633,6 +633,10 @@ impl Vm for QemuVm {
     fn boot_timings(&self) -> Vec<(&'static str, Duration)> {
         self.timings.clone()
     }
+
+    fn kernel_log(&self) -> Option<Box<dyn Console>> {
+        Some(Box::new(self.console.handle()))
+    }
 }
 
 impl Drop for QemuVm {

@@ -102,6 +102,19 @@ pub enum Keep {
     Always,
 }
 
+/// What a bug report of the guest kernel (WARNING, BUG, KASAN...) printed during the
+/// command does to the run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelWarnings {
+    /// Fail the run (exit 70), whatever the command's status.
+    Fail,
+    /// Show each report (title and trace) and emit it as an event; the status is the command's.
+    Report,
+    /// Do not watch the kernel's log.
+    Ignore,
+}
+
 /// How the guest command runs: shared by `run` and `exec`.
 #[derive(Args, Debug)]
 pub struct CommandArgs {
@@ -189,6 +202,12 @@ pub struct RunSettings {
     /// (1: strictly one at a time) ($VMTEST_MAX_VMS). Default: what the cores and memory allow.
     #[arg(long, value_name = "N")]
     pub max_vms: Option<usize>,
+
+    /// What a guest kernel bug report (WARNING, BUG, Oops, KASAN, UBSAN, KFENCE, lockdep,
+    /// RCU stall, hung task, soft lockup) printed while the command runs does: fail (exit
+    /// 70), report, or ignore. Default: report.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub kernel_warnings: Option<KernelWarnings>,
 }
 
 /// How `vmtest run` reports what it does.

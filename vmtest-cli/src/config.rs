@@ -7,7 +7,7 @@
 //! directory, as Cargo finds `Cargo.toml`, so it also applies when vmtest runs as a cargo
 //! runner (cwd = the package directory).
 
-use crate::cli::{CommandArgs, Keep, RunSettings};
+use crate::cli::{CommandArgs, Keep, KernelWarnings, RunSettings};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -53,6 +53,8 @@ macro_rules! settings {
             #[serde(alias = "kernel_args")]
             pub kernel_args: Option<String>,
             pub keep: Option<Keep>,
+            #[serde(alias = "kernel_warnings")]
+            pub kernel_warnings: Option<KernelWarnings>,
             #[serde(alias = "max_vms")]
             pub max_vms: Option<usize>,
             pub env: Option<EnvTable>,
@@ -90,6 +92,7 @@ impl ConfigFile {
             timeout: self.timeout.clone(),
             kernel_args: self.kernel_args.clone(),
             keep: self.keep,
+            kernel_warnings: self.kernel_warnings,
             max_vms: self.max_vms,
             env: self.env.clone(),
         }
@@ -167,6 +170,7 @@ pub struct Effective {
     pub timeout: Val<Option<String>>,
     pub kernel_args: Val<Option<String>>,
     pub keep: Val<Keep>,
+    pub kernel_warnings: Val<KernelWarnings>,
     pub max_vms: Val<Option<usize>>,
     /// In the order they apply (config first, flags last, so flags win).
     pub env: Vec<(EnvRule, Source)>,
@@ -359,6 +363,13 @@ pub fn resolve(
     let kernel_args: Val<Option<String>> =
         pick!(kernel_args, None, None, flags.kernel_args.as_ref().map(|t| Some(t.clone())), "--kernel-args");
     let keep = pick!(keep, Keep::Never, None, flags.keep.as_ref(), "--keep");
+    let kernel_warnings = pick!(
+        kernel_warnings,
+        KernelWarnings::Report,
+        None,
+        flags.kernel_warnings.as_ref(),
+        "--kernel-warnings"
+    );
     let max_vms: Val<Option<usize>> = pick!(
         max_vms,
         None,
@@ -406,6 +417,7 @@ pub fn resolve(
         timeout,
         kernel_args,
         keep,
+        kernel_warnings,
         max_vms,
         env: rules,
     })

@@ -166,6 +166,10 @@ impl Reporter for JsonEvents {
                 self.emit("tearing_down", json!({"vm": name, "action": if *kill { "kill" } else { "shutdown" }}))
             }
             Event::Kept { name } => self.emit("kept", json!({"vm": name})),
+            Event::KernelReport { name, report } => self.emit(
+                "kernel_report",
+                json!({"vm": name, "kind": report.kind, "title": report.title, "text": report.text}),
+            ),
             Event::Finished { name, timings } => {
                 let t: Map<String, Value> = timings.phases.iter().map(|(p, d)| (p.clone(), secs(*d))).collect();
                 self.emit("finished", json!({"vm": name, "timings": t}))

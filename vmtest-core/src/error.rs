@@ -22,6 +22,9 @@ pub enum ErrorKind {
     Interrupted,
     /// The test itself failed: a step's command failed or its output did not match.
     TestFailed,
+    /// The guest kernel printed a bug report (WARNING, BUG, KASAN...) during the command,
+    /// and the run was asked to fail on those (`--kernel-warnings fail`).
+    KernelReport,
 }
 
 impl ErrorKind {
@@ -36,6 +39,7 @@ impl ErrorKind {
             ErrorKind::Timeout => exit_codes::TIMEOUT,
             ErrorKind::Interrupted => exit_codes::INTERRUPTED,
             ErrorKind::TestFailed => exit_codes::TEST_FAILED,
+            ErrorKind::KernelReport => exit_codes::KERNEL_REPORT,
         }
     }
 }
@@ -56,6 +60,9 @@ pub mod exit_codes {
     pub const INTERRUPTED: i32 = 130;
     /// A test (`vmtest test`, a Machine API check) failed, as test runners report it.
     pub const TEST_FAILED: i32 = 1;
+    /// The guest kernel reported a bug during the command (`--kernel-warnings fail`)
+    /// (EX_SOFTWARE).
+    pub const KERNEL_REPORT: i32 = 70;
 }
 
 /// A vmtest error: a one-line message that names what failed and how to fix it, an optional
@@ -164,6 +171,7 @@ mod tests {
             ErrorKind::Infrastructure,
             ErrorKind::Timeout,
             ErrorKind::Interrupted,
+            ErrorKind::KernelReport,
         ];
         let codes: std::collections::HashSet<i32> = kinds.iter().map(|k| k.exit_code()).collect();
         assert_eq!(codes.len(), kinds.len());

@@ -186,4 +186,10 @@ pub trait Vm: Send + Sync {
     fn boot_timings(&self) -> Vec<(&'static str, std::time::Duration)> {
         Vec::new()
     }
+
+    /// Where the guest kernel's messages appear (its console), from now on, for watching
+    /// them for bug reports. `None`: this backend does not show them (the default).
+    fn kernel_log(&self) -> Option<Box<dyn Console>> {
+        None
+    }
 }

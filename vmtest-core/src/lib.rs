@@ -19,6 +19,7 @@ pub mod exec;
 pub mod hypervisor;
 #[cfg(feature = "host")]
 pub mod junit;
+pub mod kernel_report;
 #[cfg(feature = "host")]
 pub mod lock;
 #[cfg(feature = "host")]

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::exec::ExecRequest;
 use crate::hypervisor::{Hypervisor, Vm};
+use crate::kernel_report::KernelReport;
 use crate::lock::{Holder, SlotPool, Slots};
 use crate::protocol::ExitStatus;
 use crate::retry::RetryPolicy;
@@ -68,8 +69,22 @@ pub enum Event<'a> {
     ExecFinished { name: &'a str, status: Option<ExitStatus>, error: Option<&'a Error>, duration: Duration },
     /// Teardown starts: a clean shutdown, or a kill after an interruption.
     TearingDown { name: &'a str, kill: bool },
+    /// The guest kernel printed a bug report while the command ran.
+    KernelReport { name: &'a str, report: &'a KernelReport },
     /// The run is over (the VM is gone, or kept); all phase timings.
     Finished { name: &'a str, timings: &'a Timings },
+}
+
+/// What a guest kernel bug report printed during the command does to the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelReports {
+    /// The run fails ([`crate::ErrorKind::KernelReport`]), whatever the command's status.
+    Fail,
+    /// Each report is an [`Event::KernelReport`]; the status is the command's.
+    #[default]
+    Report,
+    /// The kernel's log is not watched.
+    Ignore,
 }
 
 /// Receives [`Event`]s (the CLI prints them; a library user may log them).
@@ -94,6 +109,8 @@ pub struct RunOptions<'a> {
     /// Where to keep the logs (`*.log`: console, hypervisor) of a run that failed, before its
     /// run dir is removed. `None` keeps nothing (a kept VM keeps its run dir anyway).
     pub failure_logs: Option<PathBuf>,
+    /// What the guest kernel's bug reports do to the run.
+    pub kernel_reports: KernelReports,
 }
 
 impl Default for RunOptions<'_> {
@@ -104,6 +121,7 @@ impl Default for RunOptions<'_> {
             slots: None,
             reporter: &Silent,
             failure_logs: None,
+            kernel_reports: KernelReports::default(),
         }
     }
 }
@@ -155,7 +173,7 @@ where
     C: Future<Output = CancelReason>,
 {
     tokio::pin!(cancel);
-    let RunOptions { retry, keep, slots, reporter, failure_logs } = opts;
+    let RunOptions { retry, keep, slots, reporter, failure_logs, kernel_reports } = opts;
     // Held until the VM is gone (or kept); released on drop, also on error.
     let _slots = match &slots {
         Some(pool) => Some(tokio::select! {
@@ -194,11 +212,44 @@ where
     let argv = req.argv.clone();
     reporter.event(&Event::ExecStarted { name: vm.name(), argv: &argv });
     let command_started = Instant::now();
+    let mut kernel_log = match kernel_reports {
+        KernelReports::Ignore => None,
+        _ => vm.kernel_log().map(KernelLogWatch::new),
+    };
+    let exec = async {
+        match kernel_log.as_mut() {
+            Some(watch) => watch.during(vm.exec(req)).await,
+            None => vm.exec(req).await,
+        }
+    };
     let result = tokio::select! {
-        r = vm.exec(req) => r,
+        r = exec => r,
         reason = &mut cancel => Err(Error::interrupted(reason)),
     };
     timings.push("command", command_started.elapsed());
+    let reports = match kernel_log {
+        Some(watch) => watch.finish().await,
+        None => Vec::new(),
+    };
+    for report in &reports {
+        reporter.event(&Event::KernelReport { name: vm.name(), report });
+    }
+    let result = match result {
+        Ok(_) if kernel_reports == KernelReports::Fail && !reports.is_empty() => {
+            let titles: Vec<&str> = reports.iter().map(|r| r.title.as_str()).collect();
+            Err(Error::new(
+                crate::ErrorKind::KernelReport,
+                format!(
+                    "the guest kernel reported {} bug(s) during the command: {}; see the report(s) above \
+                     (--kernel-warnings report shows them without failing)",
+                    reports.len(),
+                    titles.join("; ")
+                ),
+            )
+            .with_detail(reports.iter().map(|r| r.text.as_str()).collect::<Vec<_>>().join("\n")))
+        }
+        other => other,
+    };
     reporter.event(&Event::ExecFinished {
         name: vm.name(),
         status: result.as_ref().ok().map(|o| o.status),
@@ -235,6 +286,53 @@ where
 
     let out = result?;
     Ok(RunOutcome { status: out.status, timings, kept })
+}
+
+/// Collects what the guest kernel prints while a command runs, then finds its bug reports.
+struct KernelLogWatch {
+    console: Box<dyn crate::console::Console>,
+    text: Vec<u8>,
+}
+
+impl KernelLogWatch {
+    /// At most this much of the log is kept (a noisy command cannot exhaust memory).
+    const MAX_BYTES: usize = 16 << 20;
+    /// After the command, how long the console may stay quiet before it is taken to have
+    /// printed everything the command caused (the kernel writes its console synchronously;
+    /// this only covers the host reading the socket).
+    const SETTLE: Duration = Duration::from_millis(30);
+
+    fn new(console: Box<dyn crate::console::Console>) -> Self {
+        KernelLogWatch { console, text: Vec::new() }
+    }
+
+    fn keep(&mut self, chunk: Vec<u8>) {
+        if self.text.len() < Self::MAX_BYTES {
+            self.text.extend_from_slice(&chunk[..chunk.len().min(Self::MAX_BYTES - self.text.len())]);
+        }
+    }
+
+    /// Run `fut`, reading the console meanwhile.
+    async fn during<F: Future>(&mut self, fut: F) -> F::Output {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                chunk = self.console.read() => match chunk {
+                    Some(c) => self.keep(c),
+                    // The console closed (the VM went away): the command's result tells why.
+                    None => return fut.await,
+                },
+            }
+        }
+    }
+
+    async fn finish(mut self) -> Vec<KernelReport> {
+        while let Ok(Some(chunk)) = tokio::time::timeout(Self::SETTLE, self.console.read()).await {
+            self.keep(chunk);
+        }
+        crate::kernel_report::find(&String::from_utf8_lossy(&self.text))
+    }
 }
 
 async fn launch_with_retry(

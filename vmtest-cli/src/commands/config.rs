@@ -27,6 +27,11 @@ pub fn config(args: ConfigArgs) -> Result<i32> {
         ("timeout", json!(eff.timeout.value), &eff.timeout.source),
         ("kernel-args", json!(eff.kernel_args.value), &eff.kernel_args.source),
         ("keep", keep(eff.keep.value), &eff.keep.source),
+        (
+            "kernel-warnings",
+            serde_json::to_value(eff.kernel_warnings.value).unwrap_or(Value::Null),
+            &eff.kernel_warnings.source,
+        ),
         ("max-vms", json!(eff.max_vms.value), &eff.max_vms.source),
     ];
     if args.json {

@@ -86,6 +86,15 @@ impl Reporter for Human {
                      vmtest destroy {name}        # tear it down"
                 ));
             }
+            Event::KernelReport { name, report } => {
+                self.status(None);
+                let mut text = format!("vmtest: the guest kernel of {name} reported: {}", report.title);
+                for line in report.text.lines() {
+                    text.push_str("\n  | ");
+                    text.push_str(line);
+                }
+                ui::line(&text);
+            }
             Event::Finished { name, timings } => {
                 self.status(None);
                 let parts: Vec<String> = ["launch", "command", "teardown"]

@@ -1,6 +1,6 @@
 //! `vmtest run`.
 
-use crate::cli::{Keep, MessageFormat, RunArgs};
+use crate::cli::{Keep, KernelWarnings, MessageFormat, RunArgs};
 use crate::config::{self, blame, Effective};
 use crate::events::{self, JsonEvents};
 use crate::signals::Signals;
@@ -10,7 +10,7 @@ use serde_json::json;
 use std::time::Instant;
 use vmtest_core::lock::{self, SlotPool};
 use vmtest_core::retry::RetryPolicy;
-use vmtest_core::runner::{self, KeepPolicy, Reporter, RunOptions};
+use vmtest_core::runner::{self, KeepPolicy, KernelReports, Reporter, RunOptions};
 use vmtest_core::spec::{self, BootSpec, VmSpec};
 use vmtest_core::state::StateDir;
 use vmtest_core::{sweep, Error, Result};
@@ -114,6 +114,11 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         slots: Some(SlotPool::from_env(state.path(), max_vms)?),
         reporter: &both,
         failure_logs: args.failure_logs.clone(),
+        kernel_reports: match eff.kernel_warnings.value {
+            KernelWarnings::Fail => KernelReports::Fail,
+            KernelWarnings::Report => KernelReports::Report,
+            KernelWarnings::Ignore => KernelReports::Ignore,
+        },
     };
     let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await;
     ui::set_status(None);
