@@ -167,6 +167,24 @@ pub struct BootImage {
     pub pvh: bool,
 }
 
+/// A file with `kernel`'s debug symbols, for gdb: the `vmlinux` of its build tree
+/// (`arch/x86/boot/bzImage` -> `vmlinux`), or Debian's `-dbg` package's
+/// `/usr/lib/debug/boot/vmlinux-<release>`.
+pub fn debug_symbols(kernel: &Kernel) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(tree) =
+        kernel.image.ancestors().nth(4).filter(|_| kernel.image.ends_with("arch/x86/boot/bzImage"))
+    {
+        candidates.push(tree.join("vmlinux"));
+    }
+    if let Some(dir) = kernel.image.parent() {
+        candidates.push(dir.join(format!("vmlinux-{}", kernel.release)));
+    }
+    candidates.push(PathBuf::from(format!("/usr/lib/debug/boot/vmlinux-{}", kernel.release)));
+    candidates.push(PathBuf::from(format!("/usr/lib/debug/vmlinux-{}", kernel.release)));
+    candidates.into_iter().find(|p| p.is_file() && *p != kernel.image)
+}
+
 /// Extract (once) and return the fastest bootable form of `kernel`.
 pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
     let id = file_identity(&kernel.image)

@@ -53,6 +53,18 @@ pub struct QemuOptions {
     /// Let the preflight probe KVM when no verdict is cached (`vmtest doctor`); otherwise it
     /// only reports a cached verdict, since `auto` runs the preflight before every run.
     pub prove_kvm: bool,
+    /// Expose QEMU's gdb stub on loopback (kernel mode).
+    pub gdb: Option<Gdb>,
+}
+
+/// QEMU's gdb stub for a kernel-mode guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gdb {
+    /// The loopback port; 0 picks a free one.
+    pub port: u16,
+    /// Start the guest halted, until gdb continues it (boots cold: a restore has no
+    /// "before the kernel" to stop at).
+    pub wait: bool,
 }
 
 impl Default for QemuOptions {
@@ -64,6 +76,7 @@ impl Default for QemuOptions {
             kernel_args: Vec::new(),
             snapshots: true,
             prove_kvm: false,
+            gdb: None,
         }
     }
 }
@@ -342,15 +355,60 @@ impl QemuBackend {
             hosts: spec.hosts.clone(),
             entropy: random_bytes(32),
         };
-        if self.opts.snapshots {
+        // A guest held for gdb boots cold: a restored one is past the point to stop at.
+        let snapshots = self.opts.snapshots && !self.opts.gdb.is_some_and(|g| g.wait);
+        if snapshots {
             if let Some(vm) = self.restore(prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {
                 return Ok(Box::new(vm));
             }
         }
+        let mut extra = Vec::new();
+        let mut boot_timeout = spec.boot_timeout;
+        if let Some(gdb) = self.opts.gdb {
+            extra = self.gdb_args(gdb, prepared)?;
+            if gdb.wait {
+                // The guest waits for a person at a debugger.
+                boot_timeout = boot_timeout.max(std::time::Duration::from_secs(24 * 3600));
+            }
+        }
         let mode = vm::BootMode::Cold(setup);
-        let vm = vm::QemuVm::boot(&cmd, &mut record, run, mode, spec.boot_timeout, self.opts.die_with_parent)
-            .await?;
+        let vm = vm::QemuVm::boot_with_args(
+            &cmd,
+            &extra,
+            &mut record,
+            run,
+            mode,
+            boot_timeout,
+            self.opts.die_with_parent,
+        )
+        .await?;
         Ok(Box::new(vm))
+    }
+
+    /// QEMU's arguments for the gdb stub, and the notice with the gdb command to use.
+    fn gdb_args(&self, gdb: Gdb, prepared: &Prepared) -> Result<Vec<std::ffi::OsString>> {
+        let port = if gdb.port == 0 { ssh::free_port()? } else { gdb.port };
+        let symbols = kernel::debug_symbols(&prepared.kernel);
+        let file = symbols.as_ref().unwrap_or(&prepared.boot.path);
+        tracing::warn!(
+            target: "vmtest_notice",
+            "gdb stub on 127.0.0.1:{port}{}: gdb -ex 'target remote 127.0.0.1:{port}' {}{}",
+            if gdb.wait { " (the guest waits for gdb to continue it)" } else { "" },
+            file.display(),
+            match symbols {
+                Some(_) => String::new(),
+                None => format!(
+                    "  (this kernel has no debug symbols: Debian's are in linux-image-{}-dbg, \
+                     /usr/lib/debug/boot/vmlinux-{})",
+                    prepared.kernel.release, prepared.kernel.release
+                ),
+            }
+        );
+        let mut args: Vec<std::ffi::OsString> = vec!["-gdb".into(), format!("tcp:127.0.0.1:{port}").into()];
+        if gdb.wait {
+            args.push("-S".into());
+        }
+        Ok(args)
     }
 
     /// Start the guest from its snapshot, making the snapshot first if there is none.

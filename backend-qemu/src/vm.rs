@@ -213,9 +213,11 @@ impl QemuVm {
         // Boot: wait for the agent's hello, or QEMU's exit, or trouble, or the deadline. A
         // guest that shows no agent within KVM_BOOT_DEADLINE under KVM has a broken KVM under it
         // (a working one boots in about a second), not a slow boot.
+        // (`-S`: the guest is held for gdb, and no deadline of ours applies.)
+        let held = extra_args.iter().any(|a| a == "-S");
         let deadline = match cmd.accel {
-            Accel::Kvm => boot_timeout.min(KVM_BOOT_DEADLINE),
-            Accel::Tcg => boot_timeout,
+            Accel::Kvm if !held => boot_timeout.min(KVM_BOOT_DEADLINE),
+            _ => boot_timeout,
         };
         let hello = match vm.or_trouble(tokio::time::timeout(deadline, control.recv())).await {
             Ok(hello) => hello,

@@ -234,6 +234,15 @@ pub struct RunArgs {
     #[arg(long, env = "VMTEST_NO_SNAPSHOT", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_snapshot: bool,
 
+    /// Expose QEMU's gdb stub on 127.0.0.1:PORT (a free port when none is given); vmtest
+    /// prints the gdb command to attach (qemu kernel mode).
+    #[arg(long, value_name = "PORT", num_args = 0..=1, default_missing_value = "0")]
+    pub gdb: Option<u16>,
+
+    /// With the gdb stub: start the guest halted until gdb continues it (boots cold).
+    #[arg(long)]
+    pub gdb_wait: bool,
+
     /// How progress and results are reported on stderr ($VMTEST_MESSAGE_FORMAT).
     #[arg(long, value_enum, value_name = "FMT", env = "VMTEST_MESSAGE_FORMAT", default_value = "human")]
     pub message_format: MessageFormat,

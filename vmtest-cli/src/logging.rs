@@ -11,6 +11,9 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// The `tracing` target of messages meant for the user as they are.
+const NOTICE_TARGET: &str = "vmtest_notice";
+
 /// Install the log writer with `filter` (a `RUST_LOG`-style directive).
 pub fn init(filter: EnvFilter) {
     tracing_subscriber::registry().with(filter).with(Lines).init();
@@ -34,6 +37,8 @@ impl<S: Subscriber> Layer<S> for Lines {
 
 fn human_line(level: Level, target: &str, message: &str) -> String {
     let what = match level {
+        // A notice from the library for the user (e.g. how to attach gdb): no level label.
+        _ if target == NOTICE_TARGET => message.to_owned(),
         Level::ERROR => format!("error: {message}"),
         Level::WARN => format!("warning: {message}"),
         Level::INFO => message.to_owned(),

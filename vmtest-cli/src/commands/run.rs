@@ -77,6 +77,8 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         // A VM that may be kept must survive this process.
         die_with_parent: keep == KeepPolicy::Never,
         snapshots: !args.no_snapshot,
+        gdb: (args.gdb.is_some() || args.gdb_wait)
+            .then(|| backend_qemu::Gdb { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
         ..QemuOptions::default()
     };
     let state = StateDir::from_env();

@@ -1,7 +1,9 @@
-//! The guest kernel's bug reports, caught for real: as root in the guest, a WARNING report
+//! For kernel developers, tested for real. The guest kernel's bug reports: as root in the guest, a WARNING report
 //! is written into /dev/kmsg (the kernel prints it on its console like one of its own), and
 //! vmtest must show it with its title and trace, emit it as an event, and fail the run only
-//! when asked to. An ordinary kernel message is not a report.
+//! when asked to. An ordinary kernel message is not a report. And the gdb stub: a real gdb
+//! attaches to a guest held at its first instruction, reads the program counter, and lets
+//! it go; the command then runs as usual.
 
 mod common;
 
@@ -79,5 +81,55 @@ fn ordinary_kernel_messages_and_ignore_mode_report_nothing() {
     let out = vt.run(&["--root", "--kernel-warnings", "ignore"], &["sh", "-c", &write_warning()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(!stderr(&out).contains("reported:"), "{}", stderr(&out));
+    vt.assert_clean();
+}
+
+#[test]
+fn gdb_attaches_to_a_held_guest_and_the_command_still_runs() {
+    use std::io::{BufRead, BufReader};
+    let Some(gdb) =
+        ["/usr/bin/gdb", "/usr/local/bin/gdb"].into_iter().find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!("this test needs gdb (apt-get install gdb)");
+    };
+    let vt = Vmtest::new();
+    let mut child = vt
+        .cmd()
+        .args(["run", "--gdb-wait", "--", "echo", "ran after gdb"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut notice = String::new();
+    while !notice.contains("gdb stub on 127.0.0.1:") {
+        notice.clear();
+        assert!(err.read_line(&mut notice).unwrap() > 0, "vmtest ended before printing the gdb command");
+    }
+    assert!(notice.contains("gdb -ex 'target remote 127.0.0.1:"), "{notice}");
+    let port = notice
+        .split("127.0.0.1:")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .to_owned();
+    let out = std::process::Command::new(gdb)
+        .args(["-batch", "-nx", "-ex", "set architecture i386:x86-64"])
+        .args(["-ex", &format!("target remote 127.0.0.1:{port}"), "-ex", "p/x $pc", "-ex", "detach"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("$1 = 0x"),
+        "gdb read the program counter: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = child.wait().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(stdout, "ran after gdb\n");
     vt.assert_clean();
 }
