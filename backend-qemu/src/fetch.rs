@@ -12,12 +12,19 @@ use vmtest_core::{Error, Result};
 const METAPACKAGES: &[&str] = &["linux-image-amd64", "linux-image-generic", "linux-image-virtual"];
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().map_err(|e| {
-        Error::preflight(format!(
-            "cannot run {what}: {e}; `vmtest kernel fetch` needs apt-get and dpkg-deb (Debian or Ubuntu), \
-             elsewhere pass --kernel PATH"
-        ))
-    })?;
+    run_tool(
+        cmd,
+        what,
+        "`vmtest kernel fetch` needs apt-get and dpkg-deb (Debian or Ubuntu), elsewhere pass --kernel PATH",
+    )
+}
+
+/// Run a packaging tool (apt, dpkg) and return its stdout. A tool that cannot run says
+/// `missing_hint`; one that fails says its `E:` line (apt's error) or its first line.
+pub(crate) fn run_tool(cmd: &mut Command, what: &str, missing_hint: &str) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::preflight(format!("cannot run {what}: {e}; {missing_hint}")))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let first =

@@ -286,21 +286,12 @@ fn installed_packages(packages: &[String]) -> Vec<String> {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().map_err(|e| {
-        Error::preflight(format!(
-            "cannot run {what}: {e}; fetching QEMU needs apt-get and dpkg-deb (Debian or Ubuntu); \
-             elsewhere install QEMU with your package manager or set VMTEST_QEMU"
-        ))
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let first =
-            stderr.lines().find(|l| l.starts_with("E:")).or_else(|| stderr.lines().next()).unwrap_or("");
-        return Err(
-            Error::preflight(format!("{what} failed: {}", first.trim())).with_detail(stderr.into_owned())
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::fetch::run_tool(
+        cmd,
+        what,
+        "fetching QEMU needs apt-get and dpkg-deb (Debian or Ubuntu); elsewhere install QEMU with \
+         your package manager or set VMTEST_QEMU",
+    )
 }
 
 #[cfg(test)]
