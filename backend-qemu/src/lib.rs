@@ -159,6 +159,7 @@ impl QemuBackend {
                         if with_net {
                             wanted.extend_from_slice(command::NET_MODULES);
                         }
+                        modules::ensure_index(&cache, dir, &kernel.release)?;
                         modules::resolve_cached(&cache, dir, &wanted)?
                     }
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).
@@ -185,6 +186,7 @@ impl QemuBackend {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             share_root,
+            modules_dir: p.kernel.modules.clone(),
             agent_socket,
             console_socket,
             kernel_args: self.opts.kernel_args.clone(),
@@ -418,6 +420,7 @@ impl Hypervisor for QemuBackend {
                 .collect(),
             hosts: spec.hosts.clone(),
             entropy: random_bytes(32),
+            modules_tag: cmd.modules_share().map(|_| command::MODULES_TAG.to_owned()),
         };
         if self.opts.snapshots {
             if let Some(vm) = self.restore(&prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {

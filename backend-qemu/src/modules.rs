@@ -143,6 +143,116 @@ pub fn resolve_cached(cache: &Cache, dir: &Path, wanted: &[&str]) -> Result<Vec<
     Ok(resolved)
 }
 
+/// The index files modprobe reads: `modules.dep`, `modules.alias`, `modules.devname`.
+pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.devname"];
+
+/// Make sure the module tree at `dir` has its index, so the guest can load any of its
+/// modules on demand. A tree from a distro package was never passed through depmod: the
+/// host's `depmod` writes the index when there is one (with the binary forms the host's
+/// modprobe needs), else vmtest writes the text forms from each module's `.modinfo`, which
+/// is what the agent's own loader reads. Only a tree inside the cache is written to: the
+/// host's own trees are the host's business (and an installed one has its index).
+pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) -> Result<()> {
+    if dir.join("modules.dep").is_file() || !dir.starts_with(cache.root()) {
+        return Ok(());
+    }
+    // `<root>/lib/modules/<release>`: depmod takes the root.
+    let root = dir.parent().and_then(Path::parent).and_then(Path::parent);
+    if let (Some(depmod), Some(root)) = (crate::find_executable(Path::new("depmod")), root) {
+        let status = std::process::Command::new(&depmod).arg("-b").arg(root).arg(release).status();
+        if matches!(status, Ok(s) if s.success()) && dir.join("modules.dep").is_file() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "{} -b {} {release} failed; writing the module index itself",
+            depmod.display(),
+            root.display()
+        );
+    }
+    let index = build_index(dir)?;
+    // modules.dep last: its presence says the index is complete.
+    for (name, text) in
+        [("modules.alias", &index.alias), ("modules.devname", &index.devname), ("modules.dep", &index.dep)]
+    {
+        Cache::write_atomic(&dir.join(name), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The text index of a module tree, in depmod's formats.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Index {
+    /// `kernel/path/m.ko: kernel/path/dep.ko ...`
+    pub dep: String,
+    /// `alias PATTERN module`
+    pub alias: String,
+    /// `module devname cMAJ:MIN` (or `b`): the static nodes of autoloadable modules.
+    pub devname: String,
+}
+
+/// Read every module's `.modinfo` (its `depends=` and `alias=` fields).
+pub fn build_index(dir: &Path) -> Result<Index> {
+    let mut files = Vec::new();
+    walk(&dir.join("kernel"), &mut |p| {
+        if p.file_name().and_then(|n| n.to_str()).and_then(module_name).is_some() {
+            files.push(p.to_owned());
+        }
+    });
+    files.sort();
+    let rel = |p: &Path| p.strip_prefix(dir).unwrap_or(p).display().to_string();
+    let by_name: BTreeMap<String, String> =
+        files.iter().filter_map(|p| Some((module_name(p.file_name()?.to_str()?)?, rel(p)))).collect();
+    let mut index = Index::default();
+    for path in &files {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(module_name) else { continue };
+        let bytes = read_module(path)?;
+        let fields = modinfo_all(&bytes);
+        let depends: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| k == "depends")
+            .flat_map(|(_, v)| v.split(','))
+            .filter(|d| !d.is_empty())
+            .filter_map(|d| by_name.get(&d.replace('-', "_")).map(String::as_str))
+            .collect();
+        index.dep.push_str(&format!("{}: {}\n", rel(path), depends.join(" ")));
+        let (mut devname, mut node) = (None, None);
+        for (k, v) in &fields {
+            if k != "alias" {
+                continue;
+            }
+            index.alias.push_str(&format!("alias {v} {name}\n"));
+            if let Some(d) = v.strip_prefix("devname:") {
+                devname = Some(d.to_owned());
+            }
+            for (prefix, kind) in [("char-major-", 'c'), ("block-major-", 'b')] {
+                if let Some((major, minor)) = v.strip_prefix(prefix).and_then(|n| n.split_once('-')) {
+                    if major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok() {
+                        node = Some(format!("{kind}{major}:{minor}"));
+                    }
+                }
+            }
+        }
+        if let (Some(d), Some(n)) = (devname, node) {
+            index.devname.push_str(&format!("{name} {d} {n}\n"));
+        }
+    }
+    Ok(index)
+}
+
+/// Every `key=value` field of a module's `.modinfo` section.
+fn modinfo_all(elf: &[u8]) -> Vec<(String, String)> {
+    use object::{Object, ObjectSection};
+    let Ok(file) = object::File::parse(elf) else { return Vec::new() };
+    let Some(data) = file.section_by_name(".modinfo").and_then(|s| s.data().ok()) else { return Vec::new() };
+    data.split(|b| *b == 0)
+        .filter_map(|f| {
+            let f = String::from_utf8_lossy(f);
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {

@@ -137,7 +137,7 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     if let Some(tag) = &s.root_tag {
-        switch_root(tag, &s.overlay_size, &s.hostname)?;
+        switch_root(tag, &s.overlay_size, &s.hostname, s.modules_tag.as_deref())?;
     }
     for share in &s.shares {
         let target = Path::new(std::ffi::OsStr::from_bytes(&share.guest_path));
@@ -153,7 +153,7 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
 const NINEP_OPTS: &str = "trans=virtio,version=9p2000.L,msize=512000,access=client,cache=loose";
 
 /// Make `host / (9p, read-only) + tmpfs` the root: every write lands in guest memory.
-fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> {
+fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_tag: Option<&str>) -> io::Result<()> {
     let lower = Path::new("/mnt/lower");
     let rw = Path::new("/mnt/rw");
     let root = Path::new("/mnt/root");
@@ -188,9 +188,43 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> 
     if let Err(e) = sys::mount("cgroup2", &root.join("sys/fs/cgroup"), "cgroup2", nodev, "") {
         eprintln!("vmtest-agent: {e} (continuing without cgroups)");
     }
+    populate_dev(&root.join("dev"));
+    // The guest kernel's modules, where the kernel's module helper (in this initramfs) and
+    // modprobe in the new root both look. Held open through the root switch, then bound in.
+    let modules = match modules_tag {
+        Some(tag) => {
+            let tree = Path::new("/lib/modules").join(sys::kernel_release());
+            sys::mount(tag, &tree, "9p", libc::MS_RDONLY, NINEP_OPTS)?;
+            Some((std::fs::File::open(&tree)?, tree))
+        }
+        None => None,
+    };
     sys::chroot_here(root)?;
+    if let Some((dir, tree)) = modules {
+        use std::os::fd::AsRawFd;
+        let held = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        sys::bind_mount(&held, &tree)?;
+        crate::modprobe::static_nodes(&tree, Path::new("/dev"));
+    }
     add_hosts_entry(hostname);
     Ok(())
+}
+
+/// The links and mounts udev and systemd give every Linux system's /dev.
+fn populate_dev(dev: &Path) {
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+    }
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if let Err(e) = sys::mount("mqueue", &dev.join("mqueue"), "mqueue", flags, "") {
+        eprintln!("vmtest-agent: {e} (continuing without /dev/mqueue)");
+    }
 }
 
 /// Let the guest resolve its own name, as most tools expect.

@@ -35,6 +35,13 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// data a reconnecting host already sent, and a read on a port with no host simply returns
 /// end-of-file until one connects.
 pub fn serve(port: &Path, as_init: bool) -> io::Result<()> {
+    // The agent leads a session of its own, with no controlling terminal, so each command
+    // is a member of a real session and never its leader: as under a shell or cargo on the
+    // host, a command that opens a terminal without O_NOCTTY does not make it its
+    // controlling terminal (and is not hung up when it closes it). Already a session
+    // leader (a service in an image): nothing to do.
+    // SAFETY: setsid takes no arguments.
+    unsafe { libc::setsid() };
     let table: Table = Arc::default();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -125,6 +132,8 @@ fn write_file(path: &[u8], mode: u32, data: &[u8], append: bool) -> io::Result<(
         .append(append)
         .truncate(!append)
         .mode(mode)
+        // The agent leads a session: a terminal it opens must not become its own.
+        .custom_flags(libc::O_NOCTTY)
         .open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     f.write_all(data)
@@ -185,12 +194,17 @@ fn exec(start: ExecStart, tx: Sender<GuestMessage>, table: Table) {
     }
     cmd.stdin(if start.stdin { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group, so that a signal from the host reaches all of it; but not a
+    // session of its own (see `serve`).
+    cmd.process_group(0);
     let (uid, gid, groups) = (start.uid, start.gid, start.groups.clone());
-    // SAFETY: only async-signal-safe calls between fork and exec; `groups` was allocated before.
+    let (rlimits, umask) = (start.rlimits.clone(), start.umask);
+    // SAFETY: only async-signal-safe calls between fork and exec; `groups` and `rlimits`
+    // were allocated before.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0
-                || libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            sys::host_like_process(&rlimits, umask);
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
             {
