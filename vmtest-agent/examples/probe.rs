@@ -1,8 +1,9 @@
 //! Reports what a command sees of its process and system, one `key: value` line each, so a
-//! test can compare the host's report with a vmtest guest's (tests/host_parity.rs).
+//! test can compare the host's report with a vmtest guest's (vmtest-cli/tests/host_parity.rs).
 //!
-//! Usage: `probe SHARED_DIR TMP_DIR`. SHARED_DIR holds a file `file` the host created (in
-//! the guest it comes from the read-only host root); TMP_DIR is where scratch files go.
+//! Usage: `probe SHARED_DIR TMP_DIR`. SHARED_DIR holds files `file` and `written` the host
+//! created (in the guest they come from the read-only host root; `written` is opened for
+//! writing); TMP_DIR is where scratch files go.
 //! Only std and libc, so it builds fast and runs anywhere.
 
 use std::ffi::CString;
@@ -10,6 +11,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 fn main() {
     let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
@@ -31,6 +33,37 @@ fn main() {
 }
 
 type Report = Vec<(String, String)>;
+
+/// Signal dispositions and mask as the process inherited them, recorded before Rust's
+/// runtime starts (it ignores SIGPIPE itself): bit n-1 is signal n.
+static INHERITED_IGNORED: AtomicU64 = AtomicU64::new(0);
+static INHERITED_BLOCKED: AtomicU64 = AtomicU64::new(0);
+
+#[used]
+#[link_section = ".init_array"]
+static RECORD_SIGNALS: extern "C" fn() = record_signals;
+
+extern "C" fn record_signals() {
+    let (mut ignored, mut blocked) = (0u64, 0u64);
+    // SAFETY: queries into zeroed out-structs; no handler is changed.
+    unsafe {
+        for sig in 1..=64 {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN {
+                ignored |= 1 << (sig - 1);
+            }
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+        for sig in 1..=64 {
+            if libc::sigismember(&set, sig) == 1 {
+                blocked |= 1 << (sig - 1);
+            }
+        }
+    }
+    INHERITED_IGNORED.store(ignored, Ordering::Relaxed);
+    INHERITED_BLOCKED.store(blocked, Ordering::Relaxed);
+}
 
 fn put(out: &mut Report, key: &str, value: impl ToString) {
     out.push((key.to_owned(), value.to_string()));
@@ -75,15 +108,8 @@ fn process_model(out: &mut Report) {
     put(out, "process.in_a_session", sid > 0);
     let tty = std::fs::OpenOptions::new().read(true).open("/dev/tty");
     put(out, "process.controlling_tty", tty.is_ok());
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for field in ["SigBlk", "SigIgn"] {
-        let v = status
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .map(|v| v.trim().to_owned())
-            .unwrap_or_default();
-        put(out, &format!("process.{field}"), v);
-    }
+    put(out, "process.signals_ignored", format!("{:016x}", INHERITED_IGNORED.load(Ordering::Relaxed)));
+    put(out, "process.signals_blocked", format!("{:016x}", INHERITED_BLOCKED.load(Ordering::Relaxed)));
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
         .unwrap_or_default();
@@ -208,6 +234,25 @@ fn shared_root(out: &mut Report, dir: &Path) {
     put(
         out,
         "shared.getxattr_missing",
+        if r < 0 { errno_name(&std::io::Error::last_os_error()) } else { "found".into() },
+    );
+    // SAFETY: as above.
+    let r = unsafe { libc::getxattr(cstr(dir).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    put(
+        out,
+        "shared.getxattr_missing_on_dir",
+        if r < 0 { errno_name(&std::io::Error::last_os_error()) } else { "found".into() },
+    );
+    // Opening for writing is what makes an overlay copy a file up to its upper layer.
+    let written = dir.join("written");
+    let opened = std::fs::OpenOptions::new().append(true).open(&written);
+    put(out, "shared.open_for_append", outcome(opened.map(drop)));
+    // SAFETY: as above.
+    let r =
+        unsafe { libc::getxattr(cstr(&written).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    put(
+        out,
+        "shared.getxattr_missing_after_write",
         if r < 0 { errno_name(&std::io::Error::last_os_error()) } else { "found".into() },
     );
     // SAFETY: as above; a size query.
