@@ -159,7 +159,7 @@ impl QemuBackend {
                         if with_net {
                             wanted.extend_from_slice(command::NET_MODULES);
                         }
-                        modules::ensure_index(&cache, dir, &kernel.release)?;
+                        modules::ensure_index(&cache, dir, &kernel.release);
                         modules::resolve_cached(&cache, dir, &wanted)?
                     }
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).

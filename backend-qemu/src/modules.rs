@@ -152,10 +152,18 @@ pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.dev
 /// modprobe needs), else vmtest writes the text forms from each module's `.modinfo`, which
 /// is what the agent's own loader reads. Only a tree inside the cache is written to: the
 /// host's own trees are the host's business (and an installed one has its index).
-pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) -> Result<()> {
+///
+/// A failure is only a warning: the guest then boots without on-demand modules.
+pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) {
     if dir.join("modules.dep").is_file() || !dir.starts_with(cache.root()) {
-        return Ok(());
+        return;
     }
+    if let Err(e) = write_index(dir, release) {
+        tracing::warn!("no module index for {}: {e}; the guest cannot load modules on demand", dir.display());
+    }
+}
+
+fn write_index(dir: &Path, release: &str) -> Result<()> {
     // `<root>/lib/modules/<release>`: depmod takes the root.
     let root = dir.parent().and_then(Path::parent).and_then(Path::parent);
     if let (Some(depmod), Some(root)) = (crate::find_executable(Path::new("depmod")), root) {
@@ -169,6 +177,11 @@ pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) -> Result<()> {
             root.display()
         );
     }
+    write_text_index(dir)
+}
+
+/// Write the text index of the tree at `dir` from its modules' `.modinfo`.
+fn write_text_index(dir: &Path) -> Result<()> {
     let index = build_index(dir)?;
     // modules.dep last: its presence says the index is complete.
     for (name, text) in
@@ -350,6 +363,72 @@ mod tests {
         std::fs::rename(&m, moved.join("a.ko")).unwrap();
         std::fs::write(d.join("modules.dep"), "kernel/fs/b/a.ko:\n").unwrap();
         assert_eq!(resolve_cached(&cache, &d, &["a"]).unwrap()[0].path, moved.join("a.ko"));
+    }
+
+    /// A relocatable ELF with only a `.modinfo` section holding `fields`.
+    fn fake_module(fields: &[&str]) -> Vec<u8> {
+        let mut modinfo: Vec<u8> = fields.iter().flat_map(|f| f.bytes().chain([0])).collect();
+        modinfo.resize(modinfo.len().next_multiple_of(8), 0);
+        // Padded to 24 bytes, so the section headers after it are 8-byte aligned.
+        let shstrtab = b"\0.modinfo\0.shstrtab\0\0\0\0\0";
+        let shoff = 64 + modinfo.len() + shstrtab.len();
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(16, 0);
+        for (v, len) in [(1u64, 2), (62, 2), (1, 4), (0, 8), (0, 8), (shoff as u64, 8), (0, 4)] {
+            elf.extend_from_slice(&v.to_le_bytes()[..len]);
+        }
+        for v in [64u16, 0, 0, 64, 3, 2] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(&modinfo);
+        elf.extend_from_slice(shstrtab);
+        let section = |name: u32, kind: u32, offset: usize, size: usize| {
+            let mut h = Vec::new();
+            h.extend_from_slice(&name.to_le_bytes());
+            h.extend_from_slice(&kind.to_le_bytes());
+            for v in [0u64, 0, offset as u64, size as u64] {
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            h.extend_from_slice(&[0u8; 8]);
+            h.extend_from_slice(&1u64.to_le_bytes());
+            h.extend_from_slice(&0u64.to_le_bytes());
+            h
+        };
+        elf.extend_from_slice(&[0u8; 64]);
+        elf.extend(section(1, 1, 64, modinfo.len()));
+        elf.extend(section(10, 3, 64 + modinfo.len(), shstrtab.len()));
+        elf
+    }
+
+    #[test]
+    fn the_index_lists_dependencies_aliases_and_static_nodes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let put = |path: &str, fields: &[&str]| {
+            let p = d.join("kernel").join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, fake_module(fields)).unwrap();
+        };
+        put("drivers/net/tun.ko", &["alias=devname:net/tun", "alias=char-major-10-200", "depends="]);
+        put("fs/fuse/cuse.ko", &["alias=char-major-10-203", "depends=fuse"]);
+        put(
+            "fs/fuse/fuse.ko",
+            &["alias=fs-fuse", "alias=devname:fuse", "alias=char-major-10-229", "depends="],
+        );
+        let index = build_index(d).unwrap();
+        assert_eq!(
+            index.dep,
+            "kernel/drivers/net/tun.ko: \nkernel/fs/fuse/cuse.ko: kernel/fs/fuse/fuse.ko\nkernel/fs/fuse/fuse.ko: \n"
+        );
+        assert!(index.alias.contains("alias char-major-10-200 tun\n"), "{}", index.alias);
+        assert!(index.alias.contains("alias fs-fuse fuse\n"), "{}", index.alias);
+        // Only a module with both a device name and a number gets a static node.
+        assert_eq!(index.devname, "tun net/tun c10:200\nfuse fuse c10:229\n");
+        // The tree now resolves through the index it was given.
+        write_text_index(d).unwrap();
+        let names: Vec<String> =
+            ModuleTree::open(d).unwrap().resolve(&["cuse"]).unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["fuse", "cuse"]);
     }
 
     #[test]
