@@ -350,7 +350,7 @@ fn host_rlimits() -> Vec<vmtest_core::protocol::Rlimit> {
             let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             // SAFETY: a valid out-pointer; an unknown resource only fails.
             let ok = unsafe { libc::getrlimit(resource as _, &mut r) } == 0;
-            let value = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v as u64 };
+            let value = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v };
             ok.then(|| vmtest_core::protocol::Rlimit {
                 resource,
                 soft: value(r.rlim_cur),

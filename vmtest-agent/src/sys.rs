@@ -197,7 +197,7 @@ pub fn host_like_process(rlimits: &[vmtest_core::protocol::Rlimit], umask: Optio
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         for r in rlimits {
-            let value = |v: u64| if v == u64::MAX { libc::RLIM_INFINITY } else { v as libc::rlim_t };
+            let value = |v: u64| if v == u64::MAX { libc::RLIM_INFINITY } else { v };
             let lim = libc::rlimit { rlim_cur: value(r.soft), rlim_max: value(r.hard) };
             libc::setrlimit(r.resource as _, &lim);
         }
