@@ -10,7 +10,6 @@ use vmtest_core::{Error, Result};
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
-const S_IFLNK: u32 = 0o120000;
 
 /// Writer of a newc ("070701") cpio archive.
 #[derive(Default)]
@@ -66,10 +65,6 @@ impl Cpio {
         self.entry(name, S_IFCHR | mode, (major, minor), &[]);
     }
 
-    pub fn symlink(&mut self, name: &str, target: &str) {
-        self.entry(name, S_IFLNK | 0o777, (0, 0), target.as_bytes());
-    }
-
     pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         // Pad to 512 bytes like cpio(1) does.
@@ -87,7 +82,7 @@ impl Cpio {
 /// mtime, inode), so a cache hit reads no module.
 pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: bool) -> Result<PathBuf> {
     // LAYOUT names what this function puts beside the agent and the modules.
-    const LAYOUT: &[u8] = b"layout 2: /dev/null, /sbin/modprobe";
+    const LAYOUT: &[u8] = b"layout 2: /dev/null";
     let mut key = vec![LAYOUT.to_vec(), agent.to_vec(), vec![strip_signatures as u8]];
     for m in modules {
         let id = file_identity(&m.path)
@@ -105,16 +100,14 @@ pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: 
         loaded.push((m.name.clone(), if strip_signatures { strip_signature(bytes) } else { bytes }));
     }
     let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "mnt", "lib", "lib/modules", "lib/modules/vmtest", "sbin"] {
+    for d in ["dev", "proc", "sys", "mnt", "lib", "lib/modules", "lib/modules/vmtest"] {
         cpio.dir(d);
     }
-    // The kernel's module helper (its default path): the agent loads from the guest
-    // kernel's tree once setup has mounted it.
-    cpio.symlink("sbin/modprobe", "/init");
     // Init's stdio: the kernel opens /dev/console before anything is mounted.
     cpio.char_device("dev/console", 0o600, 5, 1);
-    // The kernel starts its module helper (the agent, below) with no descriptors open, and
-    // Rust's runtime opens /dev/null for them or aborts; /dev itself moves to the new root.
+    // The kernel starts its module helper (the agent, linked as /sbin/modprobe at setup)
+    // with no descriptors open, and Rust's runtime opens /dev/null for them or aborts; /dev
+    // itself moves to the new root.
     cpio.char_device("dev/null", 0o666, 1, 3);
     cpio.file("init", 0o755, agent);
     let mut order = String::new();

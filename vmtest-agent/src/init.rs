@@ -195,6 +195,11 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_tag: Optio
         Some(tag) => {
             let tree = Path::new("/lib/modules").join(sys::kernel_release());
             sys::mount(tag, &tree, "9p", libc::MS_RDONLY, NINEP_OPTS)?;
+            // The kernel's default helper path, linked only now: the module requests of
+            // boot (crypto self-tests and the like) keep failing at once, as a missing
+            // helper does, instead of each starting the agent for nothing.
+            std::fs::create_dir_all("/sbin")?;
+            std::os::unix::fs::symlink("/init", "/sbin/modprobe")?;
             Some((std::fs::File::open(&tree)?, tree))
         }
         None => None,

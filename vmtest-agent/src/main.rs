@@ -22,7 +22,7 @@ fn main() {
         init::pid1();
     }
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    // The kernel's module helper: the initramfs links /sbin/modprobe to the agent.
+    // The kernel's module helper: setup links the initramfs's /sbin/modprobe to the agent.
     if args.first().and_then(|a| std::path::Path::new(a).file_name()) == Some("modprobe".as_ref()) {
         modprobe::main(args);
     }

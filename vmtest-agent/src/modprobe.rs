@@ -3,9 +3,9 @@
 //! `/dev/net/tun` or `/dev/fuse` load theirs.
 //!
 //! The kernel starts its module helper in init's root, which is the initramfs: PID 1 never
-//! enters the host root the agent switches to. So the initramfs links `/sbin/modprobe` to
-//! the agent, and the guest kernel's module tree is mounted at `/lib/modules/<release>` there
-//! as well as in the guest's root. It reads the text index (`modules.dep`, `modules.alias`,
+//! enters the host root the agent switches to. So setup links the initramfs's
+//! `/sbin/modprobe` to the agent, and mounts the guest kernel's module tree at
+//! `/lib/modules/<release>` there as well as in the guest's root. It reads the text index (`modules.dep`, `modules.alias`,
 //! `modules.builtin`), loads dependencies first, and needs no kmod in the guest or on the host.
 
 use crate::sys;
