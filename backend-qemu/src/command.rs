@@ -13,9 +13,6 @@ use vmtest_core::protocol::{AGENT_PORT_NAME, BOOT_MARKER};
 /// The 9p mount tag of the host root share.
 pub const ROOT_TAG: &str = "vmtest-root";
 
-/// The 9p mount tag of the guest kernel's module tree.
-pub const MODULES_TAG: &str = "vmtest-modules";
-
 /// Everything that decides a guest's QEMU command line.
 #[derive(Clone, Debug)]
 pub struct QemuCommand {
@@ -27,8 +24,6 @@ pub struct QemuCommand {
     pub memory_mib: u64,
     /// Share the host's `/` read-only under [`ROOT_TAG`].
     pub share_root: bool,
-    /// The guest kernel's module tree, shared read-only under [`MODULES_TAG`] (with the root).
-    pub modules_dir: Option<PathBuf>,
     pub agent_socket: PathBuf,
     pub console_socket: PathBuf,
     /// Extra words for the kernel command line.
@@ -115,13 +110,6 @@ impl QemuCommand {
         words.join(" ")
     }
 
-    /// The module tree the guest gets under [`MODULES_TAG`]: only beside the host root (an
-    /// image has its own), and not a path with a comma, which would split QEMU's option list.
-    pub fn modules_share(&self) -> Option<&Path> {
-        let dir = self.modules_dir.as_deref()?;
-        (self.share_root && !dir.to_string_lossy().contains(',')).then_some(dir)
-    }
-
     pub fn args(&self) -> Vec<OsString> {
         let m = self.machine();
         let mut a: Vec<OsString> = Vec::new();
@@ -160,12 +148,6 @@ impl QemuCommand {
             push("local,id=root,path=/,security_model=none,readonly=on,multidevs=remap");
             push("-device");
             push(&format!("{},fsdev=root,mount_tag={ROOT_TAG}", m.device("virtio-9p")));
-        }
-        if let Some(dir) = self.modules_share() {
-            push("-fsdev");
-            push(&format!("local,id=modules,path={},security_model=none,readonly=on", dir.display()));
-            push("-device");
-            push(&format!("{},fsdev=modules,mount_tag={MODULES_TAG}", m.device("virtio-9p")));
         }
         for (i, nic) in self.nics.iter().enumerate() {
             a.push("-netdev".into());
@@ -226,7 +208,6 @@ mod tests {
             cpus: 2,
             memory_mib: 512,
             share_root: true,
-            modules_dir: Some("/cache/lib/modules/6.1.0-1-amd64".into()),
             agent_socket: "/run/a.sock".into(),
             console_socket: "/run/c.sock".into(),
             kernel_args: vec!["extra=1".into()],
@@ -278,19 +259,5 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["-cpu", "host"]));
         assert!(!c.kernel_cmdline().contains("tsc_early_khz"));
         assert!(args.iter().any(|a| a.contains("readonly=on")), "the host root is shared read-only");
-    }
-
-    #[test]
-    fn the_module_tree_is_a_second_read_only_share_only_with_the_root() {
-        let args: Vec<String> =
-            cmd(true, Accel::Tcg).args().iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert!(args.contains(
-            &"local,id=modules,path=/cache/lib/modules/6.1.0-1-amd64,security_model=none,readonly=on"
-                .to_owned()
-        ));
-        assert!(args.contains(&format!("virtio-9p-device,fsdev=modules,mount_tag={MODULES_TAG}")));
-        let mut bare = cmd(true, Accel::Tcg);
-        bare.share_root = false;
-        assert!(!bare.args().iter().any(|a| a.to_string_lossy().contains("id=modules")));
     }
 }

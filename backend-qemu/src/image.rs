@@ -153,7 +153,6 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
         cpus: spec.cpus,
         memory_mib: spec.memory_mib,
         share_root: false,
-        modules_dir: None,
         agent_socket,
         console_socket,
         kernel_args,
@@ -178,7 +177,7 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
         nics,
         hosts: spec.hosts.clone(),
         entropy: crate::random_bytes(32),
-        modules_tag: None,
+        modules_dir: None,
     };
     let t0 = Instant::now();
     let mut inner = QemuVm::boot_with_args(

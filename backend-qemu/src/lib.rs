@@ -186,7 +186,6 @@ impl QemuBackend {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             share_root,
-            modules_dir: p.kernel.modules.clone(),
             agent_socket,
             console_socket,
             kernel_args: self.opts.kernel_args.clone(),
@@ -420,7 +419,9 @@ impl Hypervisor for QemuBackend {
                 .collect(),
             hosts: spec.hosts.clone(),
             entropy: random_bytes(32),
-            modules_tag: cmd.modules_share().map(|_| command::MODULES_TAG.to_owned()),
+            // The tree is reached through the host root: no share of its own, so nothing
+            // at boot (or in the snapshot) changes.
+            modules_dir: prepared.kernel.modules.as_ref().map(|d| d.as_os_str().as_encoded_bytes().to_vec()),
         };
         if self.opts.snapshots {
             if let Some(vm) = self.restore(&prepared, spec, run, &cmd, &vm_dir, &mut record, &setup).await? {

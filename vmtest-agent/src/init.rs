@@ -137,7 +137,8 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     if let Some(tag) = &s.root_tag {
-        switch_root(tag, &s.overlay_size, &s.hostname, s.modules_tag.as_deref())?;
+        let modules = s.modules_dir.as_deref().map(|d| Path::new(std::ffi::OsStr::from_bytes(d)));
+        switch_root(tag, &s.overlay_size, &s.hostname, modules)?;
     }
     for share in &s.shares {
         let target = Path::new(std::ffi::OsStr::from_bytes(&share.guest_path));
@@ -153,7 +154,7 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
 const NINEP_OPTS: &str = "trans=virtio,version=9p2000.L,msize=512000,access=client,cache=loose";
 
 /// Make `host / (9p, read-only) + tmpfs` the root: every write lands in guest memory.
-fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_tag: Option<&str>) -> io::Result<()> {
+fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_dir: Option<&Path>) -> io::Result<()> {
     let lower = Path::new("/mnt/lower");
     let rw = Path::new("/mnt/rw");
     let root = Path::new("/mnt/root");
@@ -189,12 +190,13 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_tag: Optio
         eprintln!("vmtest-agent: {e} (continuing without cgroups)");
     }
     populate_dev(&root.join("dev"));
-    // The guest kernel's modules, where the kernel's module helper (in this initramfs) and
-    // modprobe in the new root both look. Held open through the root switch, then bound in.
-    let modules = match modules_tag {
-        Some(tag) => {
+    // The guest kernel's modules (a directory of the read-only host root), where the
+    // kernel's module helper (in this initramfs) and modprobe in the new root both look.
+    // Held open through the root switch, then bound in.
+    let modules = match modules_dir {
+        Some(dir) => {
             let tree = Path::new("/lib/modules").join(sys::kernel_release());
-            sys::mount(tag, &tree, "9p", libc::MS_RDONLY, NINEP_OPTS)?;
+            sys::bind_mount(&lower.join(dir.strip_prefix("/").unwrap_or(dir)), &tree)?;
             // The kernel's default helper path, linked only now: the module requests of
             // boot (crypto self-tests and the like) keep failing at once, as a missing
             // helper does, instead of each starting the agent for nothing.

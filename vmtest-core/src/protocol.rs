@@ -100,10 +100,10 @@ pub struct GuestSetup {
     /// Host randomness mixed into the guest's pool and the CRNG reseeded: guests restored
     /// from one snapshot must not share their random numbers.
     pub entropy: Vec<u8>,
-    /// Share holding the guest kernel's module tree (`lib/modules/<release>` of the kernel
-    /// in the cache), mounted read-only at `/lib/modules/<release>` so that modprobe and
-    /// the kernel's own module requests find the guest's modules, not the host's.
-    pub modules_tag: Option<String>,
+    /// The guest kernel's module tree, a directory of the host root (the kernel's
+    /// `lib/modules/<release>` in the cache), bound read-only at `/lib/modules/<release>`
+    /// so that modprobe and the kernel's own module requests find the guest's modules.
+    pub modules_dir: Option<Vec<u8>>,
 }
 
 /// One network interface the agent configures: up, with one IPv4 address.
