@@ -155,20 +155,23 @@ pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.dev
 ///
 /// A failure is only a warning: the guest then boots without on-demand modules.
 pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) {
-    if dir.join("modules.dep").is_file() || !dir.starts_with(cache.root()) {
+    let depmod = crate::find_executable(Path::new("depmod"));
+    // With kmod on the host, its modprobe needs depmod's binary index too.
+    let done = if depmod.is_some() { "modules.dep.bin" } else { "modules.dep" };
+    if dir.join(done).is_file() || !dir.starts_with(cache.root()) {
         return;
     }
-    if let Err(e) = write_index(dir, release) {
+    if let Err(e) = write_index(dir, release, depmod.as_deref()) {
         tracing::warn!("no module index for {}: {e}; the guest cannot load modules on demand", dir.display());
     }
 }
 
-fn write_index(dir: &Path, release: &str) -> Result<()> {
+fn write_index(dir: &Path, release: &str, depmod: Option<&Path>) -> Result<()> {
     // `<root>/lib/modules/<release>`: depmod takes the root.
     let root = dir.parent().and_then(Path::parent).and_then(Path::parent);
-    if let (Some(depmod), Some(root)) = (crate::find_executable(Path::new("depmod")), root) {
-        let status = std::process::Command::new(&depmod).arg("-b").arg(root).arg(release).status();
-        if matches!(status, Ok(s) if s.success()) && dir.join("modules.dep").is_file() {
+    if let (Some(depmod), Some(root)) = (depmod, root) {
+        let status = std::process::Command::new(depmod).arg("-b").arg(root).arg(release).status();
+        if matches!(status, Ok(s) if s.success()) && dir.join("modules.dep.bin").is_file() {
             return Ok(());
         }
         tracing::warn!(
