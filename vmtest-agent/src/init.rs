@@ -193,28 +193,39 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_dir: Optio
     // The guest kernel's modules (a directory of the read-only host root), where the
     // kernel's module helper (in this initramfs) and modprobe in the new root both look.
     // Held open through the root switch, then bound in.
-    let modules = match modules_dir {
-        Some(dir) => {
-            let tree = Path::new("/lib/modules").join(sys::kernel_release());
-            sys::bind_mount(&lower.join(dir.strip_prefix("/").unwrap_or(dir)), &tree)?;
-            // The kernel's default helper path, linked only now: the module requests of
-            // boot (crypto self-tests and the like) keep failing at once, as a missing
-            // helper does, instead of each starting the agent for nothing.
-            std::fs::create_dir_all("/sbin")?;
-            std::os::unix::fs::symlink("/init", "/sbin/modprobe")?;
-            Some((std::fs::File::open(&tree)?, tree))
+    // A guest without them still runs commands: a failure here is only reported.
+    let modules = modules_dir.and_then(|dir| match mount_modules(lower, dir) {
+        Ok(held) => Some(held),
+        Err(e) => {
+            eprintln!("vmtest-agent: no kernel modules on demand: {e}");
+            None
         }
-        None => None,
-    };
+    });
     sys::chroot_here(root)?;
     if let Some((dir, tree)) = modules {
         use std::os::fd::AsRawFd;
         let held = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-        sys::bind_mount(&held, &tree)?;
-        crate::modprobe::static_nodes(&tree, Path::new("/dev"));
+        match sys::bind_mount(&held, &tree) {
+            Ok(()) => crate::modprobe::static_nodes(&tree, Path::new("/dev")),
+            Err(e) => eprintln!("vmtest-agent: no kernel modules in the guest root: {e}"),
+        }
     }
     add_hosts_entry(hostname);
     Ok(())
+}
+
+/// Bind the module tree `dir` of the host root (mounted at `lower`) at the initramfs's
+/// `/lib/modules/<release>` and link the kernel's module helper; the tree stays open, to be
+/// bound into the new root after the switch.
+fn mount_modules(lower: &Path, dir: &Path) -> io::Result<(std::fs::File, PathBuf)> {
+    let tree = Path::new("/lib/modules").join(sys::kernel_release());
+    sys::bind_mount(&lower.join(dir.strip_prefix("/").unwrap_or(dir)), &tree)?;
+    // The kernel's default helper path, linked only now: the module requests of boot
+    // (crypto self-tests and the like) keep failing at once, as a missing helper does,
+    // instead of each starting the agent for nothing.
+    std::fs::create_dir_all("/sbin")?;
+    std::os::unix::fs::symlink("/init", "/sbin/modprobe")?;
+    Ok((std::fs::File::open(&tree)?, tree))
 }
 
 /// The links and mounts udev and systemd give every Linux system's /dev.
