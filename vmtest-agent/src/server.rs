@@ -140,8 +140,10 @@ fn write_file(path: &[u8], mode: u32, data: &[u8], append: bool) -> io::Result<(
 }
 
 fn read_file(id: u64, path: &[u8], tx: &Sender<GuestMessage>) {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = Path::new(OsStr::from_bytes(path));
-    let mut f = match File::open(path) {
+    // O_NOCTTY: see `write_file`.
+    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open(path) {
         Ok(f) => f,
         Err(e) => {
             let _ = tx.send(GuestMessage::FileDone { id, error: Some(format!("{}: {e}", path.display())) });
