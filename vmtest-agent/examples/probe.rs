@@ -1,7 +1,8 @@
 //! Reports what a command sees of its process and system, one `key: value` line each, so a
 //! test can compare the host's report with a vmtest guest's (vmtest-cli/tests/host_parity.rs).
 //!
-//! Usage: `probe SHARED_DIR TMP_DIR`. SHARED_DIR holds files `file` and `written` the host
+//! Usage: `probe SHARED_DIR TMP_DIR`. SHARED_DIR holds files `file` (with the attribute
+//! `user.vmtest.present=yes` where the host's file system takes it) and `written` the host
 //! created (in the guest they come from the read-only host root; `written` is opened for
 //! writing); TMP_DIR is where scratch files go.
 //! Only std and libc, so it builds fast and runs anywhere.
@@ -235,6 +236,20 @@ fn shared_root(out: &mut Report, dir: &Path) {
         out,
         "shared.getxattr_missing",
         if r < 0 { errno_name(&std::io::Error::last_os_error()) } else { "found".into() },
+    );
+    // The host gave `file` this attribute (when its file system takes user attributes).
+    let present = CString::new("user.vmtest.present").unwrap();
+    // SAFETY: as above.
+    let r =
+        unsafe { libc::getxattr(cstr(&file).as_ptr(), present.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    put(
+        out,
+        "shared.getxattr_present",
+        if r < 0 {
+            errno_name(&std::io::Error::last_os_error())
+        } else {
+            String::from_utf8_lossy(&buf[..r as usize]).into_owned()
+        },
     );
     // SAFETY: as above.
     let r = unsafe { libc::getxattr(cstr(dir).as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };

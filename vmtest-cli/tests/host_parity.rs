@@ -176,6 +176,12 @@ fn probe_reports_match_between_host_and_guest() {
     let probe = build_probe();
     let shared = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     std::fs::write(shared.path().join("file"), "from the host").unwrap();
+    let file =
+        std::ffi::CString::new(shared.path().join("file").into_os_string().into_encoded_bytes()).unwrap();
+    // A user attribute the guest must read through the 9p share (on a host file system
+    // without them, both sides report the same error).
+    // SAFETY: valid strings and a 3-byte value.
+    unsafe { libc::setxattr(file.as_ptr(), c"user.vmtest.present".as_ptr(), b"yes".as_ptr().cast(), 3, 0) };
     std::fs::write(shared.path().join("written"), "from the host").unwrap();
     let args = [shared.path().to_str().unwrap(), "/tmp"];
     let host =
