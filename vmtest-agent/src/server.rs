@@ -108,7 +108,13 @@ fn handle(msg: HostMessage, tx: &Sender<GuestMessage>, table: &Table) {
         HostMessage::Signal { id, signal } => {
             if let Some(r) = table.lock().unwrap().get(&id) {
                 // SAFETY: kill takes plain integers.
-                unsafe { libc::kill(-r.pgid, signal) };
+                unsafe {
+                    // No such group yet: the child has not reached its setpgid. It is
+                    // alone then, and its pid is the group's id to be.
+                    if libc::kill(-r.pgid, signal) < 0 {
+                        libc::kill(r.pgid, signal);
+                    }
+                }
             }
         }
         HostMessage::WriteFile { id, path, mode, data, append } => {
