@@ -105,6 +105,8 @@ impl AgentClient {
             gid: req.user.gid,
             groups: req.user.groups.clone(),
             stdin: !matches!(req.stdin, StdinSource::Null),
+            rlimits: host_rlimits(),
+            umask: Some(host_umask()),
         };
         tracing::debug!("exec #{id}: {}", req.display_argv());
         self.send(&HostMessage::Exec(start))?;
@@ -338,4 +340,32 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
     // Wake every waiter: the connection is gone.
     routes.lock().unwrap().take();
+}
+
+/// This process's resource limits, which a command run on the host would inherit.
+fn host_rlimits() -> Vec<vmtest_core::protocol::Rlimit> {
+    // RLIMIT_CPU (0) through RLIMIT_RTTIME (15): every limit Linux has.
+    (0..16u32)
+        .filter_map(|resource| {
+            let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: a valid out-pointer; an unknown resource only fails.
+            let ok = unsafe { libc::getrlimit(resource as _, &mut r) } == 0;
+            let value = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v };
+            ok.then(|| vmtest_core::protocol::Rlimit {
+                resource,
+                soft: value(r.rlim_cur),
+                hard: value(r.rlim_max),
+            })
+        })
+        .collect()
+}
+
+/// This process's umask (read by setting it and putting it back at once).
+fn host_umask() -> u32 {
+    // SAFETY: umask cannot fail; the value is restored right away.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m as u32
+    }
 }

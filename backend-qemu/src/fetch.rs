@@ -22,9 +22,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 /// Run a packaging tool (apt, dpkg) and return its stdout. A tool that cannot run says
 /// `missing_hint`; one that fails says its `E:` line (apt's error) or its first line.
 pub(crate) fn run_tool(cmd: &mut Command, what: &str, missing_hint: &str) -> Result<String> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::preflight(format!("cannot run {what}: {e}; {missing_hint}")))?;
+    let out =
+        cmd.output().map_err(|e| Error::preflight(format!("cannot run {what}: {e}; {missing_hint}")))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let first =

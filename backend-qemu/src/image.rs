@@ -178,6 +178,7 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
         nics,
         hosts: spec.hosts.clone(),
         entropy: crate::random_bytes(32),
+        modules_dir: None,
     };
     let t0 = Instant::now();
     let die_with_parent = b.options().die_with_parent;

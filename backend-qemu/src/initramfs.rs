@@ -81,7 +81,9 @@ impl Cpio {
 /// The cache key is the agent's content and the modules' file identities (path, size,
 /// mtime, inode), so a cache hit reads no module.
 pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: bool) -> Result<PathBuf> {
-    let mut key = vec![agent.to_vec(), vec![strip_signatures as u8]];
+    // LAYOUT names what this function puts beside the agent and the modules.
+    const LAYOUT: &[u8] = b"layout 2: /dev/null";
+    let mut key = vec![LAYOUT.to_vec(), agent.to_vec(), vec![strip_signatures as u8]];
     for m in modules {
         let id = file_identity(&m.path)
             .map_err(|e| Error::io(format!("cannot stat module {}", m.path.display()), e))?;
@@ -103,6 +105,10 @@ pub fn build(cache: &Cache, agent: &[u8], modules: &[Module], strip_signatures: 
     }
     // Init's stdio: the kernel opens /dev/console before anything is mounted.
     cpio.char_device("dev/console", 0o600, 5, 1);
+    // The kernel starts its module helper (the agent, linked as /sbin/modprobe at setup)
+    // with no descriptors open, and Rust's runtime opens /dev/null for them or aborts; /dev
+    // itself moves to the new root.
+    cpio.char_device("dev/null", 0o666, 1, 3);
     cpio.file("init", 0o755, agent);
     let mut order = String::new();
     for (name, bytes) in &loaded {

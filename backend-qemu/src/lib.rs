@@ -208,6 +208,7 @@ impl QemuBackend {
                         if with_net {
                             wanted.extend_from_slice(command::NET_MODULES);
                         }
+                        modules::ensure_index(&cache, dir, &kernel.release);
                         modules::resolve_cached(&cache, dir, &wanted)?
                     }
                     // No module tree: a kernel with the drivers built in (or the agent says what is missing).
@@ -354,6 +355,9 @@ impl QemuBackend {
                 .collect(),
             hosts: spec.hosts.clone(),
             entropy: random_bytes(32),
+            // The tree is reached through the host root: no share of its own, so nothing
+            // at boot (or in the snapshot) changes.
+            modules_dir: prepared.kernel.modules.as_ref().map(|d| d.as_os_str().as_encoded_bytes().to_vec()),
         };
         // A guest held for gdb boots cold: a restored one is past the point to stop at.
         let snapshots = self.opts.snapshots && !self.opts.gdb.is_some_and(|g| g.wait);
@@ -619,6 +623,7 @@ impl Hypervisor for QemuBackend {
             }
         }
     }
+
     async fn list_images(&self) -> Result<Vec<String>> {
         Ok(image_build::ImageStore::new(&self.cache)?.list().into_iter().map(|i| i.info.name).collect())
     }

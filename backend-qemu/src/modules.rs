@@ -143,6 +143,132 @@ pub fn resolve_cached(cache: &Cache, dir: &Path, wanted: &[&str]) -> Result<Vec<
     Ok(resolved)
 }
 
+/// The index files modprobe reads: `modules.dep`, `modules.alias`, `modules.devname`.
+pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.devname"];
+
+/// Make sure the module tree at `dir` has its index, so the guest can load any of its
+/// modules on demand. A tree from a distro package was never passed through depmod: the
+/// host's `depmod` writes the index when there is one (with the binary forms the host's
+/// modprobe needs), else vmtest writes the text forms from each module's `.modinfo`, which
+/// is what the agent's own loader reads. Only a tree inside the cache is written to: the
+/// host's own trees are the host's business (and an installed one has its index).
+///
+/// A failure is only a warning: the guest then boots without on-demand modules.
+pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) {
+    let depmod = crate::find_executable(Path::new("depmod"));
+    // With kmod on the host, its modprobe needs depmod's binary index too.
+    let done = if depmod.is_some() { "modules.dep.bin" } else { "modules.dep" };
+    if dir.join(done).is_file() || !dir.starts_with(cache.root()) {
+        return;
+    }
+    if let Err(e) = write_index(dir, release, depmod.as_deref()) {
+        tracing::warn!("no module index for {}: {e}; the guest cannot load modules on demand", dir.display());
+    }
+}
+
+fn write_index(dir: &Path, release: &str, depmod: Option<&Path>) -> Result<()> {
+    // `<root>/lib/modules/<release>`: depmod takes the root.
+    let root = dir.parent().and_then(Path::parent).and_then(Path::parent);
+    if let (Some(depmod), Some(root)) = (depmod, root) {
+        let status = std::process::Command::new(depmod).arg("-b").arg(root).arg(release).status();
+        if matches!(status, Ok(s) if s.success()) && dir.join("modules.dep.bin").is_file() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "{} -b {} {release} failed; writing the module index itself",
+            depmod.display(),
+            root.display()
+        );
+    }
+    write_text_index(dir)
+}
+
+/// Write the text index of the tree at `dir` from its modules' `.modinfo`.
+fn write_text_index(dir: &Path) -> Result<()> {
+    let index = build_index(dir)?;
+    // modules.dep last: its presence says the index is complete.
+    for (name, text) in
+        [("modules.alias", &index.alias), ("modules.devname", &index.devname), ("modules.dep", &index.dep)]
+    {
+        Cache::write_atomic(&dir.join(name), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The text index of a module tree, in depmod's formats.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Index {
+    /// `kernel/path/m.ko: kernel/path/dep.ko ...`
+    pub dep: String,
+    /// `alias PATTERN module`
+    pub alias: String,
+    /// `module devname cMAJ:MIN` (or `b`): the static nodes of autoloadable modules.
+    pub devname: String,
+}
+
+/// Read every module's `.modinfo` (its `depends=` and `alias=` fields).
+pub fn build_index(dir: &Path) -> Result<Index> {
+    let mut files = Vec::new();
+    walk(&dir.join("kernel"), &mut |p| {
+        if p.file_name().and_then(|n| n.to_str()).and_then(module_name).is_some() {
+            files.push(p.to_owned());
+        }
+    });
+    files.sort();
+    let rel = |p: &Path| p.strip_prefix(dir).unwrap_or(p).display().to_string();
+    let by_name: BTreeMap<String, String> =
+        files.iter().filter_map(|p| Some((module_name(p.file_name()?.to_str()?)?, rel(p)))).collect();
+    let mut index = Index::default();
+    for path in &files {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(module_name) else { continue };
+        let bytes = read_module(path)?;
+        let fields = modinfo_all(&bytes);
+        let depends: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| k == "depends")
+            .flat_map(|(_, v)| v.split(','))
+            .filter(|d| !d.is_empty())
+            .filter_map(|d| by_name.get(&d.replace('-', "_")).map(String::as_str))
+            .collect();
+        index.dep.push_str(&format!("{}: {}\n", rel(path), depends.join(" ")));
+        let (mut devname, mut node) = (None, None);
+        for (k, v) in &fields {
+            if k != "alias" {
+                continue;
+            }
+            index.alias.push_str(&format!("alias {v} {name}\n"));
+            if let Some(d) = v.strip_prefix("devname:") {
+                devname = Some(d.to_owned());
+            }
+            for (prefix, kind) in [("char-major-", 'c'), ("block-major-", 'b')] {
+                if let Some((major, minor)) = v.strip_prefix(prefix).and_then(|n| n.split_once('-')) {
+                    if major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok() {
+                        node = Some(format!("{kind}{major}:{minor}"));
+                    }
+                }
+            }
+        }
+        if let (Some(d), Some(n)) = (devname, node) {
+            index.devname.push_str(&format!("{name} {d} {n}\n"));
+        }
+    }
+    Ok(index)
+}
+
+/// Every `key=value` field of a module's `.modinfo` section.
+fn modinfo_all(elf: &[u8]) -> Vec<(String, String)> {
+    use object::{Object, ObjectSection};
+    let Ok(file) = object::File::parse(elf) else { return Vec::new() };
+    let Some(data) = file.section_by_name(".modinfo").and_then(|s| s.data().ok()) else { return Vec::new() };
+    data.split(|b| *b == 0)
+        .filter_map(|f| {
+            let f = String::from_utf8_lossy(f);
+            let (k, v) = f.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
@@ -240,6 +366,72 @@ mod tests {
         std::fs::rename(&m, moved.join("a.ko")).unwrap();
         std::fs::write(d.join("modules.dep"), "kernel/fs/b/a.ko:\n").unwrap();
         assert_eq!(resolve_cached(&cache, &d, &["a"]).unwrap()[0].path, moved.join("a.ko"));
+    }
+
+    /// A relocatable ELF with only a `.modinfo` section holding `fields`.
+    fn fake_module(fields: &[&str]) -> Vec<u8> {
+        let mut modinfo: Vec<u8> = fields.iter().flat_map(|f| f.bytes().chain([0])).collect();
+        modinfo.resize(modinfo.len().next_multiple_of(8), 0);
+        // Padded to 24 bytes, so the section headers after it are 8-byte aligned.
+        let shstrtab = b"\0.modinfo\0.shstrtab\0\0\0\0\0";
+        let shoff = 64 + modinfo.len() + shstrtab.len();
+        let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+        elf.resize(16, 0);
+        for (v, len) in [(1u64, 2), (62, 2), (1, 4), (0, 8), (0, 8), (shoff as u64, 8), (0, 4)] {
+            elf.extend_from_slice(&v.to_le_bytes()[..len]);
+        }
+        for v in [64u16, 0, 0, 64, 3, 2] {
+            elf.extend_from_slice(&v.to_le_bytes());
+        }
+        elf.extend_from_slice(&modinfo);
+        elf.extend_from_slice(shstrtab);
+        let section = |name: u32, kind: u32, offset: usize, size: usize| {
+            let mut h = Vec::new();
+            h.extend_from_slice(&name.to_le_bytes());
+            h.extend_from_slice(&kind.to_le_bytes());
+            for v in [0u64, 0, offset as u64, size as u64] {
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            h.extend_from_slice(&[0u8; 8]);
+            h.extend_from_slice(&1u64.to_le_bytes());
+            h.extend_from_slice(&0u64.to_le_bytes());
+            h
+        };
+        elf.extend_from_slice(&[0u8; 64]);
+        elf.extend(section(1, 1, 64, modinfo.len()));
+        elf.extend(section(10, 3, 64 + modinfo.len(), shstrtab.len()));
+        elf
+    }
+
+    #[test]
+    fn the_index_lists_dependencies_aliases_and_static_nodes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let put = |path: &str, fields: &[&str]| {
+            let p = d.join("kernel").join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, fake_module(fields)).unwrap();
+        };
+        put("drivers/net/tun.ko", &["alias=devname:net/tun", "alias=char-major-10-200", "depends="]);
+        put("fs/fuse/cuse.ko", &["alias=char-major-10-203", "depends=fuse"]);
+        put(
+            "fs/fuse/fuse.ko",
+            &["alias=fs-fuse", "alias=devname:fuse", "alias=char-major-10-229", "depends="],
+        );
+        let index = build_index(d).unwrap();
+        assert_eq!(
+            index.dep,
+            "kernel/drivers/net/tun.ko: \nkernel/fs/fuse/cuse.ko: kernel/fs/fuse/fuse.ko\nkernel/fs/fuse/fuse.ko: \n"
+        );
+        assert!(index.alias.contains("alias char-major-10-200 tun\n"), "{}", index.alias);
+        assert!(index.alias.contains("alias fs-fuse fuse\n"), "{}", index.alias);
+        // Only a module with both a device name and a number gets a static node.
+        assert_eq!(index.devname, "tun net/tun c10:200\nfuse fuse c10:229\n");
+        // The tree now resolves through the index it was given.
+        write_text_index(d).unwrap();
+        let names: Vec<String> =
+            ModuleTree::open(d).unwrap().resolve(&["cuse"]).unwrap().into_iter().map(|m| m.name).collect();
+        assert_eq!(names, ["fuse", "cuse"]);
     }
 
     #[test]

@@ -137,7 +137,8 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     if let Some(tag) = &s.root_tag {
-        switch_root(tag, &s.overlay_size, &s.hostname)?;
+        let modules = s.modules_dir.as_deref().map(|d| Path::new(std::ffi::OsStr::from_bytes(d)));
+        switch_root(tag, &s.overlay_size, &s.hostname, modules)?;
     }
     for share in &s.shares {
         let target = Path::new(std::ffi::OsStr::from_bytes(&share.guest_path));
@@ -153,7 +154,7 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
 const NINEP_OPTS: &str = "trans=virtio,version=9p2000.L,msize=512000,access=client,cache=loose";
 
 /// Make `host / (9p, read-only) + tmpfs` the root: every write lands in guest memory.
-fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> {
+fn switch_root(tag: &str, overlay_size: &str, hostname: &str, modules_dir: Option<&Path>) -> io::Result<()> {
     let lower = Path::new("/mnt/lower");
     let rw = Path::new("/mnt/rw");
     let root = Path::new("/mnt/root");
@@ -188,9 +189,60 @@ fn switch_root(tag: &str, overlay_size: &str, hostname: &str) -> io::Result<()> 
     if let Err(e) = sys::mount("cgroup2", &root.join("sys/fs/cgroup"), "cgroup2", nodev, "") {
         eprintln!("vmtest-agent: {e} (continuing without cgroups)");
     }
+    populate_dev(&root.join("dev"));
+    // The guest kernel's modules (a directory of the read-only host root), where the
+    // kernel's module helper (in this initramfs) and modprobe in the new root both look.
+    // Held open through the root switch, then bound in.
+    // A guest without them still runs commands: a failure here is only reported.
+    let modules = modules_dir.and_then(|dir| match mount_modules(lower, dir) {
+        Ok(held) => Some(held),
+        Err(e) => {
+            eprintln!("vmtest-agent: no kernel modules on demand: {e}");
+            None
+        }
+    });
     sys::chroot_here(root)?;
+    if let Some((dir, tree)) = modules {
+        use std::os::fd::AsRawFd;
+        let held = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        match sys::bind_mount(&held, &tree) {
+            Ok(()) => crate::modprobe::static_nodes(&tree, Path::new("/dev")),
+            Err(e) => eprintln!("vmtest-agent: no kernel modules in the guest root: {e}"),
+        }
+    }
     add_hosts_entry(hostname);
     Ok(())
+}
+
+/// Bind the module tree `dir` of the host root (mounted at `lower`) at the initramfs's
+/// `/lib/modules/<release>` and link the kernel's module helper; the tree stays open, to be
+/// bound into the new root after the switch.
+fn mount_modules(lower: &Path, dir: &Path) -> io::Result<(std::fs::File, PathBuf)> {
+    let tree = Path::new("/lib/modules").join(sys::kernel_release());
+    sys::bind_mount(&lower.join(dir.strip_prefix("/").unwrap_or(dir)), &tree)?;
+    // The kernel's default helper path, linked only now: the module requests of boot
+    // (crypto self-tests and the like) keep failing at once, as a missing helper does,
+    // instead of each starting the agent for nothing.
+    std::fs::create_dir_all("/sbin")?;
+    std::os::unix::fs::symlink("/init", "/sbin/modprobe")?;
+    Ok((std::fs::File::open(&tree)?, tree))
+}
+
+/// The links and mounts udev and systemd give every Linux system's /dev.
+fn populate_dev(dev: &Path) {
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, dev.join(name));
+    }
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if let Err(e) = sys::mount("mqueue", &dev.join("mqueue"), "mqueue", flags, "") {
+        eprintln!("vmtest-agent: {e} (continuing without /dev/mqueue)");
+    }
 }
 
 /// Let the guest resolve its own name, as most tools expect.

@@ -10,6 +10,7 @@
 
 mod imageroot;
 mod init;
+mod modprobe;
 mod net;
 mod server;
 mod sys;
@@ -19,6 +20,11 @@ use vmtest_core::protocol::AGENT_PORT_NAME;
 fn main() {
     if std::process::id() == 1 {
         init::pid1();
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The kernel's module helper: setup links the initramfs's /sbin/modprobe to the agent.
+    if args.first().and_then(|a| std::path::Path::new(a).file_name()) == Some("modprobe".as_ref()) {
+        modprobe::main(args);
     }
     let port = match std::env::args_os().nth(1) {
         Some(p) => std::path::PathBuf::from(p),

@@ -35,6 +35,13 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// data a reconnecting host already sent, and a read on a port with no host simply returns
 /// end-of-file until one connects.
 pub fn serve(port: &Path, as_init: bool) -> io::Result<()> {
+    // The agent leads a session of its own, with no controlling terminal, so each command
+    // is a member of a real session and never its leader: as under a shell or cargo on the
+    // host, a command that opens a terminal without O_NOCTTY does not make it its
+    // controlling terminal (and is not hung up when it closes it). Already a session
+    // leader (a service in an image): nothing to do.
+    // SAFETY: setsid takes no arguments.
+    unsafe { libc::setsid() };
     let table: Table = Arc::default();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -101,7 +108,13 @@ fn handle(msg: HostMessage, tx: &Sender<GuestMessage>, table: &Table) {
         HostMessage::Signal { id, signal } => {
             if let Some(r) = table.lock().unwrap().get(&id) {
                 // SAFETY: kill takes plain integers.
-                unsafe { libc::kill(-r.pgid, signal) };
+                unsafe {
+                    // No such group yet: the child has not reached its setpgid. It is
+                    // alone then, and its pid is the group's id to be.
+                    if libc::kill(-r.pgid, signal) < 0 {
+                        libc::kill(r.pgid, signal);
+                    }
+                }
             }
         }
         HostMessage::WriteFile { id, path, mode, data, append } => {
@@ -125,14 +138,18 @@ fn write_file(path: &[u8], mode: u32, data: &[u8], append: bool) -> io::Result<(
         .append(append)
         .truncate(!append)
         .mode(mode)
+        // The agent leads a session: a terminal it opens must not become its own.
+        .custom_flags(libc::O_NOCTTY)
         .open(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     f.write_all(data)
 }
 
 fn read_file(id: u64, path: &[u8], tx: &Sender<GuestMessage>) {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = Path::new(OsStr::from_bytes(path));
-    let mut f = match File::open(path) {
+    // O_NOCTTY: see `write_file`.
+    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOCTTY).open(path) {
         Ok(f) => f,
         Err(e) => {
             let _ = tx.send(GuestMessage::FileDone { id, error: Some(format!("{}: {e}", path.display())) });
@@ -185,12 +202,17 @@ fn exec(start: ExecStart, tx: Sender<GuestMessage>, table: Table) {
     }
     cmd.stdin(if start.stdin { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Its own process group, so that a signal from the host reaches all of it; but not a
+    // session of its own (see `serve`).
+    cmd.process_group(0);
     let (uid, gid, groups) = (start.uid, start.gid, start.groups.clone());
-    // SAFETY: only async-signal-safe calls between fork and exec; `groups` was allocated before.
+    let (rlimits, umask) = (start.rlimits.clone(), start.umask);
+    // SAFETY: only async-signal-safe calls between fork and exec; `groups` and `rlimits`
+    // were allocated before.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0
-                || libc::setgroups(groups.len(), groups.as_ptr()) < 0
+            sys::host_like_process(&rlimits, umask);
+            if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                 || libc::setgid(gid) < 0
                 || libc::setuid(uid) < 0
             {

@@ -49,6 +49,24 @@ pub fn move_mount(from: &Path, to: &Path) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("move {} to {}: {e}", from.display(), to.display())))
 }
 
+/// mknod(2) of a device node.
+pub fn mknod(path: &Path, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
+    let p = cstr(path)?;
+    // SAFETY: a valid string; makedev is arithmetic.
+    check(unsafe { libc::mknod(p.as_ptr(), mode, libc::makedev(major, minor)) })
+}
+
+/// Bind-mount `from` (any path, `/proc/self/fd/N` included) on `to`.
+pub fn bind_mount(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    let (f, t) = (cstr(from)?, cstr(to)?);
+    // SAFETY: valid strings; MS_BIND ignores fstype and data.
+    let ret =
+        unsafe { libc::mount(f.as_ptr(), t.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) };
+    check(ret)
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {} on {}: {e}", from.display(), to.display())))
+}
+
 /// Load a kernel module from a file. Already loaded is fine.
 pub fn load_module(path: &Path) -> io::Result<()> {
     let file = std::fs::File::open(path)?;
@@ -158,4 +176,33 @@ pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
         check(libc::ioctl(dev.as_raw_fd(), RNDRESEEDCRNG, 0))?;
     }
     Ok(())
+}
+
+/// Give a command about to be exec'd what it would inherit on the host: default signal
+/// dispositions, no blocked signals, the host's resource limits and umask. Runs between fork
+/// and exec, so only async-signal-safe calls, and nothing to report failures to: a limit
+/// the guest kernel refuses (a hard limit above its maximum) stays the guest's.
+pub fn host_like_process(rlimits: &[vmtest_core::protocol::Rlimit], umask: Option<u32>) {
+    // SAFETY: sigaction, sigprocmask, setrlimit and umask are async-signal-safe and take
+    // pointers to locals.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        for r in rlimits {
+            let value = |v: u64| if v == u64::MAX { libc::RLIM_INFINITY } else { v };
+            let lim = libc::rlimit { rlim_cur: value(r.soft), rlim_max: value(r.hard) };
+            libc::setrlimit(r.resource as _, &lim);
+        }
+        if let Some(mask) = umask {
+            libc::umask(mask as libc::mode_t);
+        }
+    }
 }

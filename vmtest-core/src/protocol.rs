@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a message changes shape; the host refuses an agent that disagrees.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The name of the virtio-serial port the agent talks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT_NAME: &str = "org.vmtest.agent.0";
@@ -100,6 +100,10 @@ pub struct GuestSetup {
     /// Host randomness mixed into the guest's pool and the CRNG reseeded: guests restored
     /// from one snapshot must not share their random numbers.
     pub entropy: Vec<u8>,
+    /// The guest kernel's module tree, a directory of the host root (the kernel's
+    /// `lib/modules/<release>` in the cache), bound read-only at `/lib/modules/<release>`
+    /// so that modprobe and the kernel's own module requests find the guest's modules.
+    pub modules_dir: Option<Vec<u8>>,
 }
 
 /// One network interface the agent configures: up, with one IPv4 address.
@@ -132,6 +136,19 @@ pub struct ExecStart {
     /// False: stdin is `/dev/null`. True: the host sends [`HostMessage::Stdin`] and then
     /// [`HostMessage::CloseStdin`].
     pub stdin: bool,
+    /// The host's resource limits, applied to the command as they would be on the host.
+    pub rlimits: Vec<Rlimit>,
+    /// The host's umask; `None` keeps the agent's.
+    pub umask: Option<u32>,
+}
+
+/// One resource limit (`getrlimit`): the resource number and its soft and hard values, with
+/// `u64::MAX` for unlimited.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: u32,
+    pub soft: u64,
+    pub hard: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -281,6 +298,8 @@ mod tests {
             gid: 1000,
             groups: vec![27],
             stdin: true,
+            rlimits: vec![Rlimit { resource: 7, soft: 1024, hard: u64::MAX }],
+            umask: Some(0o027),
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &msg).unwrap();

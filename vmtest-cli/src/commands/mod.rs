@@ -21,6 +21,9 @@ use vmtest_core::Result;
 
 /// Run the chosen subcommand; the value is the process exit code.
 pub async fn dispatch(cli: Cli) -> Result<i32> {
+    if let Some(verb) = host_verb(&cli.command).filter(|_| run::in_vmtest_guest()) {
+        return Err(run::host_only(verb));
+    }
     match cli.command {
         Command::Run(args) => run::run(args).await,
         Command::Test(args) => test::test(args).await,
@@ -39,4 +42,26 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Completions { shell } => completions::completions(shell),
         Command::Man { out_dir } => completions::man(out_dir.as_deref()),
     }
+}
+
+/// The name of a verb that manages VMs or host state, which a guest cannot do. `run` has
+/// its own answer in a guest; config, completions and man only print.
+fn host_verb(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::Test(_) => "test",
+        Command::List { .. } => "list",
+        Command::Exec(_) => "exec",
+        Command::Console { .. } => "console",
+        Command::Destroy { .. } => "destroy",
+        Command::Cleanup(_) => "cleanup",
+        Command::Kernel(_) => "kernel",
+        Command::Qemu(_) => "qemu",
+        Command::Image(_) => "image",
+        Command::Doctor { .. } => "doctor",
+        Command::Floor(_) => "floor",
+        Command::NetworkKeeper { .. } => "network-keeper",
+        Command::Run(_) | Command::Config(_) | Command::Completions { .. } | Command::Man { .. } => {
+            return None
+        }
+    })
 }

@@ -16,6 +16,9 @@ use vmtest_core::state::StateDir;
 use vmtest_core::{sweep, Error, Result};
 
 pub async fn run(args: RunArgs) -> Result<i32> {
+    if in_vmtest_guest() {
+        return run_here(&args);
+    }
     let start = Instant::now();
     let mut json_sinks: Vec<JsonEvents> = Vec::new();
     if args.message_format == MessageFormat::Json {
@@ -173,4 +176,47 @@ pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
         spec.exec = via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.message())))?;
     }
     Ok(spec)
+}
+
+/// True inside a vmtest guest: the agent boots every guest with [`BOOT_MARKER`] on the
+/// kernel command line, which no host kernel has.
+///
+/// [`BOOT_MARKER`]: vmtest_core::protocol::BOOT_MARKER
+pub fn in_vmtest_guest() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == vmtest_core::protocol::BOOT_MARKER))
+        .unwrap_or(false)
+}
+
+/// `vmtest run -- CMD` inside a guest: CMD is already in a VM, so it runs here, by exec,
+/// with the cwd and environment flags applied; its status is vmtest's. A test suite that
+/// spawns `cargo run` (which inherits the cargo runner variable) keeps working instead of
+/// trying to boot a VM inside a small guest. VM settings have nothing to act on and are
+/// ignored.
+fn run_here(args: &RunArgs) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let req = super::request::exec_request(&args.command_args, &args.command)?;
+    if req.timeout.is_some() {
+        ui::line("vmtest: note: already in a vmtest guest; --timeout is not enforced for the nested command");
+    }
+    let (program, rest) = req.argv.split_first().ok_or_else(|| Error::usage("no command given"))?;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(rest).env_clear().envs(req.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    let e = cmd.exec();
+    let shown = program.to_string_lossy();
+    // The shell's codes for a command that cannot start: 127 not found, 126 not runnable.
+    let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+    ui::line(&format!("vmtest: cannot run {shown} (nested run inside a vmtest guest): {e}"));
+    Ok(code)
+}
+
+/// The error for a verb other than `run` inside a guest: they manage VMs from the host.
+pub fn host_only(verb: &str) -> Error {
+    Error::preflight(format!(
+        "`vmtest {verb}` runs on the host, and this is a vmtest guest; only `vmtest run -- CMD` works \
+         here (it runs CMD directly, since it is already in a VM)"
+    ))
 }
