@@ -1,11 +1,11 @@
 //! `vmtest run`.
 
+use super::backends::QemuOptions;
 use crate::cli::{Keep, MessageFormat, RunArgs};
 use crate::config::{self, blame, Effective};
 use crate::events::{self, JsonEvents};
 use crate::signals::Signals;
 use crate::ui;
-use backend_qemu::QemuOptions;
 use serde_json::json;
 use std::time::Instant;
 use vmtest_core::lock::{self, SlotPool};
