@@ -152,7 +152,7 @@ pub struct Config {
     /// Pause between retries of busy datasets and links.
     pub retry_pause: Duration,
     pub retries: u32,
-    /// Seconds between SIGTERM and SIGKILL of bhyve.
+    /// From SIGTERM to bhyve (the guest's power button) to `bhyvectl --destroy`.
     pub stop_grace: Duration,
 }
 

@@ -25,7 +25,8 @@
 //! - `VMTEST_BHYVE_BAY`: guest dir for copied-in programs (default `/opt/cargo-bay`).
 //! - `VMTEST_BHYVE_COPY_PROGRAM=0`: do not copy a host program named by path into the guest.
 //! - `VMTEST_BHYVE_RETRIES`, `VMTEST_BHYVE_RETRY_MS`: busy dataset/link retries (30 × 1000 ms).
-//! - `VMTEST_BHYVE_STOP_GRACE_MS`: SIGTERM to SIGKILL grace for bhyve (10000).
+//! - `VMTEST_BHYVE_STOP_GRACE_MS`: from SIGTERM (the guest's power button) to
+//!   `bhyvectl --destroy` (10000).
 
 pub mod config;
 pub mod host;
