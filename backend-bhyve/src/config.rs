@@ -65,10 +65,39 @@ impl Flavor {
         }
     }
 
-    pub fn default_bootrom(self) -> &'static str {
+    /// Where each system installs bhyve's UEFI firmware, in the order they are tried: FreeBSD's
+    /// edk2-bhyve port; OmniOS/Helios (`BHYVE_RELEASE.fd` and its `BHYVE.fd` link); SmartOS.
+    pub fn bootrom_candidates(self) -> &'static [&'static str] {
         match self {
-            Flavor::FreeBsd => "/usr/local/share/uefi-firmware/BHYVE_UEFI.fd",
-            Flavor::Illumos => "/usr/share/bhyve/firmware/BHYVE_UEFI.fd",
+            Flavor::FreeBsd => &["/usr/local/share/uefi-firmware/BHYVE_UEFI.fd"],
+            Flavor::Illumos => &[
+                "/usr/share/bhyve/firmware/BHYVE_RELEASE.fd",
+                "/usr/share/bhyve/firmware/BHYVE.fd",
+                "/usr/share/bhyve/uefi-rom.bin",
+            ],
+        }
+    }
+
+    /// The first firmware candidate that exists under `root` (`/` on a real host), as its
+    /// host path; `None` when there is none.
+    pub fn probe_bootrom(self, root: &std::path::Path) -> Option<String> {
+        self.bootrom_candidates()
+            .iter()
+            .find(|c| root.join(c.trim_start_matches('/')).is_file())
+            .map(|c| (*c).to_owned())
+    }
+
+    /// How to install the firmware.
+    pub fn bootrom_fix(self) -> &'static str {
+        match self {
+            Flavor::FreeBsd => {
+                "install it (`pkg install edk2-bhyve`), or set VMTEST_BHYVE_BOOTROM to its path \
+                                (or to `none` to load FreeBSD guests with bhyveload)"
+            }
+            Flavor::Illumos => {
+                "install it (OmniOS/Helios: `pkg install system/bhyve/firmware`; SmartOS ships \
+                                it), or set VMTEST_BHYVE_BOOTROM to its path"
+            }
         }
     }
 
@@ -112,7 +141,10 @@ pub struct Config {
     /// FreeBSD: the bridge a tap joins; illumos: the link a VNIC goes over. None: no NIC.
     pub nic: Option<String>,
     pub share: ShareMode,
+    /// The UEFI firmware; `None`: FreeBSD guests are loaded with `bhyveload` (illumos has none).
     pub bootrom: Option<String>,
+    /// Size of each VM's disk: the clone grows to it (`zfs set volsize`); never shrinks.
+    pub disk_bytes: u64,
     /// Guest directory for copied-in programs (omicron's cargo bay).
     pub bay: String,
     /// Copy a host program named by path into the bay before running it (cargo runner use).
@@ -120,8 +152,24 @@ pub struct Config {
     /// Pause between retries of busy datasets and links.
     pub retry_pause: Duration,
     pub retries: u32,
-    /// Seconds between SIGTERM and SIGKILL of bhyve.
+    /// From SIGTERM to bhyve (the guest's power button) to `bhyvectl --destroy`.
     pub stop_grace: Duration,
+}
+
+/// The default disk of a VM, as falcon's.
+pub const DEFAULT_DISK: u64 = 20 << 30;
+
+/// `20G`, `512M`, `1T` or bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1u64 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        (i, 'T' | 't') => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok().filter(|n| *n > 0).and_then(|n| n.checked_mul(mult))
 }
 
 fn var(name: &str) -> Option<String> {
@@ -172,9 +220,25 @@ impl Config {
             nic: var("VMTEST_BHYVE_NIC"),
             share,
             bootrom: match var("VMTEST_BHYVE_BOOTROM").as_deref() {
+                Some("none") if fl == Flavor::Illumos => {
+                    return Err(Error::usage(
+                        "VMTEST_BHYVE_BOOTROM=none: illumos bhyve has no bhyveload, it boots only with UEFI \
+                         firmware; unset the variable (the firmware is found) or name the firmware file",
+                    ))
+                }
                 Some("none") => None,
                 Some(p) => Some(p.to_owned()),
-                None => Some(fl.default_bootrom().to_owned()),
+                // Not found: the first candidate, which pre-flight reports missing.
+                None => Some(
+                    fl.probe_bootrom(std::path::Path::new("/"))
+                        .unwrap_or_else(|| fl.bootrom_candidates()[0].to_owned()),
+                ),
+            },
+            disk_bytes: match var("VMTEST_BHYVE_DISK") {
+                Some(d) => parse_size(&d).ok_or_else(|| {
+                    Error::usage(format!("VMTEST_BHYVE_DISK=`{d}` is not a size; write e.g. 20G or 20480M"))
+                })?,
+                None => DEFAULT_DISK,
             },
             bay: var("VMTEST_BHYVE_BAY").unwrap_or_else(|| "/opt/cargo-bay".to_owned()),
             copy_program: var("VMTEST_BHYVE_COPY_PROGRAM").as_deref() != Some("0"),
@@ -201,5 +265,36 @@ impl Config {
     /// `<pool>/vmtest/run/<run>`.
     pub fn run_dataset(&self, run: &str) -> String {
         format!("{}/vmtest/run/{run}", self.pool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn illumos_firmware_is_found_where_omnios_helios_and_smartos_install_it() {
+        for (installed, want) in [
+            ("usr/share/bhyve/firmware/BHYVE_RELEASE.fd", "/usr/share/bhyve/firmware/BHYVE_RELEASE.fd"),
+            ("usr/share/bhyve/uefi-rom.bin", "/usr/share/bhyve/uefi-rom.bin"),
+        ] {
+            let root = tempfile::tempdir().unwrap();
+            let f = root.path().join(installed);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, b"uefi").unwrap();
+            assert_eq!(Flavor::Illumos.probe_bootrom(root.path()).as_deref(), Some(want));
+            assert_eq!(Flavor::FreeBsd.probe_bootrom(root.path()), None);
+        }
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(Flavor::Illumos.probe_bootrom(empty.path()), None);
+    }
+
+    #[test]
+    fn disk_sizes_parse() {
+        assert_eq!(parse_size("20G"), Some(20 << 30));
+        assert_eq!(parse_size("512m"), Some(512 << 20));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0G"), None);
+        assert_eq!(parse_size("big"), None);
     }
 }

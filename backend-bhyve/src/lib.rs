@@ -18,11 +18,15 @@
 //! - `VMTEST_BHYVE_NIC`: FreeBSD bridge for a tap, or illumos link for a VNIC; unset: no NIC.
 //! - `VMTEST_BHYVE_SHARE=p9kp|serial`: copy-in through a virtio-9p share (`p9kp pull`, default
 //!   on illumos) or base64 over the console (default on FreeBSD).
-//! - `VMTEST_BHYVE_BOOTROM`: UEFI firmware path, or `none`.
+//! - `VMTEST_BHYVE_BOOTROM`: UEFI firmware path (default: the first that exists of
+//!   [`config::Flavor::bootrom_candidates`]), or `none` on FreeBSD: guests are loaded with
+//!   `bhyveload` (illumos bhyve boots only with firmware).
+//! - `VMTEST_BHYVE_DISK`: each VM's disk size; the clone grows to it (default 20G, as falcon).
 //! - `VMTEST_BHYVE_BAY`: guest dir for copied-in programs (default `/opt/cargo-bay`).
 //! - `VMTEST_BHYVE_COPY_PROGRAM=0`: do not copy a host program named by path into the guest.
 //! - `VMTEST_BHYVE_RETRIES`, `VMTEST_BHYVE_RETRY_MS`: busy dataset/link retries (30 × 1000 ms).
-//! - `VMTEST_BHYVE_STOP_GRACE_MS`: SIGTERM to SIGKILL grace for bhyve (10000).
+//! - `VMTEST_BHYVE_STOP_GRACE_MS`: from SIGTERM (the guest's power button) to
+//!   `bhyvectl --destroy` (10000).
 
 pub mod config;
 pub mod host;
@@ -307,6 +311,15 @@ impl Hypervisor for BhyveBackend {
             )));
         }
         let _ = self.dev("/dev")?;
+        if let Some(rom) = &cfg.bootrom {
+            if !Path::new(rom).is_file() {
+                return Err(Error::preflight(format!(
+                    "bhyve cannot boot {}: no UEFI firmware at {rom}; {}",
+                    spec.name,
+                    flavor.bootrom_fix()
+                )));
+            }
+        }
         vm::BhyveVm::launch(cfg, flavor, image, spec.clone(), dir.clone())
             .await
             .map(|v| Box::new(v) as Box<dyn Vm>)
@@ -370,16 +383,9 @@ fn preflight(cfg: &Config) -> Preflight {
             )),
         }
     }
-    let vmmctl = dev_path(&cfg.devroot, "/dev/vmmctl");
-    let vmm = dev_path(&cfg.devroot, "/dev/vmm");
-    if vmmctl.exists() || vmm.is_dir() {
-        pf.push(Check::ok("vmm", "the vmm driver is loaded"));
-    } else {
-        let fix = match flavor {
-            Flavor::FreeBsd => "run `kldload vmm` (and add vmm_load=\"YES\" to /boot/loader.conf)",
-            Flavor::Illumos => "this host has no bhyve vmm driver; install it (pkg install system/bhyve)",
-        };
-        pf.push(Check::fail("vmm", "neither /dev/vmmctl nor /dev/vmm exists", fix));
+    pf.push(vmm_check(cfg, flavor));
+    if flavor == Flavor::FreeBsd {
+        pf.push(nmdm_check(cfg));
     }
     if pf.passed() {
         match cfg.host.run("zfs", &["list", "-H", "-o", "name", &cfg.pool], HOST_TIMEOUT) {
@@ -401,13 +407,69 @@ fn preflight(cfg: &Config) -> Preflight {
             )),
         }
     }
-    match &cfg.bootrom {
-        Some(rom) if !Path::new(rom).exists() => pf.push(Check::warn(
-            "bootrom",
-            format!("{rom} does not exist"),
-            "install the UEFI firmware (FreeBSD: pkg install edk2-bhyve) or set VMTEST_BHYVE_BOOTROM",
-        )),
-        _ => {}
-    }
+    pf.push(bootrom_check(cfg, flavor));
     pf
+}
+
+/// Is the FreeBSD kernel module `name` loaded? (`kldstat -q -m NAME` exits 0 when it is.)
+fn kld_loaded(cfg: &Config, name: &str) -> bool {
+    cfg.host.resolve("kldstat").is_some()
+        && cfg.host.run("kldstat", &["-q", "-m", name], HOST_TIMEOUT).is_ok_and(|o| o.success())
+}
+
+/// The vmm driver. FreeBSD 15 has `/dev/vmmctl`; 14 has no such node and `/dev/vmm/` only
+/// while a VM exists, so there `kldstat` tells. illumos has `/dev/vmmctl`.
+fn vmm_check(cfg: &Config, flavor: Flavor) -> Check {
+    let vmmctl = dev_path(&cfg.devroot, "/dev/vmmctl");
+    let loaded = vmmctl.exists() || (flavor == Flavor::FreeBsd && kld_loaded(cfg, "vmm"));
+    if loaded {
+        return Check::ok("vmm", "the vmm driver is loaded");
+    }
+    match flavor {
+        Flavor::FreeBsd => Check::fail(
+            "vmm",
+            "the vmm module is not loaded (`kldstat -q -m vmm` fails)",
+            "run `kldload vmm` (and add vmm_load=\"YES\" to /boot/loader.conf)",
+        ),
+        Flavor::Illumos => Check::fail(
+            "vmm",
+            "/dev/vmmctl does not exist",
+            "this host has no bhyve vmm driver; install it (pkg install system/bhyve)",
+        ),
+    }
+}
+
+/// FreeBSD's console is an nmdm pair: the module must be loaded, and its nodes are root's.
+fn nmdm_check(cfg: &Config) -> Check {
+    if !kld_loaded(cfg, "nmdm") {
+        return Check::fail(
+            "nmdm",
+            "the nmdm module is not loaded (`kldstat -q -m nmdm` fails): bhyve cannot make the console",
+            "run `kldload nmdm` (and add nmdm_load=\"YES\" to /boot/loader.conf)",
+        );
+    }
+    match cfg.host.privilege.program() {
+        Some(p) => Check::ok("nmdm", format!("loaded; the console (root-only) is opened through {p}")),
+        None => Check::ok("nmdm", "loaded"),
+    }
+}
+
+/// The UEFI firmware: without it (and without bhyveload) bhyve cannot boot anything.
+fn bootrom_check(cfg: &Config, flavor: Flavor) -> Check {
+    match &cfg.bootrom {
+        Some(rom) if Path::new(rom).is_file() => Check::ok("bootrom", rom.clone()),
+        Some(rom) => Check::fail(
+            "bootrom",
+            format!("no UEFI firmware at {rom} (looked for {})", flavor.bootrom_candidates().join(", ")),
+            flavor.bootrom_fix(),
+        ),
+        None => match cfg.host.resolve("bhyveload") {
+            Some(p) => Check::ok("bootrom", format!("none: FreeBSD guests are loaded with {}", p.display())),
+            None => Check::fail(
+                "bootrom",
+                "VMTEST_BHYVE_BOOTROM=none but bhyveload is not on PATH",
+                "bhyveload ships with FreeBSD; check PATH, or name the UEFI firmware in VMTEST_BHYVE_BOOTROM",
+            ),
+        },
+    }
 }

@@ -52,38 +52,70 @@ where
     }
 }
 
-/// Destroy one VM: stop bhyve (TERM, grace, KILL), `bhyvectl --destroy`, the tap or VNIC,
-/// `zfs destroy -r` of the clone, the console socket. Parts already gone are fine.
+/// Destroy one VM: ask bhyve to stop (TERM: the guest's power button), after the grace
+/// `bhyvectl --destroy` (which makes bhyve exit), check that the kernel VM is gone, then wait
+/// for the recorded process; then the tap or VNIC, `zfs destroy -r` of the clone, the console
+/// socket. Parts already gone are fine.
+///
+/// The recorded pid may be the privilege prefix's: `sudo` forks and stays the parent of bhyve,
+/// and a killed sudo leaves bhyve running. So the process is killed only as a last resort,
+/// after the VM is destroyed; sudo (which relays TERM to bhyve) exits when bhyve does.
 pub fn destroy(name: &str, data: &BhyveData) -> Result<()> {
     let h = &data.host;
     let mut problems: Vec<String> = Vec::new();
+    let wait_gone = |pid: &ProcessId, within: Duration| {
+        let deadline = Instant::now() + within;
+        while alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !alive(pid)
+    };
 
-    // 1. The bhyve process.
-    if let Some(pid) = data.pid.filter(alive) {
+    // 1. Ask: bhyve turns TERM into an ACPI power-button press.
+    let pid = data.pid.filter(alive);
+    if let Some(pid) = pid {
         let p = pid.pid.to_string();
         if let Err(e) = h.run("kill", &["-TERM", &p], HOST_TIMEOUT) {
             problems.push(format!("kill -TERM {p}: {}", e.message()));
         }
-        let deadline = Instant::now() + Duration::from_millis(data.stop_grace_ms);
-        while alive(&pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if alive(&pid) {
+        wait_gone(&pid, Duration::from_millis(data.stop_grace_ms));
+    }
+
+    // 2. The kernel VM outlives the process until bhyvectl destroys it; destroying it makes a
+    //    running bhyve exit. Then the VM's device must be gone.
+    destroy_vmm(h, &data.vm, &mut problems);
+    let vmm = dev_path(&data.devroot, &format!("/dev/vmm/{}", data.vm));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vmm.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if vmm.exists() {
+        problems.push(format!(
+            "the kernel VM {} is still there after `bhyvectl --vm={} --destroy` ({})",
+            data.vm,
+            data.vm,
+            vmm.display()
+        ));
+    }
+
+    // 3. The process (bhyve, or the sudo waiting for it) ends with the VM.
+    if let Some(pid) = pid {
+        if !wait_gone(&pid, Duration::from_secs(10)) {
+            let p = pid.pid.to_string();
             let _ = h.run("kill", &["-KILL", &p], HOST_TIMEOUT);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while alive(&pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if alive(&pid) {
-                problems.push(format!("bhyve (pid {p}) survived SIGKILL"));
+            if !wait_gone(&pid, Duration::from_secs(5)) {
+                problems.push(format!("bhyve (pid {p}) survived its VM's destruction and SIGKILL"));
+            } else {
+                tracing::warn!(
+                    "pid {p} (bhyve, or the privilege prefix running it) outlived its destroyed VM {} and was \
+                     killed",
+                    data.vm
+                );
             }
         }
     }
 
-    // 2. The kernel VM outlives the process until bhyvectl destroys it.
-    destroy_vmm(h, &data.vm, &mut problems);
-
-    // 3. Links.
+    // 4. Links.
     if let Some(tap) = &data.tap {
         match h.run("ifconfig", &[tap, "destroy"], HOST_TIMEOUT) {
             Ok(o) if o.success() || o.message().contains("does not exist") => {}
@@ -106,7 +138,7 @@ pub fn destroy(name: &str, data: &BhyveData) -> Result<()> {
         }
     }
 
-    // 4. The clone, then its run parent if it is empty now.
+    // 5. The clone, then its run parent if it is empty now.
     let r = retry_busy(data, &format!("zfs destroy -r {}", data.dataset), || {
         let o = h.run("zfs", &["destroy", "-r", &data.dataset], HOST_TIMEOUT)?;
         Ok(if o.message().contains("dataset does not exist") {
@@ -124,7 +156,7 @@ pub fn destroy(name: &str, data: &BhyveData) -> Result<()> {
         }
     }
 
-    // 5. The console socket.
+    // 6. The console socket.
     if let ConsoleKind::Socket { path } = &data.console {
         let _ = std::fs::remove_file(path);
     }

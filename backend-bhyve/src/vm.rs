@@ -111,14 +111,19 @@ impl<R: AsyncRead + Unpin> AsyncRead for Gated<R> {
     }
 }
 
-/// Open the console (FreeBSD: the nmdm B side, raw; illumos: bhyve's console socket) and tee
-/// it to `log_path` (appended).
+/// Open the console (FreeBSD: the nmdm B side, raw, itself as root or else through the
+/// privilege prefix, as nmdm nodes are root's; illumos: bhyve's console socket) and tee it to
+/// `log_path` (appended).
 async fn open_console(data: &BhyveData, log_path: &Path, gate: &Arc<Gate>) -> std::io::Result<ConsoleLog> {
     type R = Box<dyn AsyncRead + Send + Unpin>;
     type W = Box<dyn AsyncWrite + Send + Unpin>;
     let (r, w): (R, W) = match &data.console {
         ConsoleKind::Socket { path } => {
             let (r, w) = tokio::net::UnixStream::connect(path).await?.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        ConsoleKind::Nmdm { b, .. } if data.host.privilege.program().is_some() => {
+            let (r, w) = crate::tty::open_privileged(&data.host, &dev_path(&data.devroot, b)).await?;
             (Box::new(r), Box::new(w))
         }
         ConsoleKind::Nmdm { b, .. } => {
@@ -281,9 +286,11 @@ impl BhyveVm {
             let cfg = cfg.clone();
             let mut d = data.clone();
             let run_id = run.id().to_owned();
-            *data = tokio::task::spawn_blocking(move || prepare(&cfg, &mut d, &run_id).map(|_| d))
-                .await
-                .map_err(|e| Error::infra(format!("launch panicked: {e}")))??;
+            let memory_mib = spec.memory_mib;
+            *data =
+                tokio::task::spawn_blocking(move || prepare(&cfg, &mut d, &run_id, memory_mib).map(|_| d))
+                    .await
+                    .map_err(|e| Error::infra(format!("launch panicked: {e}")))??;
             record.backend_data = serde_json::to_value(&*data).expect("serializes");
             run.write_record(record)?;
         }
@@ -370,7 +377,7 @@ impl BhyveVm {
             ..ShellOptions::default()
         };
         let start = ShellSession::start(Box::new(console.handle_from_start()), opts);
-        let shell = tokio::select! {
+        let mut shell = tokio::select! {
             s = start => s.map_err(|e| match e.kind() {
                 ErrorKind::Timeout => Error::boot(format!(
                     "{} gave no shell on its serial console within {}; check the image's getty and the \
@@ -386,6 +393,19 @@ impl BhyveVm {
                 return Err(boot_failure(code, Some(&console)));
             }
         };
+        // Every clone carries the image's hostname: name the guest after its node, as falcon does.
+        let mut script = b"hostname ".to_vec();
+        script.extend_from_slice(&shell::sh_quote(spec.node.as_bytes()));
+        script.push(b'\n');
+        let out = shell.run(&script, None, None).await?;
+        if out.status != 0 {
+            tracing::warn!(
+                "could not set the hostname of {} to {}: {}",
+                spec.name,
+                spec.node,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         let timings = vec![("clone", t_clone), ("boot", t0.elapsed() - t_clone)];
         tracing::info!("{} is up ({} flavor, image {})", spec.name, data.flavor.name(), data.image);
         Ok(BhyveVm {
@@ -631,8 +651,9 @@ impl BhyveVm {
     }
 }
 
-/// Everything between "image exists" and "start bhyve": clone, device, stale VM, NIC.
-fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
+/// Everything between "image exists" and "start bhyve": clone (sized), device, stale VM, NIC,
+/// and the loader of a FreeBSD guest without firmware.
+fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str, memory_mib: u64) -> Result<()> {
     let h = &cfg.host;
     let flavor = data.flavor;
     let base = format!("{}@base", cfg.image_dataset(&data.image));
@@ -668,6 +689,7 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
             Error::infra(format!("`zfs clone {base} {}` failed: {msg}", data.dataset))
         });
     }
+    size_clone(cfg, &data.dataset)?;
     let dev = flavor.zvol_path(&data.dataset);
     if !wait_for_device(&dev_path(&data.devroot, &dev), Duration::from_secs(30)) {
         return Err(Error::transient(format!("the zvol device {dev} did not appear within 30s; try again")));
@@ -693,6 +715,8 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
                 let desc = format!("vmtest:{run_id}:{}", data.vm);
                 h.check("ifconfig", &[&tap, "description", &desc], HOST_TIMEOUT)?;
                 h.check("ifconfig", &[link, "addm", &tap], HOST_TIMEOUT)?;
+                // A created tap is down (unless net.link.tap.up_on_open=1): no traffic at all.
+                h.check("ifconfig", &[&tap, "up"], HOST_TIMEOUT)?;
             }
             Flavor::FreeBsd => {}
             Flavor::Illumos => {
@@ -710,6 +734,48 @@ fn prepare(cfg: &Config, data: &mut BhyveData, run_id: &str) -> Result<()> {
                 }
             }
         }
+    }
+    if cfg.bootrom.is_none() {
+        bhyveload(cfg, data, memory_mib)?;
+    }
+    Ok(())
+}
+
+/// The clone starts as the image's copy: grow it to the configured disk size (never shrink:
+/// that would cut the image's filesystem), and skip sync writes, as falcon does for test VMs.
+fn size_clone(cfg: &Config, dataset: &str) -> Result<()> {
+    let h = &cfg.host;
+    let out = h.check("zfs", &["get", "-Hp", "-o", "value", "volsize", dataset], HOST_TIMEOUT)?;
+    let now: u64 = out.stdout.trim().parse().map_err(|_| {
+        Error::infra(format!("`zfs get volsize {dataset}` printed `{}`, not a size", out.stdout.trim()))
+    })?;
+    if cfg.disk_bytes > now {
+        let size = format!("volsize={}", cfg.disk_bytes);
+        h.check("zfs", &["set", &size, dataset], HOST_TIMEOUT)?;
+    }
+    h.check("zfs", &["set", "sync=disabled", dataset], HOST_TIMEOUT)?;
+    Ok(())
+}
+
+/// FreeBSD without firmware: `bhyveload` loads the guest's kernel into the VM first (bhyve
+/// alone exits 4, "virtual machine cannot be booted").
+fn bhyveload(cfg: &Config, data: &BhyveData, memory_mib: u64) -> Result<()> {
+    let mem = format!("{memory_mib}M");
+    let disk = data.flavor.zvol_path(&data.dataset);
+    let out = cfg.host.run(
+        "bhyveload",
+        &["-c", "stdio", "-m", &mem, "-d", &disk, "-e", "autoboot_delay=0", &data.vm],
+        HOST_TIMEOUT,
+    )?;
+    if !out.success() {
+        return Err(Error::boot(format!(
+            "`bhyveload` could not load {} from {disk} (status {:?}): {}; is it a FreeBSD image? Other guests \
+             need UEFI firmware (VMTEST_BHYVE_BOOTROM)",
+            data.vm,
+            out.code,
+            out.message().lines().last().unwrap_or_default()
+        ))
+        .with_detail(format!("{}{}", out.stdout, out.stderr)));
     }
     Ok(())
 }

@@ -455,11 +455,15 @@ async fn freebsd_tap_is_created_described_and_swept() {
             &[
                 &["ifconfig", "tap", "create"],
                 &["ifconfig", "tap0", "description", &desc],
-                &["ifconfig", "bridge0", "addm", "tap0"]
+                &["ifconfig", "bridge0", "addm", "tap0"],
+                // A created tap is down until brought up.
+                &["ifconfig", "tap0", "up"]
             ]
         ),
         "{cmds:#?}"
     );
+    let shown = String::from_utf8_lossy(&fh.tool("ifconfig", &["tap0"]).stdout).into_owned();
+    assert!(shown.contains("<UP,"), "{shown}");
     assert!(fh.commands().iter().any(|c| c[0] == "sudo" && c[1] == "-n"));
     assert!(cmds.iter().any(|c| c[0] == "bhyve" && c.contains(&"3,virtio-net,tap0".to_owned())));
     // A stale tap from a dead run is swept; ours is not.

@@ -153,6 +153,16 @@ impl Multipass {
     }
 }
 
+/// Is `exe` the snap's client? `/snap/bin/multipass` is a symlink to `/usr/bin/snap`, which
+/// runs the (strictly confined) app its argv[0] names: resolving it ends at `snap`, not under
+/// `/snap/` (snapd `wrappers/binaries.go`).
+pub fn is_snap(exe: &Path) -> bool {
+    let resolved = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    exe.starts_with("/snap/")
+        || resolved.starts_with("/snap/")
+        || resolved.file_name().is_some_and(|n| n == "snap")
+}
+
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
@@ -303,8 +313,8 @@ pub fn launch_message(out: &Output, name: &str, image: &str, attempt_timeout: u6
             .to_owned()
     } else if out.code == Some(code::TIMEOUT) || has("timed out waiting for") {
         format!(
-            "the instance was not ready within {attempt_timeout}s; raise --boot-timeout (or \
-             VMTEST_MULTIPASS_LAUNCH_TIMEOUT), or lighten the cloud-init"
+            "the instance was not ready within {attempt_timeout}s; raise VMTEST_MULTIPASS_LAUNCH_TIMEOUT \
+             (default 600s), or lighten the cloud-init"
         )
     } else if has("already exists") || has("is being prepared") {
         format!(

@@ -8,12 +8,13 @@
 //!   latest LTS).
 //! - `VMTEST_MULTIPASS_DISK`: `--disk` size (default `10G`).
 //! - `VMTEST_MULTIPASS_CLOUD_INIT`: a cloud-init YAML file, streamed with `--cloud-init -`.
-//! - `VMTEST_MULTIPASS_LAUNCH_TIMEOUT`: `--timeout` of `launch` (default: the spec's boot timeout).
+//! - `VMTEST_MULTIPASS_LAUNCH_TIMEOUT`: `--timeout` of `launch` (default 600 s, as Multipass's
+//!   own CI: a first launch downloads the image and waits for cloud-init).
 //! - `VMTEST_MULTIPASS_STORAGE`: where Multipass keeps its images, for the free-disk check
 //!   (default: `$MULTIPASS_STORAGE`, else the snap's `/var/snap/multipass/common`, or macOS's
 //!   `/var/root/Library/Application Support/multipassd`).
 //! - `VMTEST_MULTIPASS_CONFINED`: `1` when the client cannot see host paths outside `/home`
-//!   (the snap), `0` when it can; default: `1` when the executable lives under `/snap/`.
+//!   (the snap), `0` when it can; default: `1` for the snap's client (see [`cli::is_snap`]).
 
 pub mod cli;
 pub mod script;
@@ -40,6 +41,11 @@ pub const MIN_FREE_DISK: u64 = 10 * 1024 * 1024 * 1024;
 
 /// How long past its own `--timeout` a `launch` client may run before it is killed.
 const LAUNCH_GRACE: Duration = Duration::from_secs(60);
+
+/// `launch --timeout` unless VMTEST_MULTIPASS_LAUNCH_TIMEOUT says otherwise. Not the boot
+/// timeout: a first launch downloads a 0.5-1 GB image and waits for cloud-init, and
+/// Multipass's own CI allows 600 s for it.
+pub const DEFAULT_LAUNCH_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The backend's settings.
 #[derive(Clone, Debug, Default)]
@@ -121,9 +127,7 @@ impl MultipassBackend {
     }
 
     fn confined(&self, mp: &Multipass) -> bool {
-        self.opts.confined.unwrap_or_else(|| {
-            std::fs::canonicalize(&mp.exe).unwrap_or_else(|_| mp.exe.clone()).starts_with("/snap/")
-        })
+        self.opts.confined.unwrap_or_else(|| cli::is_snap(&mp.exe))
     }
 
     fn storage_dir(&self) -> PathBuf {
@@ -419,7 +423,7 @@ impl Hypervisor for MultipassBackend {
         };
         self.ensure_preflight().await?;
         let mp = self.multipass()?;
-        let timeout = self.opts.launch_timeout.unwrap_or(spec.boot_timeout);
+        let timeout = self.opts.launch_timeout.unwrap_or(DEFAULT_LAUNCH_TIMEOUT);
         let timeout_secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
         let name = spec.name.clone();
 

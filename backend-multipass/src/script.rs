@@ -48,9 +48,14 @@ pub fn marker(nonce: &str) -> String {
     format!("__VMTEST_EXIT_{nonce}__")
 }
 
-/// The guest path of the file holding the command's process group id (relative to `$HOME`).
+/// The guest directory of the pid files. A fixed path, not under `$HOME`: the command may run
+/// through `sudo`, and the kill after a deadline always does, and `sudo` on Ubuntu sets `HOME`
+/// to `/root`. The default user creates it (so it may remove the files root writes there).
+pub const PID_DIR: &str = "/tmp/vmtest-exec";
+
+/// The guest path of the file holding the command's process group id.
 pub fn pid_file(nonce: &str) -> String {
-    format!(".vmtest/exec-{nonce}.pid")
+    format!("{PID_DIR}/{nonce}.pid")
 }
 
 impl Wrapper<'_> {
@@ -85,7 +90,7 @@ impl Wrapper<'_> {
         let cwd = self.cwd.map(|c| quote(c.as_os_str(), &mut vars, &mut n));
         let mut s = String::new();
         s.push_str(&vars);
-        let _ = writeln!(s, "mkdir -p \"$HOME/.vmtest\"; __vmt_pid=\"$HOME/{}\"", pid_file(self.nonce));
+        let _ = writeln!(s, "mkdir -p {PID_DIR} 2>/dev/null; __vmt_pid='{}'", pid_file(self.nonce));
         if let Some(cwd) = cwd {
             // The guest does not share the host's files: stay in the home directory when the
             // host's working directory does not exist there.
@@ -103,7 +108,7 @@ impl Wrapper<'_> {
 /// The script that kills the command's process group after a host-side deadline.
 pub fn kill_script(nonce: &str) -> String {
     let f = pid_file(nonce);
-    format!("p=$(cat \"$HOME/{f}\" 2>/dev/null) && [ -n \"$p\" ] && kill -9 -\"$p\"; rm -f \"$HOME/{f}\"")
+    format!("p=$(cat '{f}' 2>/dev/null) && [ -n \"$p\" ] && kill -9 -\"$p\"; rm -f '{f}'")
 }
 
 /// Removes the status marker from a stderr stream and keeps the status. Output before the

@@ -19,6 +19,13 @@ use vmtest_core::{Capabilities, Error, Result, Vm};
 /// The guest's default user (`ubuntu`), who runs commands that do not ask for root.
 const GUEST_USER: GuestUser = GuestUser { uid: 1000, gid: 1000, groups: Vec::new() };
 
+/// Where `copy_in` stages a file, relative to the default user's home.
+const STAGE_PREFIX: &str = ".vmtest-stage-";
+
+/// Moves a staged file (`$1`, relative to the default user's home, where `exec` starts) to
+/// its place (`$2`), making its parents, and sets its mode (`$3`).
+const PLACE_STAGED: &str = r#"mkdir -p -- "$(dirname -- "$2")" && mv -f -- "$1" "$2" && chmod "$3" "$2""#;
+
 /// After the client exits, how long to wait for pipes a guest background process may hold.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
@@ -34,33 +41,45 @@ pub struct MultipassVm {
 }
 
 fn nonce() -> String {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    vmtest_core::random::hex(8)
 }
 
 /// A pipe whose read end becomes the client's stdin; a thread copies `reader` into it.
 fn stdin_pipe(mut reader: Box<dyn std::io::Read + Send>) -> Result<Stdio> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills both fds on success; we take ownership of each exactly once.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io(
-            "cannot create a pipe for the command's stdin",
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, write) =
+        cloexec_pipe().map_err(|e| Error::io("cannot create a pipe for the command's stdin", e))?;
     std::thread::spawn(move || {
         let mut w = std::fs::File::from(write);
         // The command may stop reading early; that is not an error of ours.
         let _ = std::io::copy(&mut reader, &mut w);
     });
     Ok(Stdio::from(read))
+}
+
+/// A pipe with close-on-exec on both ends: `pipe2` where the OS has it; macOS has none, so
+/// there `pipe` then `fcntl` (a child forked in between would keep a copy of the ends).
+fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    #[cfg(not(target_vendor = "apple"))]
+    // SAFETY: pipe2 fills both fds on success.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    #[cfg(target_vendor = "apple")]
+    // SAFETY: pipe fills both fds on success.
+    let r = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created; each is owned exactly once.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    #[cfg(target_vendor = "apple")]
+    for fd in [&read, &write] {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on an fd we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((read, write))
 }
 
 impl MultipassVm {
@@ -114,6 +133,29 @@ impl MultipassVm {
             )));
         }
         Ok(out)
+    }
+
+    /// Move a staged file to `guest`: as the default user where it may (its parents stay its
+    /// own), else as root (a root-owned directory). The staged file never stays behind.
+    async fn place_staged(&self, staged: &str, guest: &str, mode: &str, what: &str) -> Result<()> {
+        let argv = ["sh", "-c", PLACE_STAGED, "sh", staged, guest, mode];
+        let mut said = String::new();
+        for user in [GUEST_USER, GuestUser::ROOT] {
+            let mut req = ExecRequest::new(argv);
+            req.user = user;
+            let out = self.exec(req).await?;
+            if out.status.success() {
+                return Ok(());
+            }
+            said = format!("{}: {}", out.status, out.stderr_lossy().trim());
+        }
+        let mut rm = ExecRequest::new(["rm", "-f", "--", staged]);
+        rm.user = GuestUser::ROOT;
+        let _ = self.exec(rm).await;
+        Err(Error::infra(format!(
+            "{what} in {} failed, as the default user and through sudo ({said}); check the path in the guest",
+            self.name
+        )))
     }
 
     async fn transfer(&self, args: &[&str], stdin: Stdio, stdout: Stdio, what: &str) -> Result<()> {
@@ -343,20 +385,22 @@ impl Vm for MultipassVm {
             }
             return Ok(());
         }
-        let dest = self.guest_arg(guest);
+        // `transfer` writes over SFTP as the default user, who cannot write a root-owned path:
+        // stage the file in its home, then move it there, with sudo where the user may not.
+        let staged = format!("{STAGE_PREFIX}{}", nonce());
+        let dest = format!("{}:{staged}", self.name);
         if self.client_sees(&host) {
             let src = host.to_string_lossy().into_owned();
-            self.transfer(&["transfer", "-p", &src, &dest], Stdio::null(), Stdio::null(), &what).await?;
+            self.transfer(&["transfer", &src, &dest], Stdio::null(), Stdio::null(), &what).await?;
         } else {
             // The snap cannot open this path: stream it through stdin.
             let f = std::fs::File::open(&host).map_err(|e| Error::usage(format!("{what}: {e}")))?;
-            self.transfer(&["transfer", "-p", "-", &dest], Stdio::from(f), Stdio::null(), &what).await?;
+            self.transfer(&["transfer", "-", &dest], Stdio::from(f), Stdio::null(), &what).await?;
         }
         // SFTP does not carry the mode over a stream: set it, so binaries stay executable.
         use std::os::unix::fs::PermissionsExt;
         let mode = format!("{:o}", meta.permissions().mode() & 0o7777);
-        self.helper(&["chmod", &mode, &g], StdinSource::Null, &what).await?;
-        Ok(())
+        self.place_staged(&staged, &g, &mode, &what).await
     }
 
     async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {

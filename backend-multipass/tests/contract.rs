@@ -148,7 +148,7 @@ async fn a_run_launches_execs_and_deletes_with_the_documented_calls() {
         let l = &launches[0];
         let name = l[l.iter().position(|a| a == "--name").unwrap() + 1].clone();
         assert!(name.starts_with("vmt-") && name.ends_with("-vm"), "{name}");
-        for pair in [["--cpus", "1"], ["--memory", "512M"], ["--disk", "10G"], ["--timeout", "30"]] {
+        for pair in [["--cpus", "1"], ["--memory", "512M"], ["--disk", "10G"], ["--timeout", "600"]] {
             assert!(l.windows(2).any(|w| w == pair), "{pair:?} in {l:?}");
         }
         let execs = f.calls_of("exec");
@@ -284,6 +284,37 @@ async fn exec_deadline_kills_the_guest_command_group() {
 }
 
 #[tokio::test]
+async fn a_root_command_past_its_deadline_is_killed_although_sudo_sets_home_to_root() {
+    let f = fake("1.16");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_b, vm, _run) = launched(&f, &StateDir::at(tmp.path())).await;
+    let flag = tmp.path().join("survived");
+    let mut req =
+        ExecRequest::shell(&format!("sleep 2; touch {}", flag.display())).timeout(Duration::from_millis(700));
+    req.user = GuestUser::ROOT;
+    let err = vm.exec(req).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!flag.exists(), "the root command outlived its deadline");
+    vm.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_fake_sudo_stays_the_parent_and_sets_home_to_root() {
+    let sudo = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake/guest-bin/sudo");
+    let out = std::process::Command::new(sudo)
+        .args(["-n", "--", "sh", "-c", "echo $HOME; ps -o ppid= -p $$"])
+        .env("HOME", "/home/ubuntu")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("/root"), "{text}");
+    let ppid: u32 = lines.next().unwrap().trim().parse().unwrap();
+    assert_ne!(ppid, std::process::id(), "sudo exec'd the command instead of staying its parent");
+}
+
+#[tokio::test]
 async fn root_commands_go_through_sudo() {
     let f = fake("1.16");
     let tmp = tempfile::tempdir().unwrap();
@@ -312,7 +343,8 @@ async fn copy_in_and_out_use_transfer_and_stream_where_the_snap_cannot_see() {
         std::fs::write(&src, "#!/bin/sh\necho tool ran\n").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let guest = tmp.path().join("guest/bin/tool.sh");
+        // transfer writes as the default user: the guest path is in its home.
+        let guest = f.home(vm.name()).join("guest/bin/tool.sh");
         vm.copy_in(&src, &guest).await.unwrap();
         let out = vm.exec(sh(&guest.display().to_string())).await.unwrap();
         assert_eq!(out.stdout_lossy(), "tool ran\n", "copied with its mode");
@@ -321,20 +353,19 @@ async fn copy_in_and_out_use_transfer_and_stream_where_the_snap_cannot_see() {
         assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&src).unwrap());
         let transfers = f.calls_of("transfer");
         let guest_arg = format!("{}:{}", vm.name(), guest.display());
+        let staged = format!("{}:.vmtest-stage-", vm.name());
+        let sent_from =
+            |from: &str| transfers.iter().any(|t| t.len() == 3 && t[1] == from && t[2].starts_with(&staged));
         if confined {
-            assert!(transfers.contains(&vec!["transfer".into(), "-p".into(), "-".into(), guest_arg.clone()]));
+            assert!(sent_from("-"), "{transfers:?}");
             assert!(
                 transfers.contains(&vec!["transfer".into(), guest_arg.clone(), "-".into()]),
                 "{transfers:?}"
             );
         } else {
-            assert!(transfers.contains(&vec![
-                "transfer".into(),
-                "-p".into(),
-                src.display().to_string(),
-                guest_arg.clone()
-            ]));
+            assert!(sent_from(&src.display().to_string()), "{transfers:?}");
         }
+        assert_no_staged_files(&f, vm.name());
         // Directories go as tar streams.
         let d = tmp.path().join("tree");
         std::fs::create_dir_all(d.join("a/b")).unwrap();
@@ -350,6 +381,90 @@ async fn copy_in_and_out_use_transfer_and_stream_where_the_snap_cannot_see() {
         assert!(err.message().contains("copying") && err.message().contains("No such file"), "{err}");
         vm.shutdown().await.unwrap();
     }
+}
+
+/// The staged copies in the default user's home are all moved away.
+fn assert_no_staged_files(f: &Fake, name: &str) {
+    let left: Vec<String> = std::fs::read_dir(f.home(name))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".vmtest-stage-"))
+        .collect();
+    assert!(left.is_empty(), "staged files left in the guest home: {left:?}");
+}
+
+#[tokio::test]
+async fn copy_in_to_a_root_owned_directory_is_staged_and_moved_with_sudo() {
+    let f = fake("1.16");
+    let tmp = tempfile::tempdir().unwrap();
+    let (_b, vm, _run) = launched(&f, &StateDir::at(tmp.path().join("state"))).await;
+    // Outside ubuntu's home and not world-writable: root's, like /opt or /usr/local/bin.
+    let root_dir = tmp.path().join("opt");
+    std::fs::create_dir(&root_dir).unwrap();
+    let src = tmp.path().join("tool");
+    std::fs::write(&src, "#!/bin/sh\necho from opt\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let guest = root_dir.join("bin/tool");
+    // The fake's transfer is the default user's: straight to the root-owned path it fails.
+    let direct =
+        f.mp(&["transfer", "-p", &src.display().to_string(), &format!("{}:{}", vm.name(), guest.display())]);
+    assert_eq!(direct.status.code(), Some(2), "{}", String::from_utf8_lossy(&direct.stderr));
+    vm.copy_in(&src, &guest).await.unwrap();
+    assert_eq!(std::fs::read(&guest).unwrap(), std::fs::read(&src).unwrap());
+    assert_eq!(std::fs::metadata(&guest).unwrap().permissions().mode() & 0o777, 0o750);
+    assert_no_staged_files(&f, vm.name());
+    vm.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_snap_is_detected_through_its_symlink_to_usr_bin_snap() {
+    let f = fake("1.16");
+    let mut opts = options(&f);
+    opts.multipass = Some(f.snap());
+    assert!(opts.confined.is_none(), "detected, not configured");
+    let b = MultipassBackend::new(opts);
+    let tmp = tempfile::Builder::new().prefix("vmt-snap").tempdir_in("/tmp").unwrap();
+    let run = StateDir::at(tmp.path().join("state")).create_run().unwrap();
+    let mut s = spec();
+    s.name = run.vm_name("vm");
+    let vm = b.launch(&s, &run).await.unwrap();
+    // A file in /tmp (or a CI workspace): the confined client cannot open it, vmtest streams it.
+    let src = tmp.path().join("data");
+    std::fs::write(&src, "from /tmp").unwrap();
+    let guest = f.home(vm.name()).join("data");
+    vm.copy_in(&src, &guest).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&guest).unwrap(), "from /tmp");
+    let back = tmp.path().join("back");
+    vm.copy_out(&guest, &back).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "from /tmp");
+    for t in f.calls_of("transfer") {
+        assert!(!t.iter().any(|a| a.starts_with("/tmp/")), "a /tmp path was given to the snap: {t:?}");
+    }
+    vm.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn launch_has_a_timeout_of_its_own_not_the_boot_timeout() {
+    let f = fake("main");
+    let tmp = tempfile::tempdir().unwrap();
+    let timeout_of = |calls: Vec<Vec<String>>| {
+        let l = calls.last().unwrap().clone();
+        l[l.iter().position(|a| a == "--timeout").unwrap() + 1].clone()
+    };
+    // The spec's boot timeout (30 s here) is for the guest, not for a first image download.
+    let (_b, vm, _run) = launched(&f, &StateDir::at(tmp.path())).await;
+    assert_eq!(timeout_of(f.calls_of("launch")), "600");
+    vm.shutdown().await.unwrap();
+    let mut opts = options(&f);
+    opts.launch_timeout = Some(Duration::from_secs(900));
+    let run = StateDir::at(tmp.path()).create_run().unwrap();
+    let mut s = spec();
+    s.name = run.vm_name("vm");
+    let vm = MultipassBackend::new(opts).launch(&s, &run).await.unwrap();
+    assert_eq!(timeout_of(f.calls_of("launch")), "900");
+    vm.shutdown().await.unwrap();
 }
 
 /// Runs `run_command` with the fake failing launches as `modes` says.
@@ -428,7 +543,7 @@ async fn transient_failures_give_up_after_the_attempts_with_a_transient_error() 
     assert_eq!(err.kind(), ErrorKind::Transient);
     assert_eq!(err.exit_code(), 75);
     assert!(err.message().contains("Timed out waiting for instance launch."), "{err}");
-    assert!(err.message().contains("--boot-timeout"), "{err}");
+    assert!(err.message().contains("VMTEST_MULTIPASS_LAUNCH_TIMEOUT"), "{err}");
     assert_eq!(f.calls_of("launch").len(), 3);
     assert_eq!(f.calls_of("delete").len(), 3);
     assert_users_untouched(&f);
@@ -496,8 +611,8 @@ async fn an_image_that_cannot_be_found_is_retried_as_the_reference_says() {
 
 #[tokio::test]
 async fn a_hung_launch_client_is_killed_at_the_deadline() {
-    let (f, r) = run_with_launch_failures("1.16", "hang", |o, s| {
-        s.boot_timeout = Duration::from_secs(1);
+    let (f, r) = run_with_launch_failures("1.16", "hang", |o, _| {
+        o.launch_timeout = Some(Duration::from_secs(1));
         o.launch_grace = Some(Duration::from_secs(1));
     })
     .await;

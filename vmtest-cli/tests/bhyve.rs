@@ -20,7 +20,7 @@ impl Host {
         std::fs::write(h.p("s/dev/vmmctl"), b"").unwrap();
         std::fs::write(h.p("uefi.fd"), b"").unwrap();
         std::fs::create_dir_all(h.p("bin")).unwrap();
-        for t in ["zfs", "bhyve", "bhyvectl", "ifconfig", "dladm", "pfexec", "dd"] {
+        for t in ["zfs", "bhyve", "bhyveload", "bhyvectl", "ifconfig", "dladm", "kldstat", "pfexec", "dd"] {
             std::os::unix::fs::symlink(fake_py(), h.p("bin").join(t)).unwrap();
         }
         std::fs::write(h.p("flavor"), flavor).unwrap();

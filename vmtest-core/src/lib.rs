@@ -27,6 +27,8 @@ pub mod machine;
 #[cfg(feature = "host")]
 pub mod network;
 #[cfg(feature = "host")]
+pub mod random;
+#[cfg(feature = "host")]
 pub mod retry;
 #[cfg(feature = "host")]
 pub mod runner;

@@ -470,15 +470,7 @@ pub fn sh_quote(b: &[u8]) -> Vec<u8> {
 
 /// A per-call nonce: 12 hex digits.
 fn new_nonce() -> String {
-    let mut bytes = [0u8; 6];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        bytes[..4].copy_from_slice(&t.subsec_nanos().to_le_bytes());
-        bytes[4..].copy_from_slice(&(std::process::id() as u16).to_le_bytes());
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::random::hex(6)
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

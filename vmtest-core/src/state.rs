@@ -336,14 +336,7 @@ fn create_private_dir(path: &Path) -> Result<()> {
 
 /// Eight lowercase hex digits from the kernel's random source.
 fn new_run_id() -> String {
-    let mut bytes = [0u8; 4];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        bytes = (t.subsec_nanos() ^ std::process::id().rotate_left(16)).to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::random::hex(4)
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 //! - `ci`: formatting, clippy, every test (unit, contract, real-VM), and the cargo-runner
 //!   proof: the in-VM example passes through `vmtest run --` under `cargo test` and
 //!   `cargo nextest run`, and its deliberately failing test fails through it.
+//! - `cross-check`: type-checks `vmtest` (and so every crate it uses) for the other host OSes
+//!   (FreeBSD, illumos, macOS) with Debian's `rustc-web`/`cargo-web`/`rust-web-src` and
+//!   `-Zbuild-std`. It checks, it does not link: no cross linker or SDK is needed.
 //! - `bench [--runs N]`: `vmtest run -- true` against the raw QEMU boot floor, interleaved.
 //! - `bench --first-run`: a new user's first run (kernel and QEMU fetched, KVM verdict,
 //!   snapshot made), the KVM verdict's cost, and the time to a verdict when KVM hangs.
@@ -17,11 +20,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
+        Some("cross-check") => cross_check(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        _ => {
-            Err("usage: cargo xtask ci | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run]"
-                .into())
-        }
+        _ => Err(
+            "usage: cargo xtask ci | cross-check [TARGET...] | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run]"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +70,7 @@ const RUNNER_VAR: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER";
 fn ci() -> Result<()> {
     step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    cross_check(&[])?;
     step("build vmtest", cargo().args(["build", "-p", "vmtest-cli"]))?;
     let vmtest = vmtest_binary("debug");
     // One kernel fetch up front, instead of one per concurrently booting test.
@@ -79,6 +84,50 @@ fn ci() -> Result<()> {
         cargo().args(["test", "--workspace", "--exclude", "in-vm-example", "--no-fail-fast"]),
     )?;
     cargo_runner_proof(&vmtest)
+}
+
+/// The host OSes other than Linux that `vmtest` must build for.
+const CROSS_TARGETS: &[&str] =
+    &["x86_64-unknown-freebsd", "x86_64-unknown-illumos", "aarch64-apple-darwin", "x86_64-apple-darwin"];
+
+/// Debian's Rust with the standard library's source (`apt-get install rustc-web cargo-web
+/// rust-web-src`): it can build `std` for any built-in target.
+const CROSS_RUSTC: &str = "/usr/bin/rustc";
+const CROSS_CARGO: &str = "/usr/bin/cargo";
+const CROSS_STD_SRC: &str = "/usr/lib/rustlib/src/rust/library";
+
+/// `cargo check -p vmtest-cli` for each target (all by default). A type check, not a build:
+/// nothing is linked, so a Linux-only call in a backend other systems build fails here, while
+/// what only a real link would find does not.
+fn cross_check(targets: &[String]) -> Result<()> {
+    let targets: Vec<&str> = if targets.is_empty() {
+        CROSS_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for (tool, path) in [("rustc", CROSS_RUSTC), ("cargo", CROSS_CARGO), ("the std source", CROSS_STD_SRC)] {
+        if !Path::new(path).exists() {
+            return Err(format!(
+                "cross-check needs Debian's Rust with the std source ({tool} at {path} is missing); \
+                 install it: `apt-get install rustc-web cargo-web rust-web-src`"
+            ));
+        }
+    }
+    for target in targets {
+        let mut cmd = Command::new(CROSS_CARGO);
+        cmd.current_dir(root())
+            .env("RUSTC", CROSS_RUSTC)
+            .env("RUSTC_BOOTSTRAP", "1")
+            // The rustup toolchain's settings must not leak into Debian's cargo.
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("RUSTFLAGS")
+            .args(["check", "-Zbuild-std=std,panic_abort", "--target", target, "-p", "vmtest-cli"])
+            .args(["--target-dir", "target/cross"]);
+        step(&format!("cross-check {target} (type check, no link)"), &mut cmd)?;
+    }
+    Ok(())
 }
 
 /// The in-VM example through the cargo runner: passes, and fails when it should.

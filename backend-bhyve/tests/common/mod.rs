@@ -8,7 +8,19 @@ use backend_bhyve::BhyveBackend;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const TOOLS: &[&str] = &["zfs", "bhyve", "bhyvectl", "ifconfig", "dladm", "pfexec", "sudo", "doas", "dd"];
+pub const TOOLS: &[&str] = &[
+    "zfs",
+    "bhyve",
+    "bhyveload",
+    "bhyvectl",
+    "ifconfig",
+    "dladm",
+    "kldstat",
+    "pfexec",
+    "sudo",
+    "doas",
+    "dd",
+];
 
 pub struct FakeHost {
     pub dir: tempfile::TempDir,
@@ -83,6 +95,7 @@ impl FakeHost {
             nic: None,
             share: ShareMode::Serial,
             bootrom: Some(self.bootrom().display().to_string()),
+            disk_bytes: 8 << 20,
             bay: self.bay().display().to_string(),
             copy_program: true,
             retry_pause: Duration::from_millis(10),

@@ -1,6 +1,12 @@
 #!/usr/bin/env python3
-"""Fakes of the bhyve host tools: zfs, bhyve, bhyvectl, ifconfig, dladm, pfexec, dd, and the
-guest's p9kp. One program; the name it is called by picks the tool (bin/ holds symlinks).
+"""Fakes of the bhyve host tools: zfs, bhyve, bhyveload, bhyvectl, ifconfig, dladm, kldstat,
+pfexec, sudo, doas, dd, and the guest's p9kp and hostname. One program; the name it is called
+by picks the tool (bin/ holds symlinks).
+
+Sharp edges of the real tools (reference real-hosts.md) are kept: bhyve with neither a bootrom
+nor a prior bhyveload exits 4 ("virtual machine cannot be booted"); sudo forks, stays the
+parent of what it runs (relaying TERM/INT/HUP) and sets HOME to root's; nmdm nodes are root's
+(0600); bhyve exits when bhyvectl --destroy takes its VM away.
 
 Outputs, messages and exit codes follow reference/bhyve-falcon.md. State lives in
 $FAKE_BHYVE_STATE (state.json, commands.log, and dev/ standing in for /dev). The flavor is
@@ -12,6 +18,11 @@ $FAKE_BHYVE_FLAVOR (freebsd|illumos). Failure injection:
   FAKE_GUEST_PASSWORD=P  the guest asks for a password and checks it
   FAKE_GUEST_NO_GETTY=1  the guest never prints a login prompt
   FAKE_GUEST_RESPAWN=1   when the login shell exits, getty prompts again (else the guest powers off)
+  FAKE_GUEST_NO_ACPI=1   the guest ignores the power button (bhyve's SIGTERM) and keeps running
+  FAKE_KLD_MODULES=a,b   the FreeBSD kernel modules loaded (default vmm,nmdm), for kldstat
+The bhyve processes write {"vm", "orphaned"} lines to bhyve-exits.jsonl when they exit
+(orphaned: the privilege prefix that started it died first). The guest's `hostname NAME`
+writes guest-<vm>/hostname.
 """
 import fcntl, json, os, pty, select, signal, socket, subprocess, sys, termios, time, tty
 
@@ -215,6 +226,10 @@ def zfs(args):
             k, v = rest[0].split("=", 1)
             need(rest[1])
             ds[rest[1]]["props"][k] = v
+            if k == "volsize":
+                for p in zvol_devs(rest[1]):
+                    if os.path.exists(p):
+                        open(p, "ab").truncate(parse_size(v))
             return 0
         if cmd == "get":
             prop, name = rest[0], rest[1]
@@ -299,13 +314,19 @@ def ifconfig(args):
         if name not in taps and name not in bridges:
             fail("ifconfig: interface %s does not exist" % name)
         if len(args) == 1:
-            print("%s: flags=8802<BROADCAST,SIMPLEX,MULTICAST> metric 0 mtu 1500" % name)
+            if taps.get(name, {}).get("up"):
+                print("%s: flags=8943<UP,BROADCAST,RUNNING,PROMISC,SIMPLEX,MULTICAST> metric 0 mtu 1500" % name)
+            else:
+                print("%s: flags=8802<BROADCAST,SIMPLEX,MULTICAST> metric 0 mtu 1500" % name)
             if taps.get(name, {}).get("description"):
                 print("\tdescription: %s" % taps[name]["description"])
             print("\tgroups: tap")
             return 0
         if args[1] == "destroy":
             taps.pop(name)
+            return 0
+        if args[1] in ("up", "down") and name in taps:
+            taps[name]["up"] = args[1] == "up"
             return 0
         if args[1] == "description":
             taps[name]["description"] = args[2]
@@ -341,9 +362,73 @@ def dladm(args):
         fail("dladm: unknown subcommand '%s'" % (args[0] if args else ""))
 
 
-# ---------------------------------------------------------------- pfexec / dd
+# ---------------------------------------------------------------- kldstat (FreeBSD)
+def kldstat(args):
+    loaded = [m for m in os.environ.get("FAKE_KLD_MODULES", "vmm,nmdm").split(",") if m]
+    if "-m" in args:
+        name = args[args.index("-m") + 1]
+        if name in loaded:
+            if "-q" not in args:
+                print("Id Refs Address                Size Name\n     1    1 0xffffffff82a00000  ... %s" % name)
+            return 0
+        if "-q" not in args:
+            fail("kldstat: can't find module %s: No such file or directory" % name)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- bhyveload (FreeBSD)
+def bhyveload(args):
+    disk, mem, vm, i = None, None, None, 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-c", "-e", "-h", "-l", "-o", "-S"):
+            i += 2
+            continue
+        if a == "-m":
+            mem = args[i + 1]; i += 2; continue
+        if a == "-d":
+            disk = args[i + 1]; i += 2; continue
+        vm = a; i += 1
+    if vm is None or disk is None:
+        fail("usage: bhyveload [-S][-c <console-device>] [-d <disk-path>] [-e <name=value>]\n"
+             "                 [-h <host-path>] [-m memsize[K|k|M|m|G|g|T|t]] <vmname>", 1)
+    if not os.path.exists(dev(disk)):
+        fail("bhyveload: open(%s): No such file or directory" % disk, 1)
+    os.makedirs(os.path.join(DEV, "vmm"), exist_ok=True)
+    open(os.path.join(DEV, "vmm", vm), "a").close()
+    with State() as st:
+        st.data.setdefault("loaded", {})[vm] = True
+    print("Consoles: userboot  \n\nFreeBSD/amd64 User boot lua, Revision 1.2\nLoading kernel...")
+    return 0
+
+
+# ---------------------------------------------------------------- pfexec / sudo / dd
 def pfexec(args):
+    """pfexec (and doas) exec the command: its pid is the command's."""
     os.execvp(args[0], args)
+
+
+def sudo(args):
+    """sudo forks and stays the parent of the command, relaying signals it receives; the pid
+    a caller sees is sudo's. HOME becomes root's."""
+    while args and args[0].startswith("-"):
+        opt = args.pop(0)
+        if opt == "--":
+            break
+        if opt in ("-u", "-g", "-C", "-D"):
+            args.pop(0)
+    env = dict(os.environ, HOME="/root", USER="root", LOGNAME="root")
+    child = subprocess.Popen(args, env=env)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, lambda n, _f: child.send_signal(n))
+    while True:
+        try:
+            code = child.wait()
+            break
+        except InterruptedError:
+            continue
+    return 128 - code if code < 0 else code
 
 
 def dd(args):
@@ -381,6 +466,11 @@ def bhyve(args):
     if crash:
         time.sleep(0.2)
         fail(crash, 4)
+    with State() as st:
+        loaded = st.data.setdefault("loaded", {}).pop(vm, False)
+    if not loaded and not any(l.startswith("bootrom,") for l in lpc):
+        # do_open(): a VM bhyve creates itself needs a bootrom; only bhyveload's can go without.
+        fail("virtual machine cannot be booted", 4)
     disks, share = [], None
     for s in slots:
         parts = s.split(",")
@@ -443,6 +533,7 @@ class Guest:
             os.makedirs(os.path.dirname(b), exist_ok=True)
             if os.path.lexists(b):
                 os.remove(b)
+            os.chmod(os.ttyname(s), 0o600)  # nmdm nodes: root:wheel 0600
             os.symlink(os.ttyname(s), b)
             self.b = b
         elif self.kind == "socket":
@@ -472,7 +563,8 @@ class Guest:
                     "PATH": os.path.join(HERE, "guest-bin") + ":/usr/bin:/bin"})
         if self.share:
             env["FAKE_9P_SHARE"] = self.share
-        for k in [k for k in env if k.startswith("FAKE_") and k != "FAKE_9P_SHARE"]:
+        env["FAKE_GUEST_STATE"] = os.path.join(STATE, "guest-" + self.vm)
+        for k in [k for k in env if k.startswith("FAKE_") and k not in ("FAKE_9P_SHARE", "FAKE_GUEST_STATE")]:
             del env[k]
         def ctty():
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -526,10 +618,19 @@ class Guest:
     def run(self):
         stop = {"now": False}
         def term(*_):
-            stop["now"] = True
+            if not os.environ.get("FAKE_GUEST_NO_ACPI"):
+                stop["now"] = True  # the guest honours the power button and powers off
         signal.signal(signal.SIGTERM, term)
+        parent = os.getppid()
+        node = os.path.join(DEV, "vmm", self.vm)
         booted_at = time.time() + 0.2
+        code = 1  # powered off
         while not stop["now"]:
+            if not os.path.exists(node):
+                # bhyvectl --destroy took the VM away: vm_run fails and bhyve exits.
+                sys.stderr.write("vm_run error -1, errno 6\n"); sys.stderr.flush()
+                code = 4
+                break
             if self.phase == "boot" and time.time() >= booted_at:
                 self.out(b"Consoles: userboot  \r\n\r\nvmtest fake %s guest booting\r\n" % FLAVOR.encode())
                 if not os.environ.get("FAKE_GUEST_NO_GETTY"):
@@ -585,16 +686,33 @@ class Guest:
             self.sh.wait()
         if self.kind == "nmdm" and os.path.lexists(self.b):
             os.remove(self.b)
-        sys.exit(1)  # powered off; the kernel VM stays in /dev/vmm until bhyvectl --destroy
+        with open(os.path.join(STATE, "bhyve-exits.jsonl"), "a") as f:
+            f.write(json.dumps({"vm": self.vm, "orphaned": os.getppid() != parent}) + "\n")
+        sys.exit(code)  # powered off: the kernel VM stays in /dev/vmm until bhyvectl --destroy
+
+
+def hostname(args):
+    """The guest's hostname(1): sets (recorded in FAKE_GUEST_STATE) or prints the name."""
+    d = os.environ.get("FAKE_GUEST_STATE")
+    if not d:
+        fail("hostname: the fake guest has no FAKE_GUEST_STATE", 1)
+    path = os.path.join(d, "hostname")
+    if args:
+        os.makedirs(d, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(args[0] + "\n")
+        return 0
+    print(open(path).read().strip() if os.path.exists(path) else "image-host")
+    return 0
 
 
 TOOLS = {"zfs": zfs, "bhyvectl": bhyvectl, "ifconfig": ifconfig, "dladm": dladm, "pfexec": pfexec,
-         "sudo": lambda a: pfexec([x for x in a if x != "-n"]), "doas": lambda a: pfexec([x for x in a if x != "-n"]),
-         "dd": dd, "bhyve": bhyve, "p9kp": p9kp}
+         "sudo": sudo, "doas": lambda a: pfexec([x for x in a if x != "-n"]), "kldstat": kldstat,
+         "bhyveload": bhyveload, "dd": dd, "bhyve": bhyve, "p9kp": p9kp, "hostname": hostname}
 
 if __name__ == "__main__":
     tool = os.environ.pop("FAKE_TOOL", None) or os.path.basename(sys.argv[0])
-    if tool != "p9kp":
+    if tool not in ("p9kp", "hostname"):
         if not STATE:
             sys.exit("FAKE_BHYVE_STATE is not set")
         log_command([tool] + sys.argv[1:])

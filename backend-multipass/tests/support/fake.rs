@@ -47,6 +47,28 @@ impl Fake {
         std::fs::rename(&tmp, &self.exe).unwrap();
     }
 
+    /// The snap's layout, as snapd makes it: `snap/bin/multipass` is a symlink to
+    /// `usr/bin/snap`, which runs the confined app its argv[0] names. Returns the symlink (what
+    /// `PATH` finds as `multipass` on a snap host).
+    pub fn snap(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let snap = self.dir.path().join("usr/bin/snap");
+        let link = self.dir.path().join("snap/bin/multipass");
+        std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let q = |p: &Path| format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"));
+        let text = format!(
+            "#!/bin/sh\ncase \"${{0##*/}}\" in\n  multipass) FAKE_MULTIPASS_CONFINED=1 exec {} \"$@\" ;;\nesac\n\
+             echo \"fake snap: only multipass is installed\" >&2\nexit 1\n",
+            q(&self.exe)
+        );
+        std::fs::write(&snap, text).unwrap();
+        std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&snap, &link).unwrap();
+        link
+    }
+
     /// Set (or with "" clear) one FAKE_MULTIPASS_* setting for every later call.
     pub fn set(&mut self, key: &str, value: &str) {
         self.settings.retain(|(k, _)| k != key);

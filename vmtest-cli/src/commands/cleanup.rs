@@ -1,7 +1,7 @@
 //! `vmtest cleanup`: destroy what dead runs left behind (and, with --all, everything).
 
+use super::backends::QemuOptions;
 use crate::cli::CleanupArgs;
-use backend_qemu::QemuOptions;
 use std::io::{BufRead, IsTerminal};
 use vmtest_core::state::StateDir;
 use vmtest_core::sweep::{self, Scope};

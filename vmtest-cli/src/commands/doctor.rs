@@ -1,7 +1,7 @@
 //! `vmtest doctor`: every backend's pre-flight checks, each with its fix, plus what the
 //! state dir holds. Fails when the chosen backend cannot run.
 
-use backend_qemu::QemuOptions;
+use super::backends::QemuOptions;
 use vmtest_core::state::StateDir;
 use vmtest_core::sweep::{self, Reason, Scope};
 use vmtest_core::{backend_choice, CheckStatus, Result};

@@ -1,10 +1,13 @@
 //! `vmtest image build | list | rm | gc | import`: base images. QEMU builds its own from a spec
 //! (debootstrap into a content-addressed cache); bhyve imports raw images.
 
+use super::backends::QemuOptions;
 use crate::cli::ImageCommand;
+#[cfg(target_os = "linux")]
 use backend_qemu::cache::Cache;
+#[cfg(target_os = "linux")]
 use backend_qemu::image_build::{ImageStore, LoadedSpec};
-use backend_qemu::QemuOptions;
+#[cfg(target_os = "linux")]
 use std::time::Instant;
 use vmtest_core::Result;
 
@@ -18,6 +21,7 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
             let at = super::backends::named(&all, &backend)?.import_image(&file, &name, force).await?;
             println!("imported {name}: {at}");
         }
+        #[cfg(target_os = "linux")]
         ImageCommand::List { backend } if backend == "qemu" => {
             let store = ImageStore::new(&Cache::from_env())?;
             for img in store.list() {
@@ -33,11 +37,16 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
                 );
             }
         }
+        #[cfg(not(target_os = "linux"))]
+        ImageCommand::List { backend } if backend == "qemu" => {
+            return Err(super::backends::qemu_unavailable());
+        }
         ImageCommand::List { backend } => {
             for name in super::backends::named(&all, &backend)?.list_images().await? {
                 println!("{name}");
             }
         }
+        #[cfg(target_os = "linux")]
         ImageCommand::Build { spec } => {
             let loaded = LoadedSpec::from_file(&spec)?;
             let store = ImageStore::new(&Cache::from_env())?;
@@ -58,14 +67,20 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
                 img.info.kernel_release
             );
         }
+        #[cfg(target_os = "linux")]
         ImageCommand::Rm { name } => {
             ImageStore::new(&Cache::from_env())?.remove(&name)?;
             println!("removed {name}");
         }
+        #[cfg(target_os = "linux")]
         ImageCommand::Gc => {
             for p in ImageStore::new(&Cache::from_env())?.gc()? {
                 println!("removed {}", p.display());
             }
+        }
+        #[cfg(not(target_os = "linux"))]
+        ImageCommand::Build { .. } | ImageCommand::Rm { .. } | ImageCommand::Gc => {
+            return Err(super::backends::qemu_unavailable())
         }
     }
     Ok(0)

@@ -5,10 +5,13 @@ mod cleanup;
 mod completions;
 mod config;
 mod doctor;
+#[cfg(target_os = "linux")]
 mod floor;
 mod image;
+#[cfg(target_os = "linux")]
 mod kernel;
 mod network_keeper;
+#[cfg(target_os = "linux")]
 mod qemu;
 mod reporter;
 mod request;
@@ -32,11 +35,20 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Console { name } => vms::console(&name).await,
         Command::Destroy { name } => vms::destroy(&name).await,
         Command::Cleanup(args) => cleanup::cleanup(args).await,
+        #[cfg(target_os = "linux")]
         Command::Kernel(cmd) => kernel::kernel(cmd).await,
+        #[cfg(not(target_os = "linux"))]
+        Command::Kernel(_) => Err(backends::qemu_unavailable()),
+        #[cfg(target_os = "linux")]
         Command::Qemu(cmd) => qemu::qemu(cmd).await,
+        #[cfg(not(target_os = "linux"))]
+        Command::Qemu(_) => Err(backends::qemu_unavailable()),
         Command::Image(cmd) => image::image(cmd).await,
         Command::Doctor { backend } => doctor::doctor(&backend).await,
+        #[cfg(target_os = "linux")]
         Command::Floor(args) => floor::floor_command(args).await,
+        #[cfg(not(target_os = "linux"))]
+        Command::Floor(_) => Err(backends::qemu_unavailable()),
         Command::NetworkKeeper { run_dir } => network_keeper::serve(&run_dir).await,
         Command::Config(args) => config::config(args),
         Command::Completions { shell } => completions::completions(shell),

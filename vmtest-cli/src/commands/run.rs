@@ -1,11 +1,11 @@
 //! `vmtest run`.
 
+use super::backends::QemuOptions;
 use crate::cli::{Keep, KernelWarnings, MessageFormat, RunArgs};
 use crate::config::{self, blame, Effective};
 use crate::events::{self, JsonEvents};
 use crate::signals::Signals;
 use crate::ui;
-use backend_qemu::QemuOptions;
 use serde_json::json;
 use std::time::Instant;
 use vmtest_core::lock::{self, SlotPool};
@@ -81,7 +81,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         die_with_parent: keep == KeepPolicy::Never,
         snapshots: !args.no_snapshot,
         gdb: (args.gdb.is_some() || args.gdb_wait)
-            .then(|| backend_qemu::Gdb { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
+            .then(|| super::backends::Gdb { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
         ..QemuOptions::default()
     };
     let state = StateDir::from_env();

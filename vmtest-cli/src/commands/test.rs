@@ -3,9 +3,9 @@
 //! Exit codes: 0 all passed; 1 a step failed; 64 a file is invalid (nothing booted);
 //! 69/71/75 the machines could not be run; 124 a test ran past its `timeout`; 130 interrupted.
 
+use super::backends::QemuOptions;
 use crate::cli::TestArgs;
 use crate::signals::Signals;
-use backend_qemu::QemuOptions;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use vmtest_core::junit;

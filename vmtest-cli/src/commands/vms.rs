@@ -1,7 +1,7 @@
 //! `vmtest list | exec | console | destroy`: operations on VMs by name.
 
+use super::backends::QemuOptions;
 use crate::cli::ExecArgs;
-use backend_qemu::QemuOptions;
 use std::io::Write;
 use vmtest_core::state::{RunDir, StateDir, VmRecord};
 use vmtest_core::sweep::{self, Found, Reason};
