@@ -391,3 +391,40 @@ fn clap_usage_errors_exit_64_and_help_and_version_exit_0() {
         assert!(!stdout(&out).is_empty(), "{args:?} prints on stdout");
     }
 }
+
+/// cargo nextest lists every test binary (`BIN --list --format terse`) through the runner
+/// before it runs anything: the host answers that, without a VM, unless told otherwise.
+#[test]
+fn a_test_listing_is_answered_on_the_host_without_a_vm() {
+    let vt = Vmtest::new();
+    let me = std::env::current_exe().unwrap();
+    let me = me.to_str().unwrap();
+    let t0 = std::time::Instant::now();
+    let out = vt.run(&[], &[me, "--list", "--format", "terse"]);
+    let took = t0.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("a_test_listing_is_answered_on_the_host_without_a_vm: test"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(!stderr(&out).contains("booting"), "no VM for a listing: {}", stderr(&out));
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+
+    // In a VM when asked: the same list, from the guest.
+    let out = vt
+        .cmd()
+        .env("VMTEST_LIST_IN_VM", "1")
+        .args(["run", "--", me, "--list", "--format", "terse"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("booting"), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("a_test_listing_is_answered_on_the_host_without_a_vm: test"),
+        "{}",
+        stdout(&out)
+    );
+    // Running a test (no --list) still boots.
+    vt.assert_clean();
+}

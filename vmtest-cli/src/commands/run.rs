@@ -19,6 +19,10 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     if in_vmtest_guest() {
         return run_here(&args);
     }
+    if is_test_listing(&args.command) {
+        // (no timeout note: a listing prints names and ends)
+        return run_here(&args);
+    }
     let start = Instant::now();
     let mut json_sinks: Vec<JsonEvents> = Vec::new();
     if args.message_format == MessageFormat::Json {
@@ -188,6 +192,28 @@ pub fn in_vmtest_guest() -> bool {
         .unwrap_or(false)
 }
 
+/// A libtest listing of a test binary built for this host (`BIN --list ...`, as cargo
+/// nextest asks of every test binary before it runs any): the test names are compiled into
+/// the binary, so the host answers it as the guest would, without booting a VM for it.
+/// `VMTEST_LIST_IN_VM=1` sends listings to a VM too (for a custom harness whose list depends
+/// on the machine it runs on).
+pub fn is_test_listing(argv: &[std::ffi::OsString]) -> bool {
+    let in_vm = std::env::var("VMTEST_LIST_IN_VM").is_ok_and(|v| !v.is_empty() && v != "0");
+    let Some((binary, rest)) = argv.split_first() else { return false };
+    !in_vm && rest.iter().any(|a| a == "--list") && is_host_executable(std::path::Path::new(binary))
+}
+
+/// An ELF executable for this machine's architecture (so it runs here as in the guest).
+fn is_host_executable(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    // e_machine: 62 is x86-64, 183 is aarch64 (the guest runs the host's architecture).
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    let host_machine = if cfg!(target_arch = "aarch64") { 183 } else { 62 };
+    read.is_ok() && head.starts_with(b"\x7fELF") && machine == host_machine
+}
+
 /// `vmtest run -- CMD` inside a guest: CMD is already in a VM, so it runs here, by exec,
 /// with the cwd and environment flags applied; its status is vmtest's. A test suite that
 /// spawns `cargo run` (which inherits the cargo runner variable) keeps working instead of
@@ -196,7 +222,7 @@ pub fn in_vmtest_guest() -> bool {
 fn run_here(args: &RunArgs) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let req = super::request::exec_request(&args.command_args, &args.command)?;
-    if req.timeout.is_some() {
+    if req.timeout.is_some() && in_vmtest_guest() {
         ui::line("vmtest: note: already in a vmtest guest; --timeout is not enforced for the nested command");
     }
     let (program, rest) = req.argv.split_first().ok_or_else(|| Error::usage("no command given"))?;
