@@ -70,7 +70,13 @@ const RUNNER_VAR: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER";
 fn ci() -> Result<()> {
     step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    cross_check(&[])?;
+    // A CI system whose runner image lacks Debian's Rust (GitHub's Ubuntu runners) runs the
+    // cross-check as a job of its own, in a Debian container (see .github/workflows/ci.yml).
+    if std::env::var_os("XTASK_CROSS_CHECK_ELSEWHERE").is_some_and(|v| v == "1") {
+        eprintln!("\n==> cross-check: skipped here (XTASK_CROSS_CHECK_ELSEWHERE=1: another job runs it)");
+    } else {
+        cross_check(&[])?;
+    }
     step("build vmtest", cargo().args(["build", "-p", "vmtest-cli"]))?;
     let vmtest = vmtest_binary("debug");
     // One kernel fetch up front, instead of one per concurrently booting test.
