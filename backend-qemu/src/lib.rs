@@ -7,6 +7,7 @@
 pub mod accel;
 pub mod agent_client;
 pub mod cache;
+pub mod cache_usage;
 pub mod command;
 pub mod fetch;
 pub mod health;
@@ -442,6 +443,7 @@ impl QemuBackend {
             match self.make_snapshot(p, spec, run, &state).await {
                 Ok(()) => {
                     made = Some(started.elapsed());
+                    cache_usage::bound_snapshots(&self.cache, &state);
                     tracing::info!("saved a snapshot in {:?}: {}", started.elapsed(), state.display())
                 }
                 Err(e) if e.kind() == vmtest_core::ErrorKind::Boot || accel::is_kvm_failure(&e) => {
@@ -456,6 +458,7 @@ impl QemuBackend {
         let mode = vm::BootMode::Restore { state: &state, setup: setup.clone() };
         match vm::QemuVm::boot(cmd, record, run, mode, spec.boot_timeout, self.opts.die_with_parent).await {
             Ok(mut vm) => {
+                cache_usage::touch(&state);
                 if let Some(took) = made {
                     vm.add_timing("snapshot", took);
                 }

@@ -52,6 +52,9 @@ pub enum Command {
     /// Manage guest kernels.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// What the cache holds (kernels, QEMU, images, snapshots...), and pruning it.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// QEMU for the qemu backend: where it comes from, or fetch the distro's.
     #[command(subcommand)]
     Qemu(QemuCommand),
@@ -399,6 +402,33 @@ pub enum KernelCommand {
     },
     /// Show the kernel vmtest would use, and the cached ones.
     List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Every entry with its kind, size and last use; whether vmtest makes it again on demand.
+    List {
+        /// One JSON object per entry, in an array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove what vmtest makes again on demand (snapshots, extracted kernels, initramfs
+    /// images, module lists, KVM verdicts), least recently used first. Fetched kernels and
+    /// QEMU and built images are never removed here.
+    Gc {
+        /// Keep at most this much of it, e.g. 2G (0 removes all of it).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// Remove what was not used for this long, e.g. 7d, 12h.
+        #[arg(long, value_name = "DUR")]
+        older_than: Option<String>,
+        /// Only these kinds (snapshot, boot-image, initramfs, module-list, kvm-verdict).
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
+        /// Say what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]

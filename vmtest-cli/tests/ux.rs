@@ -428,3 +428,46 @@ fn a_test_listing_is_answered_on_the_host_without_a_vm() {
     // Running a test (no --list) still boots.
     vt.assert_clean();
 }
+
+#[test]
+fn cache_list_shows_entries_and_gc_prunes_only_what_vmtest_remakes() {
+    let vt = Vmtest::new();
+    let cache = tempfile::tempdir().unwrap();
+    let put = |rel: &str, bytes: usize| {
+        let p = cache.path().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, vec![0u8; bytes]).unwrap();
+    };
+    put("snapshots/a.state", 4096);
+    put("vmlinux/6.1.0-57-amd64-0123", 2048);
+    put("kernels/6.1.0-57-amd64/boot/vmlinuz-6.1.0-57-amd64", 1024);
+    let cmd = |args: &[&str]| vt.cmd().env("VMTEST_CACHE_DIR", cache.path()).args(args).output().unwrap();
+
+    let out = cmd(&["cache", "list", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<(&str, u64, bool)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (e["kind"].as_str().unwrap(), e["bytes"].as_u64().unwrap(), e["regenerable"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(kinds, [("snapshot", 4096, true), ("boot-image", 2048, true), ("kernel", 1024, false)]);
+
+    let out = cmd(&["cache", "gc"]);
+    assert_eq!(out.status.code(), Some(64), "gc says what to prune: {}", stderr(&out));
+    let out = cmd(&["cache", "gc", "--max-size", "0", "--kind", "snapshot"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed 1 entries"), "{}", stdout(&out));
+    assert!(!cache.path().join("snapshots/a.state").exists());
+    assert!(cache.path().join("vmlinux/6.1.0-57-amd64-0123").exists(), "only the kind asked for");
+    let out = cmd(&["cache", "gc", "--max-size", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!cache.path().join("vmlinux/6.1.0-57-amd64-0123").exists());
+    assert!(
+        cache.path().join("kernels/6.1.0-57-amd64/boot/vmlinuz-6.1.0-57-amd64").exists(),
+        "a fetched kernel stays"
+    );
+}

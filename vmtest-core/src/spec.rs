@@ -158,11 +158,11 @@ pub fn parse_memory_mib(s: &str) -> Result<u64> {
     Ok(mib)
 }
 
-/// Parse a duration: `90`, `90s`, `500ms`, `5m`, `1h`, `1m30s`.
+/// Parse a duration: `90`, `90s`, `500ms`, `5m`, `1h`, `1m30s`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
     let bad = || {
         Error::usage(format!(
-            "bad duration `{s}`; write e.g. 30s, 500ms, 5m, 1h or 1m30s (a bare number is seconds)"
+            "bad duration `{s}`; write e.g. 30s, 500ms, 5m, 1h, 7d or 1m30s (a bare number is seconds)"
         ))
     };
     let t = s.trim();
@@ -187,6 +187,7 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
             _ => return Err(bad()),
         };
         total += part;

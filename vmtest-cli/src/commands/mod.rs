@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 mod backends;
+#[cfg(target_os = "linux")]
+mod cache;
 mod cleanup;
 mod completions;
 mod config;
@@ -40,6 +42,10 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         #[cfg(not(target_os = "linux"))]
         Command::Kernel(_) => Err(backends::qemu_unavailable()),
         #[cfg(target_os = "linux")]
+        Command::Cache(cmd) => cache::cache(cmd),
+        #[cfg(not(target_os = "linux"))]
+        Command::Cache(_) => Err(backends::qemu_unavailable()),
+        #[cfg(target_os = "linux")]
         Command::Qemu(cmd) => qemu::qemu(cmd).await,
         #[cfg(not(target_os = "linux"))]
         Command::Qemu(_) => Err(backends::qemu_unavailable()),
@@ -68,6 +74,7 @@ fn host_verb(command: &Command) -> Option<&'static str> {
         Command::Cleanup(_) => "cleanup",
         Command::Kernel(_) => "kernel",
         Command::Qemu(_) => "qemu",
+        Command::Cache(_) => "cache",
         Command::Image(_) => "image",
         Command::Doctor { .. } => "doctor",
         Command::Floor(_) => "floor",
