@@ -147,6 +147,9 @@ fn allowed(key: &str, host: &str, guest: &str) -> bool {
         // The guest command's stdio are pipes to vmtest and it has no controlling terminal;
         // a host run from a terminal has one.
         "process.controlling_tty" => guest == "false",
+        // In a PID namespace whose session leader lives outside it (a container, as CI runs
+        // in), getsid() says 0 on the host; the guest command is always in the agent's session.
+        "process.in_a_session" => host == "false" && guest == "true",
         // Descriptors cannot cross into a VM: the guest has exactly stdin, stdout, stderr,
         // whatever the host process inherited beyond them.
         "process.fds" => guest == "[0, 1, 2]",
