@@ -110,7 +110,7 @@ impl BhyveBackend {
     }
 
     pub fn config(&self) -> Result<&Config> {
-        self.cfg.as_ref().map_err(|e| Error::new(e.kind(), e.message()))
+        self.cfg.as_ref().map_err(|e| Error::new(e.kind(), e.headline()))
     }
 
     fn dev(&self, path: &str) -> Result<PathBuf> {

@@ -328,7 +328,7 @@ impl Vm for MultipassVm {
             }
         }
         if let Some(e) = cli::daemon_error(&o, &format!("exec in {}", self.name)) {
-            return Err(Error::infra(e.message().to_owned()));
+            return Err(Error::infra(e.headline()));
         }
         let what = match o.code {
             Some(code::COMMAND_FAIL) if said.contains("does not exist") || said.contains("is deleted") => {

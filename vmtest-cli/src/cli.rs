@@ -119,7 +119,7 @@ pub enum KernelWarnings {
 }
 
 /// How the guest command runs: shared by `run` and `exec`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct CommandArgs {
     /// Kill the command after this long, e.g. 30s, 5m (exit code 124).
     #[arg(long, value_name = "DUR")]
@@ -317,20 +317,38 @@ pub struct TestArgs {
     pub check: bool,
 
     /// Hypervisor backend for every file: qemu, bhyve, multipass or auto. Default: the file's
-    /// `backend` in [test], else $VMTEST_BACKEND, else qemu. Private networks, partitions and
-    /// link faults need qemu.
+    /// `backend` in [test], else vmtest.toml's or $VMTEST_BACKEND, else qemu. Private
+    /// networks, partitions and link faults need qemu.
     #[arg(long, value_name = "NAME")]
     pub backend: Option<String>,
 
-    /// CPU acceleration: kvm only when proven to work (auto), or forced.
-    #[arg(long, default_value = "auto", value_name = "auto|kvm|tcg")]
-    pub accel: String,
+    /// CPU acceleration: kvm only when proven to work (auto), or forced. Default: vmtest.toml's,
+    /// else auto.
+    #[arg(long, value_name = "auto|kvm|tcg")]
+    pub accel: Option<String>,
 
     /// At most this many VMs at once over every vmtest process of this user. A test takes
-    /// a slot per node, all at once. Default: what the cores and memory allow, but at least
-    /// the largest test's node count.
-    #[arg(long, env = "VMTEST_MAX_VMS", value_name = "N")]
+    /// a slot per node, all at once ($VMTEST_MAX_VMS). Default: vmtest.toml's, else what the
+    /// cores and memory allow, but at least the largest test's node count.
+    #[arg(long, value_name = "N")]
     pub max_vms: Option<usize>,
+
+    /// The project config file, as for `vmtest run` ($VMTEST_CONFIG; `none` ignores it):
+    /// its backend, accel and max-vms apply to every file.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// A named target of the config file ($VMTEST_TARGET).
+    #[arg(short = 't', long, value_name = "NAME")]
+    pub target: Option<String>,
+
+    /// How progress and results are reported on stderr ($VMTEST_MESSAGE_FORMAT).
+    #[arg(long, value_enum, value_name = "FMT", env = "VMTEST_MESSAGE_FORMAT", default_value = "human")]
+    pub message_format: MessageFormat,
+
+    /// Also write the JSON event stream to this file (any --message-format).
+    #[arg(long, value_name = "PATH")]
+    pub events_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -197,7 +197,7 @@ pub fn blame<T>(r: Result<T>, source: &Source) -> Result<T> {
     r.map_err(|e| match source {
         // Only a bad value is the setting's fault; a backend that cannot run keeps its kind.
         s if *s != Source::Default && e.kind() == vmtest_core::ErrorKind::Usage => {
-            Error::usage(format!("{} (set by {s})", e.message()))
+            Error::usage(format!("{} (set by {s})", e.headline()))
         }
         _ => e,
     })

@@ -5,17 +5,20 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+use vmtest_core::events::{Event, FileRef, Reporter, StepResult};
+use vmtest_core::junit::CaseStatus;
 use vmtest_core::protocol::ExitStatus;
-use vmtest_core::runner::{Event, Reporter};
+use vmtest_core::testrun::Verdict;
 use vmtest_core::Error;
 
 /// Bumped when a field changes meaning or goes away (new fields and events do not bump it).
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// Set once `run_finished` (which carries the run's error) is on stderr: the stream has ended.
+/// Set once `run_finished` or `test_finished` (which carry the error) is on stderr: the
+/// stream has ended.
 static RUN_FINISHED_ON_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether the JSON stream on stderr has already ended with `run_finished`.
+/// Whether the JSON stream on stderr has already ended.
 pub fn stream_finished() -> bool {
     RUN_FINISHED_ON_STDERR.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -74,7 +77,7 @@ impl JsonEvents {
         match &self.dest {
             Dest::Stderr => {
                 ui::line(&line);
-                if kind == "run_finished" {
+                if kind == "run_finished" || kind == "test_finished" {
                     RUN_FINISHED_ON_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -108,7 +111,7 @@ pub fn error_line(e: &Error) -> String {
     v["time"] = json!(ui::rfc3339(SystemTime::now()));
     v["elapsed"] = secs(ui::process_start().elapsed());
     v["pid"] = json!(std::process::id());
-    ordered_line(&v, &["type", "time", "elapsed", "pid", "kind", "message", "detail", "exit_code"])
+    ordered_line(&v, &["type", "time", "elapsed", "pid", "kind", "message", "hint", "detail", "exit_code"])
 }
 
 /// `v`'s fields as one JSON line in the order of `keys` (type and time first read best).
@@ -119,6 +122,27 @@ fn ordered_line(v: &Value, keys: &[&str]) -> String {
 
 fn secs(d: Duration) -> Value {
     json!((d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+/// `fields` plus the test file's name and path.
+fn with_file(file: &FileRef<'_>, fields: Value) -> Value {
+    let mut all = Map::new();
+    all.insert("file".into(), json!(file.name));
+    all.insert("path".into(), json!(file.path.display().to_string()));
+    if let Value::Object(f) = fields {
+        all.extend(f);
+    }
+    Value::Object(all)
+}
+
+/// One JUnit case: its name, how it ended and its time.
+fn case_json(c: &vmtest_core::junit::Case) -> Value {
+    let (status, message) = match &c.status {
+        CaseStatus::Passed => ("passed", None),
+        CaseStatus::Failed { message, .. } => ("failed", Some(message.as_str())),
+        CaseStatus::Skipped { reason } => ("skipped", Some(reason.as_str())),
+    };
+    json!({"name": c.name, "status": status, "message": message, "time_secs": secs(c.time)})
 }
 
 pub fn status_json(s: ExitStatus) -> Value {
@@ -132,8 +156,9 @@ pub fn error_json(e: &Error) -> Value {
     json!({
         "kind": format!("{:?}", e.kind()).to_lowercase(),
         "message": e.message(),
+        "hint": e.hint(),
         "detail": e.detail(),
-        "exit_code": e.exit_code(),
+        "exit_code": crate::exit_codes::of(e),
     })
 }
 
@@ -174,9 +199,57 @@ impl Reporter for JsonEvents {
                 let t: Map<String, Value> = timings.phases.iter().map(|(p, d)| (p.clone(), secs(*d))).collect();
                 self.emit("finished", json!({"vm": name, "timings": t}))
             }
-            // Events added to the core later are not part of the documented schema yet.
-            #[allow(unreachable_patterns)]
-            _ => {}
+            Event::FileStarted { file, backend, nodes } => {
+                self.emit("file_started", with_file(file, json!({"backend": backend, "nodes": nodes})))
+            }
+            Event::FileNotice { file, message } => {
+                self.emit("file_notice", with_file(file, json!({"message": message})))
+            }
+            Event::NodesUp { file, duration } => {
+                self.emit("nodes_up", with_file(file, json!({"duration_secs": secs(*duration)})))
+            }
+            Event::StepFinished { file, step, duration, result } => {
+                let (outcome, output, error) = match result {
+                    StepResult::Passed { output } => ("passed", Some(*output), None),
+                    StepResult::Failed { error } => ("failed", None, Some(error_json(error))),
+                };
+                self.emit(
+                    "step_finished",
+                    with_file(
+                        file,
+                        json!({
+                            "line": step.line,
+                            "step": step.description,
+                            "case": step.case,
+                            "result": outcome,
+                            "output": output,
+                            "error": error,
+                            "duration_secs": secs(*duration),
+                        }),
+                    ),
+                )
+            }
+            Event::FileFinished { file, outcome } => {
+                let (verdict, error) = match &outcome.verdict {
+                    Verdict::Passed => ("passed", None),
+                    Verdict::Failed(e) => ("failed", Some(error_json(e))),
+                    Verdict::Error(e) => ("error", Some(error_json(e))),
+                };
+                let cases: Vec<Value> = outcome.suite.cases.iter().map(case_json).collect();
+                self.emit(
+                    "file_finished",
+                    with_file(
+                        file,
+                        json!({
+                            "verdict": verdict,
+                            "error": error,
+                            "duration_secs": secs(outcome.suite.time),
+                            "cases": cases,
+                            "kept": outcome.kept,
+                        }),
+                    ),
+                )
+            }
         }
     }
 }

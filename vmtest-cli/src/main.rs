@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod config;
 mod events;
+mod exit_codes;
 mod logging;
 mod signals;
 mod ui;
@@ -20,10 +21,13 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     ui::process_start();
-    if let cli::Command::Run(run) = &args.command {
-        if run.message_format == cli::MessageFormat::Json {
-            ui::set_json_mode();
-        }
+    let format = match &args.command {
+        cli::Command::Run(run) => run.message_format,
+        cli::Command::Test(test) => test.message_format,
+        _ => cli::MessageFormat::Human,
+    };
+    if format == cli::MessageFormat::Json {
+        ui::set_json_mode();
     }
     init_logging(args.verbose, args.quiet);
     // One thread: everything here waits on I/O, and QEMU's parent-death signal is tied to
@@ -41,13 +45,14 @@ fn main() -> ExitCode {
 /// Print an error as one line (plus its detail block) and pick its exit code.
 fn report(e: &Error) -> ExitCode {
     if ui::json_mode() {
-        // `run_finished` carries the error when the stream got that far; else it ends here.
+        // `run_finished` (`test_finished`) carries the error when the stream got that far;
+        // else it ends here.
         if !events::stream_finished() {
             ui::line(&events::error_line(e));
         }
-        return ExitCode::from(e.exit_code() as u8);
+        return ExitCode::from(exit_codes::of(e) as u8);
     }
-    let mut text = format!("vmtest: error: {}", e.message());
+    let mut text = format!("vmtest: error: {}", e.headline());
     if let Some(detail) = e.detail() {
         for line in detail.lines() {
             text.push_str(&format!("\n  {line}"));
@@ -55,7 +60,7 @@ fn report(e: &Error) -> ExitCode {
     }
     ui::set_status(None);
     ui::line(&text);
-    ExitCode::from(e.exit_code() as u8)
+    ExitCode::from(exit_codes::of(e) as u8)
 }
 
 /// clap's own errors: help and version exit 0, bad usage exits 64 like every other usage
@@ -64,7 +69,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
     let _ = e.print();
     match e.kind() {
         ClapErrorKind::DisplayHelp | ClapErrorKind::DisplayVersion => ExitCode::SUCCESS,
-        _ => ExitCode::from(vmtest_core::error::exit_codes::USAGE as u8),
+        _ => ExitCode::from(exit_codes::USAGE as u8),
     }
 }
 

@@ -1,5 +1,5 @@
 //! Errors: each says what failed, why, and what to do, and belongs to one [`ErrorKind`] that
-//! decides whether it is retried and which exit code the CLI returns.
+//! decides whether it is retried (and, in a program, which exit code it returns).
 
 use std::time::Duration;
 
@@ -27,51 +27,15 @@ pub enum ErrorKind {
     KernelReport,
 }
 
-impl ErrorKind {
-    /// The documented exit code the CLI returns for this kind. These stay clear of the
-    /// statuses test runners use (0, 1, 101) and of shell signal codes (128 + N).
-    pub fn exit_code(self) -> i32 {
-        match self {
-            ErrorKind::Usage => exit_codes::USAGE,
-            ErrorKind::Preflight => exit_codes::PREFLIGHT,
-            ErrorKind::Boot => exit_codes::BOOT,
-            ErrorKind::Transient | ErrorKind::Infrastructure => exit_codes::INFRASTRUCTURE,
-            ErrorKind::Timeout => exit_codes::TIMEOUT,
-            ErrorKind::Interrupted => exit_codes::INTERRUPTED,
-            ErrorKind::TestFailed => exit_codes::TEST_FAILED,
-            ErrorKind::KernelReport => exit_codes::KERNEL_REPORT,
-        }
-    }
-}
-
-/// Exit codes of the `vmtest` binary when the command itself did not decide the status.
-pub mod exit_codes {
-    /// Bad command line, config or path (EX_USAGE).
-    pub const USAGE: i32 = 64;
-    /// The backend cannot run here: hypervisor, kernel or tool missing (EX_UNAVAILABLE).
-    pub const PREFLIGHT: i32 = 69;
-    /// The VM failed to boot: kernel panic, agent never came up (EX_OSERR).
-    pub const BOOT: i32 = 71;
-    /// Host/guest plumbing failed after retries (EX_TEMPFAIL).
-    pub const INFRASTRUCTURE: i32 = 75;
-    /// The command, the boot or a lock wait ran past its deadline (as timeout(1)).
-    pub const TIMEOUT: i32 = 124;
-    /// Interrupted by SIGINT, SIGTERM or SIGHUP; the VM was torn down.
-    pub const INTERRUPTED: i32 = 130;
-    /// A test (`vmtest test`, a Machine API check) failed, as test runners report it.
-    pub const TEST_FAILED: i32 = 1;
-    /// The guest kernel reported a bug during the command (`--kernel-warnings fail`)
-    /// (EX_SOFTWARE).
-    pub const KERNEL_REPORT: i32 = 70;
-}
-
-/// A vmtest error: a one-line message that names what failed and how to fix it, an optional
-/// detail block (a console tail, a hypervisor's stderr) and a kind.
+/// A vmtest error: a one-line message that names what failed, the fix (a hint, when it is
+/// not part of the message), an optional detail block (a console tail, a hypervisor's
+/// stderr) and a kind.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
+#[error("{}", self.headline())]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    hint: Option<String>,
     detail: Option<String>,
     /// What caused it, kept for callers that need to tell causes apart (and for `source()`).
     #[source]
@@ -82,7 +46,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), detail: None, source: None }
+        Error { kind, message: message.into(), hint: None, detail: None, source: None }
     }
 
     pub fn usage(message: impl Into<String>) -> Self {
@@ -108,8 +72,9 @@ impl Error {
     pub fn timeout(what: &str, after: Duration, fix: &str) -> Self {
         Self::new(
             ErrorKind::Timeout,
-            format!("{what} timed out after {}; {fix}", crate::spec::format_duration(after)),
+            format!("{what} timed out after {}", crate::spec::format_duration(after)),
         )
+        .with_hint(fix)
     }
 
     pub fn interrupted(signal: &str) -> Self {
@@ -125,6 +90,12 @@ impl Error {
     /// Keep `source` as the cause of this error.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Say how to fix it (shown after the message, on the same line).
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
         self
     }
 
@@ -145,16 +116,25 @@ impl Error {
         &self.message
     }
 
+    /// How to fix it, when the message does not say.
+    pub fn hint(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+
+    /// The message and the hint on one line, as a user reads them.
+    pub fn headline(&self) -> String {
+        match &self.hint {
+            Some(h) => format!("{}; {h}", self.message),
+            None => self.message.clone(),
+        }
+    }
+
     pub fn detail(&self) -> Option<&str> {
         self.detail.as_deref()
     }
 
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
-    }
-
-    pub fn exit_code(&self) -> i32 {
-        self.kind.exit_code()
     }
 }
 
@@ -163,26 +143,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn exit_codes_are_distinct_and_avoid_test_runner_codes() {
-        let kinds = [
-            ErrorKind::Usage,
-            ErrorKind::Preflight,
-            ErrorKind::Boot,
-            ErrorKind::Infrastructure,
-            ErrorKind::Timeout,
-            ErrorKind::Interrupted,
-            ErrorKind::KernelReport,
-        ];
-        let codes: std::collections::HashSet<i32> = kinds.iter().map(|k| k.exit_code()).collect();
-        assert_eq!(codes.len(), kinds.len());
-        for c in codes {
-            assert!(![0, 1, 2, 101].contains(&c), "{c} collides with a test runner status");
-        }
-    }
-
-    #[test]
-    fn a_failed_test_exits_1_like_test_runners() {
-        assert_eq!(ErrorKind::TestFailed.exit_code(), 1);
+    fn the_headline_joins_message_and_hint() {
+        let e = Error::timeout("boot", Duration::from_secs(3), "raise --boot-timeout");
+        assert_eq!(e.message(), "boot timed out after 3.00s");
+        assert_eq!(e.hint(), Some("raise --boot-timeout"));
+        assert_eq!(e.headline(), "boot timed out after 3.00s; raise --boot-timeout");
+        assert_eq!(e.to_string(), e.headline());
     }
 
     #[test]

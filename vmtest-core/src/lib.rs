@@ -6,13 +6,15 @@
 pub mod protocol;
 
 #[cfg(feature = "host")]
-pub mod backend_choice;
+pub mod cancel;
 #[cfg(feature = "host")]
 pub mod console;
 #[cfg(feature = "host")]
 pub mod environment;
 #[cfg(feature = "host")]
 pub mod error;
+#[cfg(feature = "host")]
+pub mod events;
 #[cfg(feature = "host")]
 pub mod exec;
 #[cfg(feature = "host")]
@@ -29,6 +31,8 @@ pub mod network;
 #[cfg(feature = "host")]
 pub mod random;
 #[cfg(feature = "host")]
+pub mod registry;
+#[cfg(feature = "host")]
 pub mod retry;
 #[cfg(feature = "host")]
 pub mod runner;
@@ -38,6 +42,8 @@ pub mod shell;
 pub mod spec;
 #[cfg(feature = "host")]
 pub mod state;
+#[cfg(feature = "host")]
+pub mod suite;
 #[cfg(feature = "host")]
 pub mod sweep;
 #[cfg(feature = "host")]

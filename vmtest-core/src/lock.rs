@@ -71,7 +71,7 @@ impl SlotPool {
             .unwrap_or_else(|| state_root.join("locks"));
         let timeout = match std::env::var("VMTEST_LOCK_TIMEOUT") {
             Ok(v) if !v.is_empty() => crate::spec::parse_duration(&v)
-                .map_err(|e| Error::usage(format!("VMTEST_LOCK_TIMEOUT: {}", e.message())))?,
+                .map_err(|e| Error::usage(format!("VMTEST_LOCK_TIMEOUT: {}", e.headline())))?,
             _ => DEFAULT_TIMEOUT,
         };
         Ok(SlotPool::new(dir, max, timeout))

@@ -144,7 +144,7 @@ impl Machine {
 
     fn context(&self, e: Error) -> Error {
         let detail = e.detail().map(str::to_owned);
-        let e2 = Error::new(e.kind(), format!("machine `{}`: {}", self.node, e.message()));
+        let e2 = Error::new(e.kind(), format!("machine `{}`: {}", self.node, e.headline()));
         match detail {
             Some(d) => e2.with_detail(d),
             None => e2,

@@ -2,10 +2,11 @@
 //! teardown. Teardown happens on success, on error, on timeout and on cancellation.
 
 use crate::error::{Error, Result};
+pub use crate::events::{Event, Reporter, Silent};
 use crate::exec::ExecRequest;
 use crate::hypervisor::{Hypervisor, Vm};
 use crate::kernel_report::KernelReport;
-use crate::lock::{Holder, SlotPool, Slots};
+use crate::lock::{SlotPool, Slots};
 use crate::protocol::ExitStatus;
 use crate::retry::RetryPolicy;
 use crate::spec::VmSpec;
@@ -52,29 +53,6 @@ pub struct RunOutcome {
 /// Why a run was cancelled (a signal name, for the message).
 pub type CancelReason = &'static str;
 
-/// Things a run tells its user about while it goes.
-#[derive(Debug)]
-pub enum Event<'a> {
-    /// All slots are busy; the run waits (said once per wait).
-    WaitingForSlots { needed: usize, max: usize, holders: &'a [Holder] },
-    /// The VM was left running on purpose.
-    Kept { name: &'a str },
-    /// A launch attempt of VM `name` on `backend` starts (attempt 1, then retries).
-    Booting { name: &'a str, backend: &'a str, attempt: u32 },
-    /// The VM is up and its agent answers; `boot` is the time since the first attempt began.
-    Ready { name: &'a str, boot: Duration },
-    /// The command starts in the VM.
-    ExecStarted { name: &'a str, argv: &'a [std::ffi::OsString] },
-    /// The command ended: with a status, or with an error (timeout, lost connection...).
-    ExecFinished { name: &'a str, status: Option<ExitStatus>, error: Option<&'a Error>, duration: Duration },
-    /// Teardown starts: a clean shutdown, or a kill after an interruption.
-    TearingDown { name: &'a str, kill: bool },
-    /// The guest kernel printed a bug report while the command ran.
-    KernelReport { name: &'a str, report: &'a KernelReport },
-    /// The run is over (the VM is gone, or kept); all phase timings.
-    Finished { name: &'a str, timings: &'a Timings },
-}
-
 /// What a guest kernel bug report printed during the command does to the run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelReports {
@@ -85,18 +63,6 @@ pub enum KernelReports {
     Report,
     /// The kernel's log is not watched.
     Ignore,
-}
-
-/// Receives [`Event`]s (the CLI prints them; a library user may log them).
-pub trait Reporter: Sync {
-    fn event(&self, event: &Event<'_>);
-}
-
-/// A reporter that ignores everything.
-pub struct Silent;
-
-impl Reporter for Silent {
-    fn event(&self, _: &Event<'_>) {}
 }
 
 /// How a run behaves around its VM.

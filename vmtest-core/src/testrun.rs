@@ -2,13 +2,14 @@
 //! steps in order, report one JUnit case per subtest, tear everything down (or keep it).
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::{Event, FileRef, StepRef, StepResult};
 use crate::hypervisor::Hypervisor;
 use crate::junit::{Case, CaseStatus, Suite};
 use crate::lock::SlotPool;
 use crate::machine::{join_all, output_detail, Cluster, Machine, NetworkKeeper, NodeConfig};
 use crate::network::LinkFault;
 use crate::runner::{CancelReason, Reporter};
-use crate::spec::{format_duration, AccelChoice, BootSpec, VmSpec};
+use crate::spec::{AccelChoice, BootSpec, VmSpec};
 use crate::state::StateDir;
 use crate::testfile::{Action, BackendTraits, Step, Target, TestFile};
 use std::future::Future;
@@ -22,10 +23,9 @@ pub struct RunConfig<'a> {
     /// On failure, leave the machines running.
     pub keep: bool,
     pub slots: Option<SlotPool>,
+    /// Receives the file's events (and its machines').
     pub reporter: &'a dyn Reporter,
     pub accel: AccelChoice,
-    /// Progress lines (the CLI prints them to stderr).
-    pub log: &'a (dyn Fn(&str) + Sync),
     /// With `keep`: starts a process that serves a kept run's private network (given the
     /// run dir), so kept machines stay connected. See [`Cluster::keep`].
     pub keep_network: Option<&'a NetworkKeeper>,
@@ -41,11 +41,20 @@ pub enum Verdict {
     Error(Error),
 }
 
+#[derive(Debug)]
 pub struct FileOutcome {
     pub verdict: Verdict,
     pub suite: Suite,
     /// VM names left running (`keep`).
     pub kept: Vec<String>,
+}
+
+impl FileOutcome {
+    /// Tell the reporter the file is over, and hand the outcome on.
+    fn reported(self, cfg: &RunConfig<'_>, file: &FileRef<'_>) -> FileOutcome {
+        cfg.reporter.event(&Event::FileFinished { file, outcome: &self });
+        self
+    }
 }
 
 /// The name of the JUnit case for steps outside any subtest.
@@ -65,11 +74,13 @@ where
     tokio::pin!(cancel);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + file.timeout;
-    let log = cfg.log;
+    let fref = FileRef { name: &file.name, path: &file.path };
+    let file_ref = &fref;
+    let report = |e: Event<'_>| cfg.reporter.event(&e);
     let mut cases = Cases::new(file, cfg.filter.as_deref());
 
     if let Err(e) = file.check_backend(backend_traits(hv.as_ref())) {
-        return cases.abort(file, started, Verdict::Error(e), Vec::new());
+        return cases.abort(file, started, Verdict::Error(e), Vec::new()).reported(cfg, file_ref);
     }
     let private_networks = hv.private_networks();
     let nodes: Vec<NodeConfig> = file
@@ -93,13 +104,13 @@ where
         })
         .collect();
     let names: Vec<&str> = file.nodes.iter().map(|n| n.name.as_str()).collect();
-    log(&format!("[{}] booting {} node(s): {}", file.name, names.len(), names.join(", ")));
+    report(Event::FileStarted { file: file_ref, backend: hv.name(), nodes: &names });
     if !private_networks && names.len() > 1 {
-        log(&format!(
-            "[{}] the {} backend has no private networks: the nodes are not connected to each other by vmtest",
-            file.name,
+        let message = format!(
+            "the {} backend has no private networks: the nodes are not connected to each other by vmtest",
             hv.name()
-        ));
+        );
+        report(Event::FileNotice { file: file_ref, message: &message });
     }
 
     let created = tokio::select! {
@@ -109,11 +120,11 @@ where
     };
     let cluster = match created {
         Ok(c) => c,
-        Err(e) => return cases.abort(file, started, Verdict::Error(e), Vec::new()),
+        Err(e) => return cases.abort(file, started, Verdict::Error(e), Vec::new()).reported(cfg, file_ref),
     };
     if let Err(e) = apply_network_defaults(&cluster, file) {
         cluster.kill().await;
-        return cases.abort(file, started, Verdict::Error(e), Vec::new());
+        return cases.abort(file, started, Verdict::Error(e), Vec::new()).reported(cfg, file_ref);
     }
     let t0 = Instant::now();
     let booted = tokio::select! {
@@ -123,9 +134,9 @@ where
     };
     if let Err(e) = booted {
         cluster.kill().await;
-        return cases.abort(file, started, Verdict::Error(e), Vec::new());
+        return cases.abort(file, started, Verdict::Error(e), Vec::new()).reported(cfg, file_ref);
     }
-    log(&format!("[{}] all nodes up in {}", file.name, format_duration(t0.elapsed())));
+    report(Event::NodesUp { file: file_ref, duration: t0.elapsed() });
 
     let mut failure: Option<Verdict> = None;
     for step in &file.steps {
@@ -139,9 +150,16 @@ where
             _ = tokio::time::sleep_until(deadline) => Err(Verdict::Error(global_timeout(file))),
         };
         let where_ = describe_step(file, step);
+        let step_ref = StepRef { line: step.line, description: &where_, case: Cases::name_of(step) };
         match result {
             Ok(out) => {
-                log(&format!("[{}] {where_}: ok ({})", file.name, format_duration(t.elapsed())));
+                let result = StepResult::Passed { output: &out };
+                report(Event::StepFinished {
+                    file: file_ref,
+                    step: &step_ref,
+                    duration: t.elapsed(),
+                    result,
+                });
                 cases.passed_step(step, t.elapsed(), &where_, &out);
             }
             Err(v) => {
@@ -149,13 +167,14 @@ where
                     Verdict::Failed(e) | Verdict::Error(e) => e,
                     Verdict::Passed => unreachable!(),
                 };
-                let msg = format!("{where_}: {}", e.message());
-                log(&format!("[{}] FAILED {msg}", file.name));
-                if let Some(d) = e.detail() {
-                    for l in d.lines() {
-                        log(&format!("    {l}"));
-                    }
-                }
+                let msg = format!("{where_}: {}", e.headline());
+                let result = StepResult::Failed { error: e };
+                report(Event::StepFinished {
+                    file: file_ref,
+                    step: &step_ref,
+                    duration: t.elapsed(),
+                    result,
+                });
                 cases.failed_step(step, t.elapsed(), &msg, e.detail().unwrap_or(""));
                 let detail = e.detail().map(str::to_owned).unwrap_or_default();
                 let e2 = Error::new(e.kind(), msg).with_detail(detail);
@@ -177,8 +196,11 @@ where
     } else if let Err(e) = cluster.shutdown().await {
         tracing::warn!("teardown: {e}");
     }
+    for name in &kept {
+        report(Event::Kept { name });
+    }
     let verdict = failure.unwrap_or(Verdict::Passed);
-    cases.finish(file, started, verdict, kept)
+    cases.finish(file, started, verdict, kept).reported(cfg, file_ref)
 }
 
 /// What `hv` can do, as [`TestFile::check_backend`] asks it.
@@ -245,10 +267,10 @@ async fn run_step(cluster: &Cluster, file: &TestFile, step: &Step) -> Result<Str
                 1 => Err(errors.pop().unwrap()),
                 n => {
                     let kind = errors[0].kind();
-                    let msg = format!("{n} machines failed; first: {}", errors[0].message());
+                    let msg = format!("{n} machines failed; first: {}", errors[0].headline());
                     let detail = errors
                         .iter()
-                        .map(|e| format!("{}\n{}", e.message(), e.detail().unwrap_or("")))
+                        .map(|e| format!("{}\n{}", e.headline(), e.detail().unwrap_or("")))
                         .collect::<Vec<_>>()
                         .join("\n");
                     Err(Error::new(kind, msg).with_detail(detail))
@@ -413,8 +435,13 @@ impl Cases {
         Cases { filter, cases }
     }
 
+    /// The case a step belongs to.
+    fn name_of(step: &Step) -> &str {
+        step.subtest.as_deref().unwrap_or(SETUP_CASE)
+    }
+
     fn case_of(&mut self, step: &Step) -> &mut Case {
-        let name = step.subtest.as_deref().unwrap_or(SETUP_CASE);
+        let name = Self::name_of(step);
         self.cases.iter_mut().find(|c| c.name == name).expect("every step has its case")
     }
 
@@ -465,10 +492,8 @@ impl Cases {
                     &mut self.cases[0]
                 }
             };
-            c.status = CaseStatus::Failed {
-                message: e.message().to_owned(),
-                detail: e.detail().unwrap_or("").to_owned(),
-            };
+            c.status =
+                CaseStatus::Failed { message: e.headline(), detail: e.detail().unwrap_or("").to_owned() };
         }
         self.finish(file, started, verdict, kept)
     }

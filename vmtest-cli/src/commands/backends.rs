@@ -1,40 +1,45 @@
-//! The backends this build knows, in the host OS's `auto` order.
+//! The backends this build carries, registered in the host OS's `auto` order: the core
+//! knows none by name.
 
 use backend_bhyve::BhyveBackend;
 use backend_multipass::MultipassBackend;
+use vmtest_core::registry::{BackendSettings, Registry};
+use vmtest_core::Hypervisor;
+
+/// The backend for test files that name none: the one with private networks.
+pub const FILE_DEFAULT: &str = "qemu";
+
+/// Every backend of this build, native hypervisors first in `auto` order.
+pub fn registry() -> Registry {
+    let bhyve = |_: &BackendSettings| -> Box<dyn Hypervisor> { Box::new(BhyveBackend::from_env()) };
+    let multipass = |_: &BackendSettings| -> Box<dyn Hypervisor> { Box::new(MultipassBackend::from_env()) };
+    let registry = Registry::new();
+    if cfg!(any(target_os = "freebsd", target_os = "illumos", target_os = "solaris")) {
+        registry.register("bhyve", bhyve).register("qemu", qemu).register("multipass", multipass)
+    } else if cfg!(target_os = "macos") {
+        registry.register("multipass", multipass).register("qemu", qemu).register("bhyve", bhyve)
+    } else {
+        registry.register("qemu", qemu).register("multipass", multipass).register("bhyve", bhyve)
+    }
+}
+
+/// The QEMU backend, with what the command asked.
 #[cfg(target_os = "linux")]
-pub use backend_qemu::{Gdb, QemuBackend, QemuOptions};
+fn qemu(s: &BackendSettings) -> Box<dyn Hypervisor> {
+    use backend_qemu::{Gdb, QemuBackend, QemuOptions};
+    Box::new(QemuBackend::new(QemuOptions {
+        die_with_parent: s.die_with_parent,
+        kernel_args: s.kernel_args.clone(),
+        snapshots: s.snapshots,
+        prove_kvm: s.prove_acceleration,
+        gdb: s.gdb.map(|g| Gdb { port: g.port, wait: g.wait }),
+        ..QemuOptions::default()
+    }))
+}
+
 #[cfg(not(target_os = "linux"))]
-pub use unavailable::{Gdb, QemuBackend, QemuOptions};
-use vmtest_core::{backend_choice, Error, Hypervisor, Result};
-
-/// Every backend, ordered for `auto`.
-pub fn all(qemu: QemuOptions) -> Vec<Box<dyn Hypervisor>> {
-    let mut all: Vec<Box<dyn Hypervisor>> = vec![
-        Box::new(QemuBackend::new(qemu)),
-        Box::new(BhyveBackend::from_env()),
-        Box::new(MultipassBackend::from_env()),
-    ];
-    let order = backend_choice::auto_order();
-    all.sort_by_key(|b| order.iter().position(|n| *n == b.name()).unwrap_or(order.len()));
-    all
-}
-
-pub fn refs(all: &[Box<dyn Hypervisor>]) -> Vec<&dyn Hypervisor> {
-    all.iter().map(|b| b.as_ref()).collect()
-}
-
-/// The backend for `--backend NAME` (or `auto`).
-pub async fn choose(name: &str, all: Vec<Box<dyn Hypervisor>>) -> Result<Box<dyn Hypervisor>> {
-    backend_choice::choose(name, all).await
-}
-
-/// The backend that made a VM, by the name in its record.
-pub fn named<'a>(all: &'a [Box<dyn Hypervisor>], name: &str) -> Result<&'a dyn Hypervisor> {
-    all.iter()
-        .find(|b| b.name() == name)
-        .map(|b| b.as_ref())
-        .ok_or_else(|| Error::usage(format!("backend `{name}` is not part of this vmtest")))
+fn qemu(_: &BackendSettings) -> Box<dyn Hypervisor> {
+    Box::new(unavailable::QemuBackend)
 }
 
 /// Off Linux, `qemu` is a backend that says why it cannot run here: QEMU's kernel mode shares
@@ -42,45 +47,9 @@ pub fn named<'a>(all: &'a [Box<dyn Hypervisor>], name: &str) -> Result<&'a dyn H
 #[cfg(not(target_os = "linux"))]
 mod unavailable {
     use async_trait::async_trait;
-    use std::path::PathBuf;
     use vmtest_core::spec::VmSpec;
     use vmtest_core::state::{RunDir, VmRecord};
     use vmtest_core::{Check, Error, Hypervisor, Preflight, Result, Vm};
-
-    /// The settings the commands pass to the QEMU backend; set by them, read by nobody here.
-    #[allow(dead_code)]
-    #[derive(Clone, Debug)]
-    pub struct QemuOptions {
-        pub qemu: Option<PathBuf>,
-        pub auto_fetch: bool,
-        pub die_with_parent: bool,
-        pub kernel_args: Vec<String>,
-        pub snapshots: bool,
-        pub prove_kvm: bool,
-        pub gdb: Option<Gdb>,
-    }
-
-    /// The gdb stub settings (`--gdb`), as on Linux.
-    #[allow(dead_code)]
-    #[derive(Clone, Copy, Debug)]
-    pub struct Gdb {
-        pub port: u16,
-        pub wait: bool,
-    }
-
-    impl Default for QemuOptions {
-        fn default() -> Self {
-            QemuOptions {
-                qemu: None,
-                auto_fetch: true,
-                die_with_parent: true,
-                kernel_args: Vec::new(),
-                snapshots: true,
-                prove_kvm: false,
-                gdb: None,
-            }
-        }
-    }
 
     /// The host OS, as users call it.
     fn os() -> &'static str {
@@ -113,12 +82,6 @@ mod unavailable {
     }
 
     pub struct QemuBackend;
-
-    impl QemuBackend {
-        pub fn new(_: QemuOptions) -> Self {
-            QemuBackend
-        }
-    }
 
     #[async_trait]
     impl Hypervisor for QemuBackend {

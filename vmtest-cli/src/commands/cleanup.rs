@@ -1,16 +1,17 @@
 //! `vmtest cleanup`: destroy what dead runs left behind (and, with --all, everything).
 
-use super::backends::QemuOptions;
 use crate::cli::CleanupArgs;
 use std::io::{BufRead, IsTerminal};
+use vmtest_core::registry::BackendSettings;
 use vmtest_core::state::StateDir;
 use vmtest_core::sweep::{self, Scope};
 use vmtest_core::{Error, Result};
 
 pub async fn cleanup(args: CleanupArgs) -> Result<i32> {
     let state = StateDir::from_env();
-    let all = super::backends::all(QemuOptions { die_with_parent: false, ..QemuOptions::default() });
-    let backends = super::backends::refs(&all);
+    let all = super::backends::registry()
+        .build(&BackendSettings { die_with_parent: false, ..BackendSettings::default() });
+    let backends = all.refs();
     let found = sweep::find(&state, &backends, Scope { all: args.all, query_backends: true }).await;
     if found.is_empty() {
         sweep::remove_empty_dead_runs(&state);

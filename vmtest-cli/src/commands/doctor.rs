@@ -1,16 +1,17 @@
 //! `vmtest doctor`: every backend's pre-flight checks, each with its fix, plus what the
 //! state dir holds. Fails when the chosen backend cannot run.
 
-use super::backends::QemuOptions;
+use vmtest_core::registry::BackendSettings;
 use vmtest_core::state::StateDir;
 use vmtest_core::sweep::{self, Reason, Scope};
-use vmtest_core::{backend_choice, CheckStatus, Result};
+use vmtest_core::{CheckStatus, Result};
 
 pub async fn doctor(backend: &str) -> Result<i32> {
     // Doctor may take the seconds a KVM probe costs: that is the answer it is asked for.
-    let all = super::backends::all(QemuOptions { prove_kvm: true, ..QemuOptions::default() });
+    let registry = super::backends::registry();
+    let all = registry.build(&BackendSettings { prove_acceleration: true, ..BackendSettings::default() });
     let mut usable = Vec::new();
-    for b in &all {
+    for b in all.refs() {
         let pf = b.preflight().await;
         println!("backend {}:", b.name());
         for c in &pf.checks {
@@ -29,8 +30,7 @@ pub async fn doctor(backend: &str) -> Result<i32> {
         }
     }
     let state = StateDir::from_env();
-    let found =
-        sweep::find(&state, &super::backends::refs(&all), Scope { all: true, query_backends: false }).await;
+    let found = sweep::find(&state, &all.refs(), Scope { all: true, query_backends: false }).await;
     let orphans = found.iter().filter(|f| f.reason == Reason::OwnerDead).count();
     let kept = found.iter().filter(|f| f.reason == Reason::Kept).count();
     println!("state dir {}: {} VM(s): {orphans} orphaned, {kept} kept", state.path().display(), found.len());
@@ -38,7 +38,7 @@ pub async fn doctor(backend: &str) -> Result<i32> {
         println!("         fix: `vmtest cleanup` destroys the orphans");
     }
     let chosen = if backend == "auto" {
-        backend_choice::auto_order().iter().find(|n| usable.contains(n)).copied()
+        registry.names().into_iter().find(|n| usable.contains(n))
     } else {
         usable.iter().find(|n| **n == backend).copied()
     };
@@ -49,7 +49,7 @@ pub async fn doctor(backend: &str) -> Result<i32> {
         }
         None => {
             println!("vmtest cannot run with --backend {backend} here; see the FAIL lines above");
-            Ok(vmtest_core::error::exit_codes::PREFLIGHT)
+            Ok(crate::exit_codes::PREFLIGHT)
         }
     }
 }

@@ -1,7 +1,6 @@
 //! `vmtest image build | list | rm | gc | import`: base images. QEMU builds its own from a spec
 //! (debootstrap into a content-addressed cache); bhyve imports raw images.
 
-use super::backends::QemuOptions;
 use crate::cli::ImageCommand;
 #[cfg(target_os = "linux")]
 use backend_qemu::cache::Cache;
@@ -12,13 +11,13 @@ use std::time::Instant;
 use vmtest_core::Result;
 
 pub async fn image(cmd: ImageCommand) -> Result<i32> {
-    let all = super::backends::all(QemuOptions::default());
+    let all = super::backends::registry().build(&vmtest_core::registry::BackendSettings::default());
     match cmd {
         ImageCommand::Import { backend, file, name, force } => {
             if !file.is_file() {
                 return Err(vmtest_core::Error::usage(format!("{} is not a file", file.display())));
             }
-            let at = super::backends::named(&all, &backend)?.import_image(&file, &name, force).await?;
+            let at = all.named(&backend)?.import_image(&file, &name, force).await?;
             println!("imported {name}: {at}");
         }
         #[cfg(target_os = "linux")]
@@ -42,7 +41,7 @@ pub async fn image(cmd: ImageCommand) -> Result<i32> {
             return Err(super::backends::qemu_unavailable());
         }
         ImageCommand::List { backend } => {
-            for name in super::backends::named(&all, &backend)?.list_images().await? {
+            for name in all.named(&backend)?.list_images().await? {
                 println!("{name}");
             }
         }

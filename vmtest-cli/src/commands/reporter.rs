@@ -3,8 +3,11 @@
 
 use crate::ui::{self, Verbosity};
 use std::time::SystemTime;
+use vmtest_core::events::{kept_hint, Event, FileRef, Reporter, StepResult};
 use vmtest_core::exec::display_argv;
-use vmtest_core::runner::{Event, Reporter};
+use vmtest_core::spec::format_duration;
+use vmtest_core::testrun::Verdict;
+use vmtest_core::Error;
 
 /// Human progress on stderr.
 pub struct Human {
@@ -68,7 +71,7 @@ impl Reporter for Human {
             Event::ExecFinished { status, error, duration, .. } => {
                 let how = match (status, error) {
                     (Some(s), _) => s.to_string(),
-                    (None, Some(e)) => format!("failed: {}", e.message()),
+                    (None, Some(e)) => format!("failed: {}", e.headline()),
                     (None, None) => "ended".to_owned(),
                 };
                 self.phase(format!("command {how} after {}", ui::format_secs(*duration)));
@@ -79,12 +82,7 @@ impl Reporter for Human {
             }
             Event::Kept { name } => {
                 self.status(None);
-                ui::line(&format!(
-                    "vmtest: the VM is kept running: {name}\n  \
-                     vmtest console {name}        # serial console (Ctrl-] to leave)\n  \
-                     vmtest exec {name} -- CMD    # run a command in it\n  \
-                     vmtest destroy {name}        # tear it down"
-                ));
+                ui::line(&format!("vmtest: the VM is kept running: {name}\n{}", kept_hint(name)));
             }
             Event::KernelReport { name, report } => {
                 self.status(None);
@@ -103,19 +101,54 @@ impl Reporter for Human {
                     .collect();
                 self.phase(format!("{name} done ({})", parts.join(", ")));
             }
-            #[allow(unreachable_patterns)]
-            _ => {}
+            Event::FileStarted { file, nodes, .. } => {
+                file_line(file, &format!("booting {} node(s): {}", nodes.len(), nodes.join(", ")));
+            }
+            Event::FileNotice { file, message } => file_line(file, message),
+            Event::NodesUp { file, duration } => {
+                file_line(file, &format!("all nodes up in {}", format_duration(*duration)));
+            }
+            Event::StepFinished { file, step, duration, result: StepResult::Passed { .. } } => {
+                file_line(file, &format!("{}: ok ({})", step.description, format_duration(*duration)));
+            }
+            Event::StepFinished { file, step, result: StepResult::Failed { error }, .. } => {
+                file_line(file, &format!("FAILED {}: {}", step.description, error.headline()));
+                for l in error.detail().unwrap_or_default().lines() {
+                    file_line(file, &format!("    {l}"));
+                }
+            }
+            Event::FileFinished { file, outcome } => {
+                self.status(None);
+                let secs = format_duration(outcome.suite.time);
+                let cases = outcome.suite.cases.len();
+                match &outcome.verdict {
+                    Verdict::Passed => {
+                        ui::line(&format!("vmtest: {}: PASSED ({cases} case(s), {secs})", file.name))
+                    }
+                    Verdict::Failed(_) => ui::line(&format!("vmtest: {}: FAILED ({secs})", file.name)),
+                    Verdict::Error(e) => ui::line(&error_lines(&format!("{}: ERROR", file.name), e, &secs)),
+                }
+                if !outcome.kept.is_empty() {
+                    ui::line(&format!(
+                        "vmtest: the machines of {} are kept running (their private network too, without faults)",
+                        file.name
+                    ));
+                }
+            }
         }
     }
 }
 
-/// Several reporters at once.
-pub struct Fanout(pub Vec<Box<dyn Reporter + Send>>);
+/// A progress line of a test file: `vmtest: [name] text`.
+fn file_line(file: &FileRef<'_>, text: &str) {
+    ui::line(&format!("vmtest: [{}] {text}", file.name));
+}
 
-impl Reporter for Fanout {
-    fn event(&self, event: &Event<'_>) {
-        for r in &self.0 {
-            r.event(event);
-        }
+/// `vmtest: WHAT: headline (secs)` and the error's detail, indented.
+fn error_lines(what: &str, e: &Error, secs: &str) -> String {
+    let mut text = format!("vmtest: {what}: {} ({secs})", e.headline());
+    for l in e.detail().unwrap_or_default().lines() {
+        text.push_str(&format!("\n  {l}"));
     }
+    text
 }

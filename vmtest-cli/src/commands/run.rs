@@ -1,6 +1,5 @@
 //! `vmtest run`.
 
-use super::backends::QemuOptions;
 use crate::cli::{Keep, KernelWarnings, MessageFormat, RunArgs};
 use crate::config::{self, blame, Effective};
 use crate::events::{self, JsonEvents};
@@ -8,9 +7,11 @@ use crate::signals::Signals;
 use crate::ui;
 use serde_json::json;
 use std::time::Instant;
+use vmtest_core::events::{Fanout, Reporter};
 use vmtest_core::lock::{self, SlotPool};
+use vmtest_core::registry::{BackendSettings, GdbStub};
 use vmtest_core::retry::RetryPolicy;
-use vmtest_core::runner::{self, KeepPolicy, KernelReports, Reporter, RunOptions};
+use vmtest_core::runner::{self, KeepPolicy, KernelReports, RunOptions};
 use vmtest_core::spec::{self, BootSpec, VmSpec};
 use vmtest_core::state::StateDir;
 use vmtest_core::{sweep, Error, Result};
@@ -35,7 +36,7 @@ pub async fn run(args: RunArgs) -> Result<i32> {
     for j in &json_sinks {
         let (code, error) = match &result {
             Ok(code) => (*code, None),
-            Err(e) => (e.exit_code(), Some(events::error_json(e))),
+            Err(e) => (crate::exit_codes::of(e), Some(events::error_json(e))),
         };
         j.emit("run_finished", json!({"exit_code": code, "error": error}));
     }
@@ -74,7 +75,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         Keep::OnFailure => KeepPolicy::OnFailure,
         Keep::Always => KeepPolicy::Always,
     };
-    let qemu = QemuOptions {
+    let settings = BackendSettings {
         kernel_args: eff
             .kernel_args
             .value
@@ -85,15 +86,16 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         die_with_parent: keep == KeepPolicy::Never,
         snapshots: !args.no_snapshot,
         gdb: (args.gdb.is_some() || args.gdb_wait)
-            .then(|| super::backends::Gdb { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
-        ..QemuOptions::default()
+            .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
+        ..BackendSettings::default()
     };
     let state = StateDir::from_env();
-    let all = super::backends::all(qemu);
-    sweep::sweep_orphans(&state, &super::backends::refs(&all)).await;
-    let backend = blame(super::backends::choose(&eff.backend.value, all).await, &eff.backend.source)?;
-    // Only QEMU boots a kernel file; the other backends refuse kernels with their own message.
-    if backend.name() == "qemu" {
+    let registry = super::backends::registry();
+    sweep::sweep_orphans(&state, &registry.build(&settings).refs()).await;
+    let backend = blame(registry.choose(&eff.backend.value, &settings).await, &eff.backend.source)?;
+    // Only a backend that boots kernels reads a kernel file; the others refuse kernels with
+    // their own message.
+    if backend.boots_kernels() {
         if let Some(k) = &eff.kernel.value {
             if !k.is_file() {
                 return Err(Error::usage(format!(
@@ -110,18 +112,17 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         return Err(Error::usage(format!("max-vms (from {}) must be at least 1", eff.max_vms.source)));
     }
 
-    let mut reporters: Vec<Box<dyn Reporter + Send>> = Vec::new();
-    if args.message_format == MessageFormat::Human {
-        reporters.push(Box::new(super::reporter::Human::new()));
+    let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
+    let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
+    if let Some(h) = &human {
+        reporters.push(h);
     }
-    let json_reporter = JsonFan(json_sinks);
-    let fanout = super::reporter::Fanout(reporters);
-    let both = Both(&fanout, &json_reporter);
+    let fanout = Fanout(reporters);
     let opts = RunOptions {
         retry: RetryPolicy::default(),
         keep,
         slots: Some(SlotPool::from_env(state.path(), max_vms)?),
-        reporter: &both,
+        reporter: &fanout,
         failure_logs: args.failure_logs.clone(),
         kernel_reports: match eff.kernel_warnings.value {
             KernelWarnings::Fail => KernelReports::Fail,
@@ -144,25 +145,6 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     Ok(outcome.status.shell_code())
 }
 
-struct JsonFan<'a>(&'a [JsonEvents]);
-
-impl Reporter for JsonFan<'_> {
-    fn event(&self, event: &vmtest_core::runner::Event<'_>) {
-        for j in self.0 {
-            j.event(event);
-        }
-    }
-}
-
-struct Both<'a>(&'a dyn Reporter, &'a dyn Reporter);
-
-impl Reporter for Both<'_> {
-    fn event(&self, event: &vmtest_core::runner::Event<'_>) {
-        self.0.event(event);
-        self.1.event(event);
-    }
-}
-
 pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
     if eff.cpus.value == 0 {
         return blame(Err(Error::usage("cpus must be at least 1")), &eff.cpus.source);
@@ -177,7 +159,8 @@ pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
         None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
     };
     if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
-        spec.exec = via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.message())))?;
+        spec.exec =
+            via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.headline())))?;
     }
     Ok(spec)
 }

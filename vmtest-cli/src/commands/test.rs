@@ -1,58 +1,20 @@
-//! `vmtest test FILE...`: declarative multi-VM tests.
+//! `vmtest test FILE...`: declarative multi-VM tests, run by [`vmtest_core::suite`].
 //!
 //! Exit codes: 0 all passed; 1 a step failed; 64 a file is invalid (nothing booted);
 //! 69/71/75 the machines could not be run; 124 a test ran past its `timeout`; 130 interrupted.
 
-use super::backends::QemuOptions;
-use crate::cli::TestArgs;
+use crate::cli::{MessageFormat, RunSettings, TestArgs};
+use crate::config::{self, blame, Source};
+use crate::events::{self, JsonEvents};
 use crate::signals::Signals;
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use vmtest_core::junit;
-use vmtest_core::lock::{self, SlotPool};
-use vmtest_core::runner::{Event, Reporter};
+use serde_json::json;
+use std::time::Instant;
+use vmtest_core::cancel::{self, Cancel};
+use vmtest_core::events::{Fanout, JunitCollector, Reporter};
+use vmtest_core::registry::BackendSettings;
 use vmtest_core::state::StateDir;
-use vmtest_core::testfile::{self, TestFile};
-use vmtest_core::testrun::{self, RunConfig, Verdict};
-use vmtest_core::{sweep, Error, ErrorKind, Hypervisor, Result};
-
-/// Says when a test waits for VM slots; the rest is the test's own log.
-struct SlotNotices;
-
-impl Reporter for SlotNotices {
-    fn event(&self, event: &Event<'_>) {
-        if let Event::WaitingForSlots { needed, max, holders } = event {
-            let who: Vec<String> = holders.iter().map(|h| h.to_string()).collect();
-            eprintln!(
-                "vmtest: waiting for {needed} of {max} VM slot(s), held by: {}",
-                if who.is_empty() { "processes that are exiting".to_owned() } else { who.join("; ") }
-            );
-        }
-    }
-}
-
-/// An error as `vmtest test` lists it among others: the message, then its detail indented.
-fn problem_lines(e: &Error) -> Vec<String> {
-    let detail = e.detail().unwrap_or_default().lines().map(|l| format!("  {l}"));
-    std::iter::once(e.message().to_owned()).chain(detail).collect()
-}
-
-/// Print every problem, then the usage error that ends the command before anything boots.
-fn refuse(problems: &[String], summary: String) -> Error {
-    for p in problems {
-        eprintln!("{p}");
-    }
-    Error::usage(format!("{summary}; nothing was booted"))
-}
-
-/// The backend a file runs on: `--backend`, else the file's [test] `backend`, else
-/// `$VMTEST_BACKEND`, else qemu (the one with private networks).
-fn backend_name(flag: Option<&str>, file: &TestFile) -> String {
-    flag.map(str::to_owned)
-        .or_else(|| file.backend.clone())
-        .or_else(|| std::env::var("VMTEST_BACKEND").ok().filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| "qemu".to_owned())
-}
+use vmtest_core::suite::{self, BackendRequest, SuiteOptions};
+use vmtest_core::{sweep, Error, Result};
 
 /// `K/N` with 1 <= K <= N.
 pub fn parse_partition(s: &str) -> Result<(usize, usize)> {
@@ -66,26 +28,42 @@ pub fn parse_partition(s: &str) -> Result<(usize, usize)> {
 }
 
 pub async fn test(args: TestArgs) -> Result<i32> {
-    let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
-    let partition = args.partition.as_deref().map(parse_partition).transpose()?;
-    let accel = args.accel.parse()?;
+    let start = Instant::now();
+    let mut json_sinks: Vec<JsonEvents> = Vec::new();
+    if args.message_format == MessageFormat::Json {
+        json_sinks.push(JsonEvents::stderr(start));
+    }
+    if let Some(path) = &args.events_file {
+        json_sinks.push(JsonEvents::file(path, start)?);
+    }
+    for j in &json_sinks {
+        j.emit(
+            "test_started",
+            json!({
+                "schema_version": events::SCHEMA_VERSION,
+                "vmtest_version": env!("CARGO_PKG_VERSION"),
+                "files": args.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let result = test_inner(&args, &json_sinks).await;
+    for j in &json_sinks {
+        let (code, error) = match &result {
+            Ok(code) => (*code, None),
+            Err(e) => (crate::exit_codes::of(e), Some(events::error_json(e))),
+        };
+        j.emit("test_finished", json!({"exit_code": code, "error": error}));
+    }
+    result
+}
 
-    // Check every file before anything boots, and report every problem of every file.
-    let mut files: Vec<TestFile> = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
-    for path in &args.files {
-        match testfile::load(path) {
-            Ok(f) => files.push(f),
-            Err(e) => problems.extend(problem_lines(&e)),
-        }
-    }
-    if !problems.is_empty() {
-        let invalid = args.files.len() - files.len();
-        return Err(refuse(&problems, format!("{invalid} of {} test file(s) invalid", args.files.len())));
-    }
+async fn test_inner(args: &TestArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
+    let cancel = watch_signals()?;
+    let partition = args.partition.as_deref().map(parse_partition).transpose()?;
+    let mut files = suite::load(&args.files)?;
     if let Some((k, n)) = partition {
-        files = files.into_iter().enumerate().filter(|(i, _)| i % n == k - 1).map(|(_, f)| f).collect();
-        eprintln!("vmtest: partition {k}/{n}: {} test file(s)", files.len());
+        files = suite::partition(files, k, n);
+        crate::ui::line(&format!("vmtest: partition {k}/{n}: {} test file(s)", files.len()));
     }
     if args.check {
         for f in &files {
@@ -99,109 +77,75 @@ pub async fn test(args: TestArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    if let Some(f) = &args.filter {
-        if !files.iter().any(|t| t.subtests().iter().any(|s| s.contains(f.as_str()))) {
-            return Err(Error::usage(format!("--filter `{f}` matches no subtest of the given files")));
-        }
-    }
-
-    let qemu = QemuOptions { die_with_parent: !args.keep, ..QemuOptions::default() };
+    let opts = options(args)?;
+    let registry = super::backends::registry();
     let state = StateDir::from_env();
-    sweep::sweep_orphans(&state, &super::backends::refs(&super::backends::all(qemu.clone()))).await;
-    // Each file's backend, chosen (and its pre-flight passed) once per name, and every file
-    // checked against what its backend can do before anything boots.
-    let mut chosen: BTreeMap<String, Arc<dyn Hypervisor>> = BTreeMap::new();
-    let mut backends: Vec<Arc<dyn Hypervisor>> = Vec::new();
-    for file in &files {
-        let name = backend_name(args.backend.as_deref(), file);
-        let hv = match chosen.get(&name) {
-            Some(hv) => hv.clone(),
-            None => {
-                let hv: Arc<dyn Hypervisor> =
-                    Arc::from(super::backends::choose(&name, super::backends::all(qemu.clone())).await?);
-                chosen.insert(name, hv.clone());
-                hv
-            }
-        };
-        if let Err(e) = file.check_backend(testrun::backend_traits(hv.as_ref())) {
-            problems.extend(problem_lines(&e));
-        }
-        backends.push(hv);
-    }
-    if !problems.is_empty() {
-        return Err(refuse(&problems, "the test files ask for what their backend cannot do".into()));
-    }
-    let most_nodes = files.iter().map(|f| f.nodes.len()).max().unwrap_or(1);
-    let max_memory = files.iter().flat_map(|f| &f.nodes).map(|n| n.memory_mib).max().unwrap_or(512);
-    let max_vms = match args.max_vms {
-        Some(0) => return Err(Error::usage("--max-vms must be at least 1")),
-        Some(n) => n,
-        None => lock::default_max_vms(max_memory).max(most_nodes),
-    };
-    let log = |line: &str| eprintln!("vmtest: {line}");
-    let cfg = RunConfig {
-        filter: args.filter.clone(),
-        keep: args.keep,
-        slots: Some(SlotPool::from_env(state.path(), max_vms)?),
-        reporter: &SlotNotices,
-        accel,
-        log: &log,
-        keep_network: Some(&super::network_keeper::spawn),
-    };
+    sweep::sweep_orphans(&state, &registry.build(&opts.settings).refs()).await;
 
-    let mut suites = Vec::new();
-    let mut exit = 0;
-    let mut first_error: Option<Error> = None;
-    for (file, backend) in files.iter().zip(backends) {
-        let out = testrun::run_file(backend, &state, file, &cfg, signals.recv()).await;
-        let cases = out.suite.cases.len();
-        let secs = vmtest_core::spec::format_duration(out.suite.time);
-        match &out.verdict {
-            Verdict::Passed => eprintln!("vmtest: {}: PASSED ({cases} case(s), {secs})", file.name),
-            Verdict::Failed(_) => {
-                eprintln!("vmtest: {}: FAILED ({secs})", file.name);
-                exit = exit.max(1);
-            }
-            Verdict::Error(e) => {
-                eprintln!("vmtest: {}: ERROR: {} ({secs})", file.name, e.message());
-                if let Some(d) = e.detail() {
-                    for l in d.lines() {
-                        eprintln!("  {l}");
-                    }
-                }
-            }
-        }
-        if !out.kept.is_empty() {
-            eprintln!(
-                "vmtest: the machines of {} are kept running (their private network too, without faults):",
-                file.name
-            );
-            for name in &out.kept {
-                eprintln!("  vmtest exec {name} -- CMD    # run a command in it");
-                eprintln!("  vmtest console {name}        # serial console (Ctrl-] to leave)");
-                eprintln!("  vmtest destroy {name}        # tear it down");
-            }
-        }
-        suites.push(out.suite);
-        if let Verdict::Error(e) = out.verdict {
-            let stop = e.kind() == ErrorKind::Interrupted;
-            if first_error.is_none() {
-                first_error = Some(e);
-            }
-            if stop {
-                break;
-            }
-        }
+    let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
+    let junit = JunitCollector::default();
+    let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
+    if let Some(h) = &human {
+        reporters.push(h);
     }
+    if args.junit.is_some() {
+        reporters.push(&junit);
+    }
+    let outcome = suite::run(&registry, &state, &files, opts, &Fanout(reporters), &cancel).await?;
     if let Some(path) = &args.junit {
-        std::fs::write(path, junit::render(&suites))
+        std::fs::write(path, junit.render())
             .map_err(|e| Error::usage(format!("cannot write JUnit report {}: {e}", path.display())))?;
     }
-    if let Some(e) = first_error {
-        // The test's own failures were printed as they happened; this one says why it stopped.
-        return Err(Error::new(e.kind(), format!("test run stopped: {}", e.message())));
+    match outcome.error {
+        Some(e) => Err(e),
+        None => Ok(if outcome.failed() { crate::exit_codes::TEST_FAILED } else { 0 }),
     }
-    Ok(exit)
+}
+
+/// The suite's options: flags over `vmtest.toml` (and its target) over the environment
+/// over defaults, as `vmtest run` resolves them.
+fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
+    let cwd = std::env::current_dir().map_err(|e| {
+        Error::usage(format!("cannot read the current directory: {e}; cd to an existing directory"))
+    })?;
+    let flags = RunSettings {
+        config: args.config.clone(),
+        target: args.target.clone(),
+        backend: args.backend.clone(),
+        accel: args.accel.clone(),
+        max_vms: args.max_vms,
+        ..RunSettings::default()
+    };
+    let eff = config::resolve(&flags, &Default::default(), &config::process_env, &cwd)?;
+    // A flag names the backend of every file; otherwise a file's own `backend` wins over
+    // the config's and the environment's, and files that name none use qemu (the backend
+    // with private networks) unless those say otherwise.
+    let backend = match &eff.backend.source {
+        Source::Flag(_) => {
+            BackendRequest { forced: Some(eff.backend.value.clone()), fallback: String::new() }
+        }
+        Source::Default => {
+            BackendRequest { forced: None, fallback: super::backends::FILE_DEFAULT.to_owned() }
+        }
+        _ => BackendRequest { forced: None, fallback: eff.backend.value.clone() },
+    };
+    Ok(SuiteOptions {
+        backend,
+        settings: BackendSettings { die_with_parent: !args.keep, ..BackendSettings::default() },
+        accel: blame(eff.accel.value.parse(), &eff.accel.source)?,
+        filter: args.filter.clone(),
+        keep: args.keep,
+        max_vms: eff.max_vms.value,
+        keep_network: Some(&super::network_keeper::spawn),
+    })
+}
+
+/// SIGINT, SIGTERM and SIGHUP cancel the suite (its machines are torn down).
+fn watch_signals() -> Result<Cancel> {
+    let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
+    let (handle, cancel) = cancel::cancellation();
+    tokio::spawn(async move { handle.cancel(signals.recv().await) });
+    Ok(cancel)
 }
 
 #[cfg(test)]

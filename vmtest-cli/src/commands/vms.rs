@@ -1,14 +1,16 @@
 //! `vmtest list | exec | console | destroy`: operations on VMs by name.
 
-use super::backends::QemuOptions;
 use crate::cli::ExecArgs;
 use std::io::Write;
+use vmtest_core::registry::{BackendSettings, Backends};
 use vmtest_core::state::{RunDir, StateDir, VmRecord};
 use vmtest_core::sweep::{self, Found, Reason};
-use vmtest_core::{Error, Hypervisor, Result};
+use vmtest_core::{Error, Result};
 
-fn backends() -> Vec<Box<dyn Hypervisor>> {
-    super::backends::all(QemuOptions { die_with_parent: false, ..QemuOptions::default() })
+/// Every backend, made so that nothing they touch dies with this process.
+fn backends() -> Backends {
+    super::backends::registry()
+        .build(&BackendSettings { die_with_parent: false, ..BackendSettings::default() })
 }
 
 fn find(state: &StateDir, name: &str) -> Result<(RunDir, VmRecord)> {
@@ -74,7 +76,7 @@ pub async fn exec(args: ExecArgs) -> Result<i32> {
     let state = StateDir::from_env();
     let (_, record) = find(&state, &args.name)?;
     let all = backends();
-    let vm = super::backends::named(&all, &record.backend)?.attach(&record).await?;
+    let vm = all.named(&record.backend)?.attach(&record).await?;
     let req = super::request::exec_request(&args.command_args, &args.command)?;
     let out = vm.exec(req).await?;
     Ok(out.status.shell_code())
@@ -85,7 +87,7 @@ pub async fn destroy(name: &str) -> Result<i32> {
     let (run, record) = find(&state, name)?;
     let all = backends();
     let found = Found { record, run: Some(run), reason: Reason::Kept };
-    sweep::destroy(&found, &super::backends::refs(&all)).await?;
+    sweep::destroy(&found, &all.refs()).await?;
     eprintln!("vmtest: destroyed {name}");
     Ok(0)
 }
@@ -94,7 +96,7 @@ pub async fn console(name: &str) -> Result<i32> {
     let state = StateDir::from_env();
     let (_, record) = find(&state, name)?;
     let all = backends();
-    let vm = super::backends::named(&all, &record.backend)?.attach(&record).await?;
+    let vm = all.named(&record.backend)?.attach(&record).await?;
     vm.prepare_interactive_console().await?;
     let mut con = vm.console()?;
     eprintln!("vmtest: connected to {name}'s serial console; Ctrl-] leaves");
