@@ -3,6 +3,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::path::PathBuf;
+use vmtest_core::config::Flags;
+use vmtest_core::runner::{KeepPolicy, KernelReports};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmtest", version, about = "Run commands and tests inside real virtual machines")]
@@ -116,6 +118,52 @@ pub enum KernelWarnings {
     Report,
     /// Do not watch the kernel's log.
     Ignore,
+}
+
+impl From<Keep> for KeepPolicy {
+    fn from(k: Keep) -> Self {
+        match k {
+            Keep::Never => KeepPolicy::Never,
+            Keep::OnFailure => KeepPolicy::OnFailure,
+            Keep::Always => KeepPolicy::Always,
+        }
+    }
+}
+
+impl From<KernelWarnings> for KernelReports {
+    fn from(k: KernelWarnings) -> Self {
+        match k {
+            KernelWarnings::Fail => KernelReports::Fail,
+            KernelWarnings::Report => KernelReports::Report,
+            KernelWarnings::Ignore => KernelReports::Ignore,
+        }
+    }
+}
+
+impl RunSettings {
+    /// These flags and the command's, as the library's top config layer.
+    pub fn flags(&self, cmd: &CommandArgs) -> Flags {
+        let lossy = |s: &OsString| s.to_string_lossy().into_owned();
+        Flags {
+            config: self.config.clone(),
+            target: self.target.clone(),
+            backend: self.backend.clone(),
+            kernel: self.kernel.clone(),
+            image: self.image.clone(),
+            accel: self.accel.clone(),
+            cpus: self.cpus,
+            memory: self.memory.clone(),
+            boot_timeout: self.boot_timeout.clone(),
+            timeout: cmd.timeout.clone(),
+            kernel_args: self.kernel_args.clone(),
+            keep: self.keep.map(Into::into),
+            kernel_warnings: self.kernel_warnings.map(Into::into),
+            max_vms: self.max_vms,
+            clear_env: cmd.clear_env,
+            unset_env: cmd.unset_env.iter().map(lossy).collect(),
+            env: cmd.env.iter().map(lossy).collect(),
+        }
+    }
 }
 
 /// How the guest command runs: shared by `run` and `exec`.

@@ -3,7 +3,6 @@
 
 mod cli;
 mod commands;
-mod config;
 mod events;
 mod exit_codes;
 mod logging;

@@ -28,3 +28,12 @@ impl Signals {
         }
     }
 }
+
+/// A cancellation that the first of these signals triggers, for the library's run loops.
+pub fn cancellation() -> vmtest_core::Result<vmtest_core::cancel::Cancel> {
+    let mut signals =
+        Signals::watch().map_err(|e| vmtest_core::Error::infra(format!("cannot watch signals: {e}")))?;
+    let (handle, cancel) = vmtest_core::cancel::cancellation();
+    tokio::spawn(async move { handle.cancel(signals.recv().await) });
+    Ok(cancel)
+}

@@ -8,6 +8,8 @@ pub mod protocol;
 #[cfg(feature = "host")]
 pub mod cancel;
 #[cfg(feature = "host")]
+pub mod config;
+#[cfg(feature = "host")]
 pub mod console;
 #[cfg(feature = "host")]
 pub mod environment;
@@ -28,6 +30,8 @@ pub mod lock;
 pub mod machine;
 #[cfg(feature = "host")]
 pub mod network;
+#[cfg(feature = "host")]
+pub mod plan;
 #[cfg(feature = "host")]
 pub mod random;
 #[cfg(feature = "host")]

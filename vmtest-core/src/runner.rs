@@ -15,8 +15,9 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// When a VM is left running after the run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// When a VM is left running after the run (`keep` in vmtest.toml: never, on-failure, always).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KeepPolicy {
     #[default]
     Never,
@@ -53,8 +54,10 @@ pub struct RunOutcome {
 /// Why a run was cancelled (a signal name, for the message).
 pub type CancelReason = &'static str;
 
-/// What a guest kernel bug report printed during the command does to the run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a guest kernel bug report printed during the command does to the run
+/// (`kernel-warnings` in vmtest.toml: fail, report, ignore).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum KernelReports {
     /// The run fails ([`crate::ErrorKind::KernelReport`]), whatever the command's status.
     Fail,

@@ -1,21 +1,21 @@
 //! `vmtest config`: the effective settings of `vmtest run` and where each came from.
 
 use crate::cli::ConfigArgs;
-use crate::config::{self, EnvRule, Source, Val};
 use serde_json::{json, Value};
+use vmtest_core::config::{self, EnvRule, Source, Val};
 use vmtest_core::{Error, Result};
 
 pub fn config(args: ConfigArgs) -> Result<i32> {
     let cwd = std::env::current_dir().map_err(|e| {
         Error::usage(format!("cannot read the current directory: {e}; cd to an existing directory"))
     })?;
-    let eff = config::resolve(&args.settings, &args.command_args, &config::process_env, &cwd)?;
+    let eff = config::resolve(&args.settings.flags(&args.command_args), &config::process_env, &cwd)?;
     // Values are checked as `vmtest run` would, so a bad one fails here too.
-    super::run::spec_from(&eff)?;
+    eff.vm_spec()?;
     if let Some(t) = &eff.timeout.value {
         config::blame(vmtest_core::spec::parse_duration(t), &eff.timeout.source)?;
     }
-    let keep = |k: crate::cli::Keep| serde_json::to_value(k).unwrap_or(Value::Null);
+    let keep = |k: vmtest_core::runner::KeepPolicy| serde_json::to_value(k).unwrap_or(Value::Null);
     let rows: Vec<(&str, Value, &Source)> = vec![
         ("backend", json!(eff.backend.value), &eff.backend.source),
         ("kernel", json!(eff.kernel.value), &eff.kernel.source),

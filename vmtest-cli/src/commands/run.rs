@@ -1,20 +1,17 @@
 //! `vmtest run`.
 
-use crate::cli::{Keep, KernelWarnings, MessageFormat, RunArgs};
-use crate::config::{self, blame, Effective};
+use crate::cli::{MessageFormat, RunArgs};
 use crate::events::{self, JsonEvents};
-use crate::signals::Signals;
 use crate::ui;
 use serde_json::json;
 use std::time::Instant;
+use vmtest_core::config;
 use vmtest_core::events::{Fanout, Reporter};
-use vmtest_core::lock::{self, SlotPool};
-use vmtest_core::registry::{BackendSettings, GdbStub};
-use vmtest_core::retry::RetryPolicy;
-use vmtest_core::runner::{self, KeepPolicy, KernelReports, RunOptions};
-use vmtest_core::spec::{self, BootSpec, VmSpec};
+use vmtest_core::plan::RunPlan;
+use vmtest_core::registry::GdbStub;
+use vmtest_core::spec::{self, BootSpec};
 use vmtest_core::state::StateDir;
-use vmtest_core::{sweep, Error, Result};
+use vmtest_core::{Error, Result};
 
 pub async fn run(args: RunArgs) -> Result<i32> {
     if in_vmtest_guest() {
@@ -44,11 +41,11 @@ pub async fn run(args: RunArgs) -> Result<i32> {
 }
 
 async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
-    let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
+    let cancel = crate::signals::cancellation()?;
     let cwd = std::env::current_dir().map_err(|e| {
         Error::usage(format!("cannot read the current directory: {e}; cd to an existing directory"))
     })?;
-    let eff = config::resolve(&args.settings, &args.command_args, &config::process_env, &cwd)?;
+    let eff = config::resolve(&args.settings.flags(&args.command_args), &config::process_env, &cwd)?;
     for j in json_sinks {
         j.emit(
             "run_started",
@@ -61,76 +58,29 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
             }),
         );
     }
-    let spec = spec_from(&eff)?;
-    let timeout = eff.timeout.value.as_deref().map(spec::parse_duration).transpose();
-    let timeout = blame(timeout, &eff.timeout.source)?;
-    let mut req =
-        super::request::exec_request_with(&args.command_args, &eff.env_rules(), timeout, &args.command)?;
-    if matches!(spec.boot, BootSpec::Image { .. }) && args.command_args.cwd.is_none() {
+    let mut plan = RunPlan::new(&eff)?;
+    let mut req = super::request::exec_request_with(
+        &args.command_args,
+        &eff.env_rules(),
+        eff.command_timeout()?,
+        &args.command,
+    )?;
+    if matches!(plan.vm.boot, BootSpec::Image { .. }) && args.command_args.cwd.is_none() {
         // An image has its own files, not the host's: the host's cwd means nothing there.
         req.cwd = None;
     }
-    let keep = match eff.keep.value {
-        Keep::Never => KeepPolicy::Never,
-        Keep::OnFailure => KeepPolicy::OnFailure,
-        Keep::Always => KeepPolicy::Always,
-    };
-    let settings = BackendSettings {
-        kernel_args: eff
-            .kernel_args
-            .value
-            .as_deref()
-            .map(|a| a.split_whitespace().map(str::to_owned).collect())
-            .unwrap_or_default(),
-        // A VM that may be kept must survive this process.
-        die_with_parent: keep == KeepPolicy::Never,
-        snapshots: !args.no_snapshot,
-        gdb: (args.gdb.is_some() || args.gdb_wait)
-            .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait }),
-        ..BackendSettings::default()
-    };
-    let state = StateDir::from_env();
-    let registry = super::backends::registry();
-    sweep::sweep_orphans(&state, &registry.build(&settings).refs()).await;
-    let backend = blame(registry.choose(&eff.backend.value, &settings).await, &eff.backend.source)?;
-    // Only a backend that boots kernels reads a kernel file; the others refuse kernels with
-    // their own message.
-    if backend.boots_kernels() {
-        if let Some(k) = &eff.kernel.value {
-            if !k.is_file() {
-                return Err(Error::usage(format!(
-                    "cannot read kernel {} (from {}): not a file; give the path of a bzImage or vmlinux, or \
-                     leave it out to use /boot or the cache (`vmtest kernel list` shows what vmtest finds)",
-                    k.display(),
-                    eff.kernel.source
-                )));
-            }
-        }
-    }
-    let max_vms = eff.max_vms.value.unwrap_or_else(|| lock::default_max_vms(spec.memory_mib));
-    if max_vms == 0 {
-        return Err(Error::usage(format!("max-vms (from {}) must be at least 1", eff.max_vms.source)));
-    }
+    plan.settings.snapshots = !args.no_snapshot;
+    plan.settings.gdb = (args.gdb.is_some() || args.gdb_wait)
+        .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait });
+    plan.failure_logs = args.failure_logs.clone();
 
     let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
     let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
     if let Some(h) = &human {
         reporters.push(h);
     }
-    let fanout = Fanout(reporters);
-    let opts = RunOptions {
-        retry: RetryPolicy::default(),
-        keep,
-        slots: Some(SlotPool::from_env(state.path(), max_vms)?),
-        reporter: &fanout,
-        failure_logs: args.failure_logs.clone(),
-        kernel_reports: match eff.kernel_warnings.value {
-            KernelWarnings::Fail => KernelReports::Fail,
-            KernelWarnings::Report => KernelReports::Report,
-            KernelWarnings::Ignore => KernelReports::Ignore,
-        },
-    };
-    let outcome = runner::run_command(backend.as_ref(), &state, spec, req, opts, signals.recv()).await;
+    let registry = super::backends::registry();
+    let outcome = plan.run(&registry, &StateDir::from_env(), req, &Fanout(reporters), &cancel).await;
     ui::set_status(None);
     let outcome = outcome?;
     if args.timings && args.message_format == MessageFormat::Human {
@@ -143,26 +93,6 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         ui::line(&format!("vmtest: timings: {}", parts.join(", ")));
     }
     Ok(outcome.status.shell_code())
-}
-
-pub fn spec_from(eff: &Effective) -> Result<VmSpec> {
-    if eff.cpus.value == 0 {
-        return blame(Err(Error::usage("cpus must be at least 1")), &eff.cpus.source);
-    }
-    let mut spec = VmSpec::new("", "vm");
-    spec.cpus = eff.cpus.value;
-    spec.memory_mib = blame(spec::parse_memory_mib(&eff.memory.value), &eff.memory.source)?;
-    spec.accel = blame(eff.accel.value.parse(), &eff.accel.source)?;
-    spec.boot_timeout = blame(spec::parse_duration(&eff.boot_timeout.value), &eff.boot_timeout.source)?;
-    spec.boot = match &eff.image.value {
-        Some(name) => BootSpec::Image { name: name.clone() },
-        None => BootSpec::Kernel { kernel: eff.kernel.value.clone() },
-    };
-    if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
-        spec.exec =
-            via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.headline())))?;
-    }
-    Ok(spec)
 }
 
 /// True inside a vmtest guest: the agent boots every guest with [`BOOT_MARKER`] on the

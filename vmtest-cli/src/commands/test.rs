@@ -3,13 +3,11 @@
 //! Exit codes: 0 all passed; 1 a step failed; 64 a file is invalid (nothing booted);
 //! 69/71/75 the machines could not be run; 124 a test ran past its `timeout`; 130 interrupted.
 
-use crate::cli::{MessageFormat, RunSettings, TestArgs};
-use crate::config::{self, blame, Source};
+use crate::cli::{MessageFormat, TestArgs};
 use crate::events::{self, JsonEvents};
-use crate::signals::Signals;
 use serde_json::json;
 use std::time::Instant;
-use vmtest_core::cancel::{self, Cancel};
+use vmtest_core::config::{self, blame, Source};
 use vmtest_core::events::{Fanout, JunitCollector, Reporter};
 use vmtest_core::registry::BackendSettings;
 use vmtest_core::state::StateDir;
@@ -58,7 +56,7 @@ pub async fn test(args: TestArgs) -> Result<i32> {
 }
 
 async fn test_inner(args: &TestArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
-    let cancel = watch_signals()?;
+    let cancel = crate::signals::cancellation()?;
     let partition = args.partition.as_deref().map(parse_partition).transpose()?;
     let mut files = suite::load(&args.files)?;
     if let Some((k, n)) = partition {
@@ -108,15 +106,15 @@ fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
     let cwd = std::env::current_dir().map_err(|e| {
         Error::usage(format!("cannot read the current directory: {e}; cd to an existing directory"))
     })?;
-    let flags = RunSettings {
+    let flags = config::Flags {
         config: args.config.clone(),
         target: args.target.clone(),
         backend: args.backend.clone(),
         accel: args.accel.clone(),
         max_vms: args.max_vms,
-        ..RunSettings::default()
+        ..config::Flags::default()
     };
-    let eff = config::resolve(&flags, &Default::default(), &config::process_env, &cwd)?;
+    let eff = config::resolve(&flags, &config::process_env, &cwd)?;
     // A flag names the backend of every file; otherwise a file's own `backend` wins over
     // the config's and the environment's, and files that name none use qemu (the backend
     // with private networks) unless those say otherwise.
@@ -138,14 +136,6 @@ fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
         max_vms: eff.max_vms.value,
         keep_network: Some(&super::network_keeper::spawn),
     })
-}
-
-/// SIGINT, SIGTERM and SIGHUP cancel the suite (its machines are torn down).
-fn watch_signals() -> Result<Cancel> {
-    let mut signals = Signals::watch().map_err(|e| Error::infra(format!("cannot watch signals: {e}")))?;
-    let (handle, cancel) = cancel::cancellation();
-    tokio::spawn(async move { handle.cancel(signals.recv().await) });
-    Ok(cancel)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The project config file, `vmtest.toml`, and how it combines with the environment and the
-//! command line into the effective settings of `vmtest run`.
+//! command line into the effective settings of a run: one resolve step that `vmtest run`,
+//! `vmtest test`, `vmtest config` and any program embedding vmtest share.
 //!
 //! Layers, lowest first: built-in defaults; the file's top-level keys; its `[target.NAME]`
 //! table (picked by `--target`, `$VMTEST_TARGET` or `default-target`); environment
@@ -7,14 +8,15 @@
 //! directory, as Cargo finds `Cargo.toml`, so it also applies when vmtest runs as a cargo
 //! runner (cwd = the package directory).
 
-use crate::cli::{CommandArgs, Keep, KernelWarnings, RunSettings};
+use crate::environment::EnvRules;
+use crate::error::{Error, Result};
+use crate::registry::BackendSettings;
+use crate::runner::{KeepPolicy, KernelReports};
+use crate::spec::{self, BootSpec, VmSpec};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use vmtest_core::environment::EnvRules;
-use vmtest_core::{Error, Result};
 
 pub const FILE_NAME: &str = "vmtest.toml";
 
@@ -52,9 +54,9 @@ macro_rules! settings {
             pub timeout: Option<String>,
             #[serde(alias = "kernel_args")]
             pub kernel_args: Option<String>,
-            pub keep: Option<Keep>,
+            pub keep: Option<KeepPolicy>,
             #[serde(alias = "kernel_warnings")]
-            pub kernel_warnings: Option<KernelWarnings>,
+            pub kernel_warnings: Option<KernelReports>,
             #[serde(alias = "max_vms")]
             pub max_vms: Option<usize>,
             pub env: Option<EnvTable>,
@@ -117,6 +119,37 @@ impl ConfigFile {
     }
 }
 
+/// The highest layer: what the command line (or an embedding program) sets. Each field
+/// overrides the same key of the config file; `None` leaves it alone. Provenance names the
+/// `vmtest` flag that sets it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Flags {
+    /// The config file (`none`: no config file). Default: `$VMTEST_CONFIG`, else the first
+    /// `vmtest.toml` walking up from the current directory.
+    pub config: Option<PathBuf>,
+    /// A `[target.NAME]` table of the config file.
+    pub target: Option<String>,
+    pub backend: Option<String>,
+    pub kernel: Option<PathBuf>,
+    pub image: Option<String>,
+    pub accel: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory: Option<String>,
+    pub boot_timeout: Option<String>,
+    /// The command's timeout.
+    pub timeout: Option<String>,
+    pub kernel_args: Option<String>,
+    pub keep: Option<KeepPolicy>,
+    pub kernel_warnings: Option<KernelReports>,
+    pub max_vms: Option<usize>,
+    /// Start the guest environment empty.
+    pub clear_env: bool,
+    /// Host variables not to pass.
+    pub unset_env: Vec<String>,
+    /// `NAME=VALUE` to set, or `NAME` to pass a host variable through.
+    pub env: Vec<String>,
+}
+
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -155,7 +188,7 @@ pub enum EnvRule {
     Set(String, String),
 }
 
-/// The effective settings of one `vmtest run`.
+/// The effective settings of one run: every value with where it came from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Effective {
     pub file: Option<PathBuf>,
@@ -169,14 +202,56 @@ pub struct Effective {
     pub boot_timeout: Val<String>,
     pub timeout: Val<Option<String>>,
     pub kernel_args: Val<Option<String>>,
-    pub keep: Val<Keep>,
-    pub kernel_warnings: Val<KernelWarnings>,
+    pub keep: Val<KeepPolicy>,
+    pub kernel_warnings: Val<KernelReports>,
     pub max_vms: Val<Option<usize>>,
     /// In the order they apply (config first, flags last, so flags win).
     pub env: Vec<(EnvRule, Source)>,
 }
 
 impl Effective {
+    /// The VM these settings describe (named "vm"; a run gives it its unique name).
+    /// `$VMTEST_EXEC` picks the exec transport of image guests.
+    pub fn vm_spec(&self) -> Result<VmSpec> {
+        if self.cpus.value == 0 {
+            return blame(Err(Error::usage("cpus must be at least 1")), &self.cpus.source);
+        }
+        let mut vm = VmSpec::new("", "vm");
+        vm.cpus = self.cpus.value;
+        vm.memory_mib = blame(spec::parse_memory_mib(&self.memory.value), &self.memory.source)?;
+        vm.accel = blame(self.accel.value.parse(), &self.accel.source)?;
+        vm.boot_timeout = blame(spec::parse_duration(&self.boot_timeout.value), &self.boot_timeout.source)?;
+        vm.boot = match &self.image.value {
+            Some(name) => BootSpec::Image { name: name.clone() },
+            None => BootSpec::Kernel { kernel: self.kernel.value.clone() },
+        };
+        if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
+            vm.exec =
+                via.parse().map_err(|e: Error| Error::usage(format!("$VMTEST_EXEC: {}", e.headline())))?;
+        }
+        Ok(vm)
+    }
+
+    /// The command's timeout, if one is set.
+    pub fn command_timeout(&self) -> Result<Option<std::time::Duration>> {
+        blame(self.timeout.value.as_deref().map(spec::parse_duration).transpose(), &self.timeout.source)
+    }
+
+    /// What the backends are made with: the kernel arguments, and whether VMs may outlive
+    /// this process (they may when they may be kept).
+    pub fn backend_settings(&self) -> BackendSettings {
+        BackendSettings {
+            kernel_args: self
+                .kernel_args
+                .value
+                .as_deref()
+                .map(|a| a.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            die_with_parent: self.keep.value == KeepPolicy::Never,
+            ..BackendSettings::default()
+        }
+    }
+
     /// The guest environment rules.
     pub fn env_rules(&self) -> EnvRules {
         let mut rules = EnvRules::default();
@@ -196,7 +271,7 @@ impl Effective {
 pub fn blame<T>(r: Result<T>, source: &Source) -> Result<T> {
     r.map_err(|e| match source {
         // Only a bad value is the setting's fault; a backend that cannot run keeps its kind.
-        s if *s != Source::Default && e.kind() == vmtest_core::ErrorKind::Usage => {
+        s if *s != Source::Default && e.kind() == crate::ErrorKind::Usage => {
             Error::usage(format!("{} (set by {s})", e.headline()))
         }
         _ => e,
@@ -233,12 +308,7 @@ pub fn locate(
 }
 
 /// Combine defaults, the config file, the environment and the flags.
-pub fn resolve(
-    flags: &RunSettings,
-    cmd: &CommandArgs,
-    env: &dyn Fn(&str) -> Option<String>,
-    cwd: &Path,
-) -> Result<Effective> {
+pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) -> Result<Effective> {
     let file = locate(flags.config.as_deref(), env, cwd)?;
     let parsed = match &file {
         Some(p) => {
@@ -359,13 +429,13 @@ pub fn resolve(
     let boot_timeout =
         pick!(boot_timeout, "120s".to_owned(), None, flags.boot_timeout.as_ref(), "--boot-timeout");
     let timeout: Val<Option<String>> =
-        pick!(timeout, None, None, cmd.timeout.as_ref().map(|t| Some(t.clone())), "--timeout");
+        pick!(timeout, None, None, flags.timeout.as_ref().map(|t| Some(t.clone())), "--timeout");
     let kernel_args: Val<Option<String>> =
         pick!(kernel_args, None, None, flags.kernel_args.as_ref().map(|t| Some(t.clone())), "--kernel-args");
-    let keep = pick!(keep, Keep::Never, None, flags.keep.as_ref(), "--keep");
+    let keep = pick!(keep, KeepPolicy::Never, None, flags.keep.as_ref(), "--keep");
     let kernel_warnings = pick!(
         kernel_warnings,
-        KernelWarnings::Report,
+        KernelReports::Report,
         None,
         flags.kernel_warnings.as_ref(),
         "--kernel-warnings"
@@ -389,17 +459,16 @@ pub fn resolve(
             rules.extend(e.set.iter().map(|(k, v)| (EnvRule::Set(k.clone(), v.clone()), src.clone())));
         }
     }
-    if cmd.clear_env {
+    if flags.clear_env {
         rules.push((EnvRule::Clear, Source::Flag("--clear-env")));
     }
-    for n in &cmd.unset_env {
-        rules.push((EnvRule::Unset(lossy(n)), Source::Flag("--unset-env")));
+    for n in &flags.unset_env {
+        rules.push((EnvRule::Unset(n.clone()), Source::Flag("--unset-env")));
     }
-    for e in &cmd.env {
-        let s = lossy(e);
+    for s in &flags.env {
         let rule = match s.split_once('=') {
             Some((k, v)) => EnvRule::Set(k.to_owned(), v.to_owned()),
-            None => EnvRule::Pass(s),
+            None => EnvRule::Pass(s.clone()),
         };
         rules.push((rule, Source::Flag("--env")));
     }
@@ -423,10 +492,6 @@ pub fn resolve(
     })
 }
 
-fn lossy(s: &OsString) -> String {
-    s.to_string_lossy().into_owned()
-}
-
 /// The real process environment.
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -435,6 +500,7 @@ pub fn process_env(name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join(FILE_NAME);
@@ -446,21 +512,10 @@ mod tests {
         None
     }
 
-    fn cmd() -> CommandArgs {
-        CommandArgs {
-            timeout: None,
-            env: vec![],
-            unset_env: vec![],
-            clear_env: false,
-            root: false,
-            cwd: None,
-        }
-    }
-
     #[test]
     fn defaults_without_a_file() {
         let dir = tempfile::tempdir().unwrap();
-        let e = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap();
+        let e = resolve(&Flags::default(), &no_env, dir.path()).unwrap();
         assert_eq!(e.file, None);
         assert_eq!(e.cpus, Val { value: 1, source: Source::Default });
         assert_eq!(e.memory.value, "512M");
@@ -488,11 +543,13 @@ env = { unset = ["SECRET"] }
         );
         let sub = dir.path().join("a/b");
         std::fs::create_dir_all(&sub).unwrap();
-        let flags =
-            RunSettings { target: Some("big".into()), memory: Some("2G".into()), ..Default::default() };
-        let mut c = cmd();
-        c.env.push("A=2".into());
-        let e = resolve(&flags, &c, &no_env, &sub).unwrap();
+        let flags = Flags {
+            target: Some("big".into()),
+            memory: Some("2G".into()),
+            env: vec!["A=2".into()],
+            ..Default::default()
+        };
+        let e = resolve(&flags, &no_env, &sub).unwrap();
         assert_eq!(e.file.as_deref(), Some(path.as_path()));
         assert_eq!(e.cpus, Val { value: 4, source: Source::Target("big".into(), path.clone()) });
         assert_eq!(e.memory, Val { value: "2G".into(), source: Source::Flag("--memory") });
@@ -514,11 +571,11 @@ env = { unset = ["SECRET"] }
             "VMTEST_MAX_VMS" => Some("2".to_owned()),
             _ => None,
         };
-        let e = resolve(&RunSettings::default(), &cmd(), &env, dir.path()).unwrap();
+        let e = resolve(&Flags::default(), &env, dir.path()).unwrap();
         assert_eq!(e.backend, Val { value: "qemu".into(), source: Source::Env("VMTEST_BACKEND") });
         assert_eq!(e.max_vms, Val { value: Some(2), source: Source::Env("VMTEST_MAX_VMS") });
-        let flags = RunSettings { max_vms: Some(1), ..Default::default() };
-        let e = resolve(&flags, &cmd(), &env, dir.path()).unwrap();
+        let flags = Flags { max_vms: Some(1), ..Default::default() };
+        let e = resolve(&flags, &env, dir.path()).unwrap();
         assert_eq!(e.max_vms, Val { value: Some(1), source: Source::Flag("--max-vms") });
     }
 
@@ -530,13 +587,13 @@ env = { unset = ["SECRET"] }
             dir.path(),
             "default_target = \"a\"\n[target.a]\ncpus = 3\nboot_timeout = \"9s\"\n[target.b]\ncpus = 5\n",
         );
-        let e = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap();
+        let e = resolve(&Flags::default(), &no_env, dir.path()).unwrap();
         assert_eq!(e.cpus.value, 3);
         assert_eq!(e.boot_timeout.value, "9s");
         let env = |n: &str| (n == "VMTEST_TARGET").then(|| "b".to_owned());
-        assert_eq!(resolve(&RunSettings::default(), &cmd(), &env, dir.path()).unwrap().cpus.value, 5);
-        let flags = RunSettings { target: Some("c".into()), ..Default::default() };
-        let err = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap_err();
+        assert_eq!(resolve(&Flags::default(), &env, dir.path()).unwrap().cpus.value, 5);
+        let flags = Flags { target: Some("c".into()), ..Default::default() };
+        let err = resolve(&flags, &no_env, dir.path()).unwrap_err();
         assert!(err.message().contains("no target `c` (from --target)"), "{}", err.message());
         assert!(err.message().ends_with("its targets: a, b"), "{}", err.message());
     }
@@ -555,10 +612,10 @@ env = { unset = ["SECRET"] }
     fn config_none_and_missing_config() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "cpus = 2\n");
-        let flags = RunSettings { config: Some("none".into()), ..Default::default() };
-        assert_eq!(resolve(&flags, &cmd(), &no_env, dir.path()).unwrap().cpus.value, 1);
-        let flags = RunSettings { config: Some("nope.toml".into()), ..Default::default() };
-        let err = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap_err();
+        let flags = Flags { config: Some("none".into()), ..Default::default() };
+        assert_eq!(resolve(&flags, &no_env, dir.path()).unwrap().cpus.value, 1);
+        let flags = Flags { config: Some("nope.toml".into()), ..Default::default() };
+        let err = resolve(&flags, &no_env, dir.path()).unwrap_err();
         assert!(err.message().contains("nope.toml (from --config) does not exist"), "{}", err.message());
     }
 
@@ -566,12 +623,12 @@ env = { unset = ["SECRET"] }
     fn kernel_flag_overrides_an_image_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "image = \"noble\"\n");
-        let flags = RunSettings { kernel: Some("/k".into()), ..Default::default() };
-        let e = resolve(&flags, &cmd(), &no_env, dir.path()).unwrap();
+        let flags = Flags { kernel: Some("/k".into()), ..Default::default() };
+        let e = resolve(&flags, &no_env, dir.path()).unwrap();
         assert_eq!(e.kernel.value, Some(PathBuf::from("/k")));
         assert_eq!(e.image.value, None);
         write(dir.path(), "image = \"noble\"\nkernel = \"/k\"\n");
-        let err = resolve(&RunSettings::default(), &cmd(), &no_env, dir.path()).unwrap_err();
+        let err = resolve(&Flags::default(), &no_env, dir.path()).unwrap_err();
         assert!(err.message().contains("both a kernel"), "{}", err.message());
     }
 }
