@@ -3,7 +3,7 @@
 use super::schema::{
     Action, BackendTraits, NetDef, NodeDef, Step, Target, TestFile, ACTIONS, NODE_KEYS, STEP_KEYS,
 };
-use super::spans::{Spanned, Val};
+use super::spans::{Entries, Entry, Located, Val};
 use crate::error::{Error, Result};
 use crate::spec::{parse_duration, parse_memory_mib};
 use std::collections::BTreeMap;
@@ -58,22 +58,17 @@ impl TestFile {
 }
 
 /// Collects problems with their lines.
-struct Check<'a> {
-    text: &'a str,
+#[derive(Default)]
+struct Check {
     problems: Vec<(usize, String)>,
 }
 
-impl Check<'_> {
-    fn line(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+impl Check {
+    fn at<T>(&mut self, s: &Located<T>, msg: impl Into<String>) {
+        self.problems.push((s.line(), msg.into()));
     }
 
-    fn at<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
-        let line = self.line(s.span().start);
-        self.problems.push((line, msg.into()));
-    }
-
-    fn string(&mut self, v: &Spanned<Val>, key: &str) -> Option<String> {
+    fn string(&mut self, v: &Located<Val>, key: &str) -> Option<String> {
         match v.get_ref() {
             Val::Str(s) => Some(s.clone()),
             other => {
@@ -83,7 +78,7 @@ impl Check<'_> {
         }
     }
 
-    fn duration(&mut self, v: &Spanned<Val>, key: &str) -> Option<Duration> {
+    fn duration(&mut self, v: &Located<Val>, key: &str) -> Option<Duration> {
         match v.get_ref() {
             Val::Str(s) => match parse_duration(s) {
                 Ok(d) => Some(d),
@@ -100,7 +95,7 @@ impl Check<'_> {
         }
     }
 
-    fn int(&mut self, v: &Spanned<Val>, key: &str, min: i64, max: i64) -> Option<i64> {
+    fn int(&mut self, v: &Located<Val>, key: &str, min: i64, max: i64) -> Option<i64> {
         match v.get_ref() {
             Val::Int(n) if (min..=max).contains(n) => Some(*n),
             Val::Int(n) => {
@@ -114,7 +109,7 @@ impl Check<'_> {
         }
     }
 
-    fn table<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [(Spanned<String>, Spanned<Val>)]> {
+    fn table<'v>(&mut self, v: &'v Located<Val>, key: &str) -> Option<&'v [Entry]> {
         match v.get_ref() {
             Val::Table(t) => Some(t),
             other => {
@@ -124,7 +119,7 @@ impl Check<'_> {
         }
     }
 
-    fn array<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [Spanned<Val>]> {
+    fn array<'v>(&mut self, v: &'v Located<Val>, key: &str) -> Option<&'v [Located<Val>]> {
         match v.get_ref() {
             Val::Array(a) => Some(a),
             other => {
@@ -134,12 +129,12 @@ impl Check<'_> {
         }
     }
 
-    fn names(&mut self, v: &Spanned<Val>, key: &str) -> Option<Vec<Spanned<String>>> {
+    fn names(&mut self, v: &Located<Val>, key: &str) -> Option<Vec<Located<String>>> {
         let items = self.array(v, key)?;
         let mut out = Vec::new();
         for it in items {
             match it.get_ref() {
-                Val::Str(s) => out.push(Spanned::new(it.span(), s.clone())),
+                Val::Str(s) => out.push(Located::new(it.line(), s.clone())),
                 other => self.at(it, format!("`{key}` must list node names (strings), not {}", other.kind())),
             }
         }
@@ -166,8 +161,8 @@ fn valid_node_name(n: &str) -> bool {
         && !n.starts_with('-')
 }
 
-impl Check<'_> {
-    fn node(&mut self, table: &[(Spanned<String>, Spanned<Val>)], base: &Path, what: &str) -> NodeRaw {
+impl Check {
+    fn node(&mut self, table: &[Entry], base: &Path, what: &str) -> NodeRaw {
         let mut n = NodeRaw::default();
         for (k, v) in table {
             match k.get_ref().as_str() {
@@ -261,7 +256,7 @@ impl Check<'_> {
     /// `{ src = "...", dst = "..." }`; `src` is a host path (checked when `host_src`).
     fn copy_pair(
         &mut self,
-        v: &Spanned<Val>,
+        v: &Located<Val>,
         key: &str,
         base: &Path,
         host_src: bool,
@@ -300,20 +295,11 @@ impl Check<'_> {
 /// The values of `backend` in [test].
 const BACKENDS: &[&str] = &["qemu", "bhyve", "multipass", "auto"];
 
-/// Check `text` as the test file at `path`.
-pub(super) fn file(path: &Path, text: &str) -> Result<TestFile> {
-    let mut c = Check { text, problems: Vec::new() };
-    let root: Val = match toml::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let line = e.span().map(|s| c.line(s.start)).unwrap_or(1);
-            let msg = e.message().trim().replace('\n', "; ");
-            return Err(report(path, vec![(line, msg)]));
-        }
-    };
+/// Check `top`, the entries of the test file at `path`.
+pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
+    let mut c = Check::default();
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-    let Val::Table(top) = root else { unreachable!("a TOML document is a table") };
 
     let mut name =
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "test".into());
@@ -321,12 +307,12 @@ pub(super) fn file(path: &Path, text: &str) -> Result<TestFile> {
     let mut step_timeout = Duration::from_secs(120);
     let mut backend = None;
     let mut defaults = NodeRaw::default();
-    let mut nodes_raw: Vec<(Spanned<String>, NodeRaw)> = Vec::new();
+    let mut nodes_raw: Vec<(Located<String>, NodeRaw)> = Vec::new();
     let mut networks = BTreeMap::new();
-    let mut steps_raw: Vec<&Spanned<Val>> = Vec::new();
+    let mut steps_raw: Vec<&Located<Val>> = Vec::new();
     let mut nodes_seen = false;
 
-    for (k, v) in &top {
+    for (k, v) in top {
         match k.get_ref().as_str() {
             "test" => {
                 let Some(t) = c.table(v, "test") else { continue };
@@ -373,7 +359,7 @@ pub(super) fn file(path: &Path, text: &str) -> Result<TestFile> {
                         );
                     }
                     if let Some(prev) = nodes_raw.iter().find(|(n, _)| n.get_ref() == nk.get_ref()) {
-                        let l = c.line(prev.0.span().start);
+                        let l = prev.0.line();
                         c.at(nk, format!("duplicate node `{}` (first defined on line {l})", nk.get_ref()));
                     }
                     let what = format!("node `{}`", nk.get_ref());
@@ -389,7 +375,7 @@ pub(super) fn file(path: &Path, text: &str) -> Result<TestFile> {
                         c.at(nk, format!("network `{}` must be a number from 1 to 254", nk.get_ref()));
                         continue;
                     };
-                    let mut def = NetDef { line: c.line(nk.span().start), ..NetDef::default() };
+                    let mut def = NetDef { line: nk.line(), ..NetDef::default() };
                     let Some(t2) = c.table(nv, "network") else { continue };
                     for (k2, v2) in t2 {
                         match k2.get_ref().as_str() {
@@ -422,7 +408,7 @@ pub(super) fn file(path: &Path, text: &str) -> Result<TestFile> {
         .iter()
         .map(|(n, raw)| NodeDef {
             name: n.get_ref().clone(),
-            line: c.line(n.span().start),
+            line: n.line(),
             cpus: raw.cpus.or(defaults.cpus).unwrap_or(1),
             memory_mib: raw.memory_mib.or(defaults.memory_mib).unwrap_or(512),
             kernel: raw.kernel.clone().or_else(|| defaults.kernel.clone()),
@@ -487,8 +473,8 @@ pub(super) fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {
     }
 }
 
-impl Check<'_> {
-    fn percent(&mut self, v: &Spanned<Val>) -> Option<f64> {
+impl Check {
+    fn percent(&mut self, v: &Located<Val>) -> Option<f64> {
         let p = match v.get_ref() {
             Val::Int(n) => *n as f64,
             Val::Float(f) => *f,
@@ -504,7 +490,7 @@ impl Check<'_> {
         Some(p)
     }
 
-    fn known_node(&mut self, n: &Spanned<String>, nodes: &[String]) -> bool {
+    fn known_node(&mut self, n: &Located<String>, nodes: &[String]) -> bool {
         if nodes.iter().any(|k| k == n.get_ref()) {
             return true;
         }
@@ -512,29 +498,27 @@ impl Check<'_> {
         false
     }
 
-    fn step(&mut self, sv: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Step> {
-        let line = self.line(sv.span().start);
+    fn step(&mut self, sv: &Located<Val>, base: &Path, nodes: &[String]) -> Option<Step> {
+        let line = sv.line();
         let t = self.table(sv, "step")?;
-        let mut on: Option<(Spanned<()>, Target)> = None;
+        let mut on: Option<(Located<()>, Target)> = None;
         let mut on_given = false;
         let mut unknown_key = false;
         let mut subtest = None;
         let mut timeout = None;
-        let mut expect: Option<(Spanned<()>, regex::Regex)> = None;
+        let mut expect: Option<(Located<()>, regex::Regex)> = None;
         let mut link: Option<(String, String)> = None;
-        let mut actions: Vec<(Spanned<String>, Option<Action>)> = Vec::new();
-        let mut line_of_key = line;
+        let mut actions: Vec<(Located<String>, Option<Action>)> = Vec::new();
         for (k, v) in t {
-            line_of_key = line_of_key.max(self.line(k.span().start));
             let key = k.get_ref().as_str();
-            let here = Spanned::new(v.span(), ());
+            let here = Located::new(v.line(), ());
             match key {
                 "on" => {
                     on_given = true;
                     let target = match v.get_ref() {
                         Val::Str(s) if s == "*" => Some(Target::Nodes(nodes.to_vec())),
                         Val::Str(s) => {
-                            let n = Spanned::new(v.span(), s.clone());
+                            let n = Located::new(v.line(), s.clone());
                             self.known_node(&n, nodes).then(|| Target::Nodes(vec![s.clone()]))
                         }
                         Val::Array(_) => {
@@ -597,7 +581,7 @@ impl Check<'_> {
                 }
             }
         }
-        let line = line.max(actions.first().map(|(k, _)| self.line(k.span().start)).unwrap_or(line));
+        let line = line.max(actions.first().map(|(k, _)| k.line()).unwrap_or(line));
         match actions.len() {
             0 if unknown_key => return None,
             0 => {
@@ -648,7 +632,7 @@ impl Check<'_> {
         Some(Step { line, on: target, subtest, timeout, expect_stdout: expect.map(|(_, r)| r), action })
     }
 
-    fn action(&mut self, key: &str, v: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Action> {
+    fn action(&mut self, key: &str, v: &Located<Val>, base: &Path, nodes: &[String]) -> Option<Action> {
         let flag = |c: &mut Self, a: Action| match v.get_ref() {
             Val::Bool(true) => Some(a),
             _ => {

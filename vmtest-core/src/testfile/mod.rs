@@ -53,5 +53,6 @@ pub fn load(path: &Path) -> Result<TestFile> {
 /// Check `text` as the test file at `path` (relative paths in it are resolved against
 /// `path`'s directory).
 pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
-    check::file(path, text)
+    let top = spans::read(text).map_err(|(line, msg)| check::report(path, vec![(line, msg)]))?;
+    check::file(path, &top)
 }
