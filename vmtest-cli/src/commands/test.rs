@@ -74,7 +74,9 @@ pub async fn test(args: TestArgs) -> Result<i32> {
     let mut files: Vec<TestFile> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
     for path in &args.files {
-        match testfile::load(path) {
+        let checked = testfile::load(path)
+            .and_then(|f| f.check_backend_names(&["qemu", "bhyve", "multipass", "auto"]).map(|()| f));
+        match checked {
             Ok(f) => files.push(f),
             Err(e) => problems.extend(problem_lines(&e)),
         }

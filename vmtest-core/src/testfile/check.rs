@@ -11,6 +11,21 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 impl TestFile {
+    /// The file's `backend`, if it names none of `known` (the names the caller's backends
+    /// answer to), as `FILE:LINE: unknown backend ...`.
+    pub fn check_backend_names(&self, known: &[&str]) -> Result<()> {
+        match &self.backend {
+            Some(b) if !known.contains(&b.as_str()) => Err(report(
+                &self.path,
+                vec![(
+                    self.backend_line,
+                    format!("unknown backend `{b}`; expected one of {}", known.join(", ")),
+                )],
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Everything in the file that `backend` cannot do, each with its line, before anything
     /// boots. Nodes that merely keep the default network run without one where the backend
     /// has no private networks.
@@ -292,9 +307,6 @@ impl Check {
     }
 }
 
-/// The values of `backend` in [test].
-const BACKENDS: &[&str] = &["qemu", "bhyve", "multipass", "auto"];
-
 /// Check `top`, the entries of the test file at `path`.
 pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
     let mut c = Check::default();
@@ -306,6 +318,7 @@ pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
     let mut timeout = Duration::from_secs(600);
     let mut step_timeout = Duration::from_secs(120);
     let mut backend = None;
+    let mut backend_line = 0;
     let mut defaults = NodeRaw::default();
     let mut nodes_raw: Vec<(Located<String>, NodeRaw)> = Vec::new();
     let mut networks = BTreeMap::new();
@@ -326,12 +339,9 @@ pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
                         "timeout" => timeout = c.duration(v2, "timeout").unwrap_or(timeout),
                         "step_timeout" => step_timeout = c.duration(v2, "step_timeout").unwrap_or(step_timeout),
                         "backend" => {
+                            // Which names exist is the caller's registry: check_backend_names.
                             backend = c.string(v2, "backend");
-                            if let Some(b) = &backend {
-                                if !BACKENDS.contains(&b.as_str()) {
-                                    c.at(v2, format!("unknown backend `{b}`; expected one of {}", BACKENDS.join(", ")));
-                                }
-                            }
+                            backend_line = v2.line();
                         }
                         other => c.at(
                             k2,
@@ -453,7 +463,17 @@ pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
     if !c.problems.is_empty() {
         return Err(report(path, c.problems));
     }
-    Ok(TestFile { path: path.to_owned(), name, timeout, step_timeout, backend, nodes, networks, steps })
+    Ok(TestFile {
+        path: path.to_owned(),
+        name,
+        timeout,
+        step_timeout,
+        backend,
+        backend_line,
+        nodes,
+        networks,
+        steps,
+    })
 }
 
 pub(super) fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {

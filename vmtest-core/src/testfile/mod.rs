@@ -5,7 +5,7 @@
 //! name = "web"            # default: the file's stem
 //! timeout = "10m"         # the whole test
 //! step_timeout = "2m"     # default deadline of each step
-//! backend = "qemu"        # qemu | bhyve | multipass | auto; only qemu has private networks
+//! backend = "qemu"        # a name the caller knows (vmtest: qemu | bhyve | multipass | auto)
 //!
 //! [defaults]              # every node: cpus, memory, kernel | image (+ exec), networks, files, boot_timeout
 //! memory = "512M"

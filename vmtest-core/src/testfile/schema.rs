@@ -217,8 +217,11 @@ pub struct TestFile {
     pub name: String,
     pub timeout: Duration,
     pub step_timeout: Duration,
-    /// `backend` in [test]: qemu, bhyve, multipass or auto. `None`: the caller's choice.
+    /// `backend` in [test], the name of the backend that runs every node, not checked
+    /// against any list (see [`TestFile::check_backend_names`]). `None`: the caller's choice.
     pub backend: Option<String>,
+    /// Where `backend` is, for messages (0 when it is not set).
+    pub backend_line: usize,
     pub nodes: Vec<NodeDef>,
     pub networks: BTreeMap<u8, NetDef>,
     pub steps: Vec<Step>,

@@ -62,14 +62,24 @@ block = true
 }
 
 #[test]
-fn backend_is_one_per_test() {
+fn backend_is_one_per_test_and_its_name_is_checked_against_the_known_ones() {
     assert_eq!(
         problems("[test]\nbackend = \"vbox\"\n[nodes.a]\nbackend = \"qemu\"\n[[step]]\non = \"a\"\nsucceed = \"true\"\n"),
-        [
-            "2: unknown backend `vbox`; expected one of qemu, bhyve, multipass, auto",
-            "4: node `a`: `backend` is set for the whole test, in [test] (one backend runs every node)",
-        ]
+        ["4: node `a`: `backend` is set for the whole test, in [test] (one backend runs every node)"]
     );
+    // The core knows no backend by name: the caller says which exist.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("t.toml");
+    let file =
+        parse(&path, "[test]\nbackend = \"vbox\"\n[nodes.a]\n[[step]]\non = \"a\"\nsucceed = \"true\"\n")
+            .unwrap();
+    assert_eq!((file.backend.as_deref(), file.backend_line), (Some("vbox"), 2));
+    let e = file.check_backend_names(&["qemu", "bhyve", "multipass", "auto"]).unwrap_err();
+    assert_eq!(
+        e.message(),
+        format!("{}:2: unknown backend `vbox`; expected one of qemu, bhyve, multipass, auto", path.display())
+    );
+    file.check_backend_names(&["vbox"]).unwrap();
 }
 
 #[test]
