@@ -103,6 +103,7 @@ pub async fn run(
             return Err(Error::usage(format!("--filter `{f}` matches no subtest of the given files")));
         }
     }
+    check_backend_names(registry, files)?;
     let backends = choose_backends(registry, files, &opts).await?;
     let max_vms = max_vms(files, opts.max_vms)?;
     let cfg = RunConfig {
@@ -126,6 +127,20 @@ pub async fn run(
         }
     }
     Ok(outcome)
+}
+
+/// Every file names a backend this program has (or `auto`), with the line when it does not.
+pub fn check_backend_names(registry: &Registry, files: &[TestFile]) -> Result<()> {
+    let known = registry.choices();
+    let problems: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.check_backend_names(&known).err())
+        .flat_map(|e| problem_lines(&e))
+        .collect();
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(refusal("the test files name backends this vmtest does not have".into(), problems)),
+    }
 }
 
 /// Each file's backend, chosen (its preflight passed) once per name, and every file checked

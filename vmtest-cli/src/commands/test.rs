@@ -58,7 +58,9 @@ pub async fn test(args: TestArgs) -> Result<i32> {
 async fn test_inner(args: &TestArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let cancel = crate::signals::cancellation()?;
     let partition = args.partition.as_deref().map(parse_partition).transpose()?;
+    let registry = super::backends::registry();
     let mut files = suite::load(&args.files)?;
+    suite::check_backend_names(&registry, &files)?;
     if let Some((k, n)) = partition {
         files = suite::partition(files, k, n);
         crate::ui::line(&format!("vmtest: partition {k}/{n}: {} test file(s)", files.len()));
@@ -76,7 +78,6 @@ async fn test_inner(args: &TestArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         return Ok(0);
     }
     let opts = options(args)?;
-    let registry = super::backends::registry();
     let state = StateDir::from_env();
     sweep::sweep_orphans(&state, &registry.build(&opts.settings).refs()).await;
 

@@ -1,423 +1,31 @@
-//! Declarative multi-VM test files (TOML): nodes, networks and ordered steps.
-//!
-//! ```toml
-//! [test]
-//! name = "web"            # default: the file's stem
-//! timeout = "10m"         # the whole test
-//! step_timeout = "2m"     # default deadline of each step
-//! backend = "qemu"        # qemu | bhyve | multipass | auto; only qemu has private networks
-//!
-//! [defaults]              # every node: cpus, memory, kernel | image (+ exec), networks, files, boot_timeout
-//! memory = "512M"
-//!
-//! [nodes.server]
-//! files = [{ src = "index.html", dst = "/srv/www/index.html" }]   # src: relative to this file
-//! [nodes.client]
-//!
-//! [networks.1]            # optional: loss (percent) and delay on every link of network 1
-//! delay = "10ms"
-//!
-//! [[step]]                # one action each; `on` = a node, a list, or "*" (in parallel)
-//! on = "server"
-//! succeed = "cd /srv/www && setsid python3 -m http.server 80 >/dev/null 2>&1 &"
-//! [[step]]
-//! subtest = "fetch"       # consecutive steps with one subtest name form a JUnit case
-//! on = "client"
-//! wait_until_succeeds = "curl -fsS http://server/"
-//! expect_stdout = "hello" # a regex over the action's stdout
-//! timeout = "30s"
-//! ```
-//!
-//! The whole file is checked before anything boots, and every problem is reported as
-//! `FILE:LINE: message`.
+//! The checker: a parsed test file to its schema, or every problem with its line.
 
+use super::schema::{
+    Action, BackendTraits, NetDef, NodeDef, Step, Target, TestFile, ACTIONS, NODE_KEYS, STEP_KEYS,
+};
+use super::spans::{Entries, Entry, Located, Val};
 use crate::error::{Error, Result};
 use crate::spec::{parse_duration, parse_memory_mib};
-use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A value and the byte range it came from. Like `toml::Spanned`, but also accepts the
-/// implicit tables of dotted headers (`[nodes.a]` makes `nodes` without a span), which
-/// `toml::Spanned` refuses; those get an empty span at the start.
-#[derive(Clone, Debug)]
-struct Spanned<T> {
-    span: std::ops::Range<usize>,
-    value: T,
-}
-
-impl<T> Spanned<T> {
-    fn new(span: std::ops::Range<usize>, value: T) -> Self {
-        Spanned { span, value }
-    }
-    fn span(&self) -> std::ops::Range<usize> {
-        self.span.clone()
-    }
-    fn get_ref(&self) -> &T {
-        &self.value
-    }
-    fn into_inner(self) -> T {
-        self.value
-    }
-}
-
-const SPANNED: &str = "$__serde_spanned_private_Spanned";
-const SPAN_START: &str = "$__serde_spanned_private_start";
-const SPAN_END: &str = "$__serde_spanned_private_end";
-const SPAN_VALUE: &str = "$__serde_spanned_private_value";
-
-impl<'de> Deserialize<'de> for Spanned<Val> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Spanned<Val>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a TOML value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
-                let Some(first) = map.next_key::<String>()? else {
-                    return Ok(Spanned::new(0..0, Val::Table(Vec::new())));
-                };
-                if first != SPAN_START {
-                    // A table without a span: read it as one.
-                    let mut items = Vec::new();
-                    let v = map.next_value::<Spanned<Val>>()?;
-                    items.push((Spanned::new(v.span(), first), v));
-                    while let Some(k) = map.next_key::<String>()? {
-                        let v = map.next_value::<Spanned<Val>>()?;
-                        items.push((Spanned::new(v.span(), k), v));
-                    }
-                    let start = items.first().map(|(_, v)| v.span.start).unwrap_or(0);
-                    return Ok(Spanned::new(start..start, Val::Table(items)));
-                }
-                let start: usize = map.next_value()?;
-                let mut end = start;
-                let mut value = None;
-                while let Some(k) = map.next_key::<String>()? {
-                    if k == SPAN_END {
-                        end = map.next_value()?;
-                    } else if k == SPAN_VALUE {
-                        value = Some(map.next_value::<Val>()?);
-                    } else {
-                        let _ = map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                let value = value.ok_or_else(|| serde::de::Error::missing_field(SPAN_VALUE))?;
-                Ok(Spanned::new(start..end, value))
-            }
-        }
-        d.deserialize_struct(SPANNED, &[SPAN_START, SPAN_END, SPAN_VALUE], V)
-    }
-}
-
-/// A TOML value that remembers where each of its parts is.
-#[derive(Clone, Debug)]
-enum Val {
-    Str(String),
-    Int(i64),
-    Float(f64),
-    Bool(bool),
-    Array(Vec<Spanned<Val>>),
-    Table(Vec<(Spanned<String>, Spanned<Val>)>),
-}
-
-impl Val {
-    fn kind(&self) -> &'static str {
-        match self {
-            Val::Str(_) => "a string",
-            Val::Int(_) => "an integer",
-            Val::Float(_) => "a number",
-            Val::Bool(_) => "a boolean",
-            Val::Array(_) => "an array",
-            Val::Table(_) => "a table",
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Val {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Val, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Val;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a TOML value")
-            }
-            fn visit_bool<E>(self, v: bool) -> std::result::Result<Val, E> {
-                Ok(Val::Bool(v))
-            }
-            fn visit_i64<E>(self, v: i64) -> std::result::Result<Val, E> {
-                Ok(Val::Int(v))
-            }
-            fn visit_u64<E>(self, v: u64) -> std::result::Result<Val, E> {
-                Ok(Val::Int(v as i64))
-            }
-            fn visit_f64<E>(self, v: f64) -> std::result::Result<Val, E> {
-                Ok(Val::Float(v))
-            }
-            fn visit_str<E>(self, v: &str) -> std::result::Result<Val, E> {
-                Ok(Val::Str(v.to_owned()))
-            }
-            fn visit_string<E>(self, v: String) -> std::result::Result<Val, E> {
-                Ok(Val::Str(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Val, A::Error> {
-                let mut items = Vec::new();
-                while let Some(v) = seq.next_element::<Spanned<Val>>()? {
-                    items.push(v);
-                }
-                Ok(Val::Array(items))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Val, A::Error> {
-                let mut items = Vec::new();
-                // Keys carry no span of their own here (toml only spans borrowed keys): a key
-                // is placed where its value is, which is its line for `key = value` and the
-                // table's header for `[table]`.
-                while let Some(k) = map.next_key::<String>()? {
-                    let v = map.next_value::<Spanned<Val>>()?;
-                    items.push((Spanned::new(v.span(), k), v));
-                }
-                Ok(Val::Table(items))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// Where an action runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// A network-wide action (partition, heal, loss, delay, sleep).
-    None,
-    /// These nodes, in parallel when more than one.
-    Nodes(Vec<String>),
-}
-
-/// One action of a step.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Action {
-    Succeed(String),
-    Fail(String),
-    Execute(String),
-    WaitUntilSucceeds(String),
-    WaitUntilFails(String),
-    WaitForFile(String),
-    WaitForUnixSocket(String),
-    WaitForOpenPort(u16),
-    WaitForClosedPort(u16),
-    WaitForConsole(String),
-    WaitForUnit(String),
-    Systemctl(String),
-    CopyTo {
-        src: PathBuf,
-        dst: PathBuf,
-    },
-    CopyFrom {
-        src: PathBuf,
-        dst: PathBuf,
-    },
-    Block,
-    Unblock,
-    Start,
-    Shutdown,
-    Crash,
-    Reboot,
-    Partition(Vec<Vec<String>>),
-    Heal,
-    /// Percent of frames dropped, on one link or (None) every link.
-    Loss {
-        percent: f64,
-        link: Option<(String, String)>,
-    },
-    Delay {
-        delay: Duration,
-        link: Option<(String, String)>,
-    },
-    Sleep(Duration),
-}
-
-impl Action {
-    /// Partitions, heals, link faults and blocks act on the runner's private network.
-    pub fn needs_private_network(&self) -> bool {
-        matches!(
-            self,
-            Action::Partition(_)
-                | Action::Heal
-                | Action::Loss { .. }
-                | Action::Delay { .. }
-                | Action::Block
-                | Action::Unblock
-        )
-    }
-
-    /// `succeed "curl ..."`, for messages and JUnit.
-    pub fn describe(&self) -> String {
-        let link = |l: &Option<(String, String)>| match l {
-            Some((a, b)) => format!(" on {a}<->{b}"),
-            None => " on every link".into(),
-        };
-        match self {
-            Action::Succeed(c) => format!("succeed `{c}`"),
-            Action::Fail(c) => format!("fail `{c}`"),
-            Action::Execute(c) => format!("execute `{c}`"),
-            Action::WaitUntilSucceeds(c) => format!("wait_until_succeeds `{c}`"),
-            Action::WaitUntilFails(c) => format!("wait_until_fails `{c}`"),
-            Action::WaitForFile(p) => format!("wait_for_file {p}"),
-            Action::WaitForUnixSocket(p) => format!("wait_for_unix_socket {p}"),
-            Action::WaitForOpenPort(p) => format!("wait_for_open_port {p}"),
-            Action::WaitForClosedPort(p) => format!("wait_for_closed_port {p}"),
-            Action::WaitForConsole(r) => format!("wait_for_console `{r}`"),
-            Action::WaitForUnit(u) => format!("wait_for_unit {u}"),
-            Action::Systemctl(a) => format!("systemctl {a}"),
-            Action::CopyTo { src, dst } => format!("copy_to {} -> {}", src.display(), dst.display()),
-            Action::CopyFrom { src, dst } => format!("copy_from {} -> {}", src.display(), dst.display()),
-            Action::Block => "block".into(),
-            Action::Unblock => "unblock".into(),
-            Action::Start => "start".into(),
-            Action::Shutdown => "shutdown".into(),
-            Action::Crash => "crash".into(),
-            Action::Reboot => "reboot".into(),
-            Action::Partition(groups) => format!(
-                "partition {}",
-                groups.iter().map(|g| format!("[{}]", g.join(","))).collect::<Vec<_>>().join(" ")
-            ),
-            Action::Heal => "heal".into(),
-            Action::Loss { percent, link: l } => format!("loss {percent}%{}", link(l)),
-            Action::Delay { delay, link: l } => {
-                format!("delay {}{}", crate::spec::format_duration(*delay), link(l))
-            }
-            Action::Sleep(d) => format!("sleep {}", crate::spec::format_duration(*d)),
-        }
-    }
-
-    /// Whether the action runs on nodes (needs `on`).
-    fn on_nodes(&self) -> bool {
-        !matches!(
-            self,
-            Action::Partition(_)
-                | Action::Heal
-                | Action::Loss { .. }
-                | Action::Delay { .. }
-                | Action::Sleep(_)
-        )
-    }
-
-    /// Whether `expect_stdout` means something for it.
-    fn has_stdout(&self) -> bool {
-        matches!(
-            self,
-            Action::Succeed(_)
-                | Action::Fail(_)
-                | Action::Execute(_)
-                | Action::WaitUntilSucceeds(_)
-                | Action::WaitUntilFails(_)
-                | Action::Systemctl(_)
-                | Action::WaitForConsole(_)
-        )
-    }
-}
-
-/// The action keys a step may hold (exactly one of them).
-pub const ACTIONS: &[&str] = &[
-    "succeed",
-    "fail",
-    "execute",
-    "wait_until_succeeds",
-    "wait_until_fails",
-    "wait_for_file",
-    "wait_for_unix_socket",
-    "wait_for_open_port",
-    "wait_for_closed_port",
-    "wait_for_console",
-    "wait_for_unit",
-    "systemctl",
-    "copy_to",
-    "copy_from",
-    "block",
-    "unblock",
-    "start",
-    "shutdown",
-    "crash",
-    "reboot",
-    "partition",
-    "heal",
-    "loss",
-    "delay",
-    "sleep",
-];
-
-const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
-const NODE_KEYS: &[&str] =
-    &["cpus", "memory", "kernel", "image", "exec", "networks", "files", "boot_timeout"];
-
-/// The values of `backend` in [test].
-const BACKENDS: &[&str] = &["qemu", "bhyve", "multipass", "auto"];
-
-/// One step, checked.
-#[derive(Clone, Debug)]
-pub struct Step {
-    pub line: usize,
-    pub on: Target,
-    pub subtest: Option<String>,
-    pub timeout: Option<Duration>,
-    pub expect_stdout: Option<regex::Regex>,
-    pub action: Action,
-}
-
-/// One node, with the defaults applied.
-#[derive(Clone, Debug, PartialEq)]
-pub struct NodeDef {
-    pub name: String,
-    pub line: usize,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub kernel: Option<PathBuf>,
-    /// A built image (`vmtest image build`): image mode instead of kernel mode.
-    pub image: Option<String>,
-    /// How commands reach an image node: `agent` (default), `ssh` or `serial`.
-    pub exec: crate::spec::ExecVia,
-    pub networks: Vec<u8>,
-    /// `networks` was written (for the node or in [defaults]) rather than the default `[1]`.
-    pub networks_explicit: bool,
-    /// (host path, guest path); host paths resolved against the test file's directory.
-    pub files: Vec<(PathBuf, PathBuf)>,
-    pub boot_timeout: Duration,
-}
-
-/// Faults a network starts with.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct NetDef {
-    pub loss_percent: f64,
-    pub delay: Duration,
-    /// Where `[networks.N]` is, for messages.
-    pub line: usize,
-}
-
-/// A checked test file.
-#[derive(Clone, Debug)]
-pub struct TestFile {
-    pub path: PathBuf,
-    pub name: String,
-    pub timeout: Duration,
-    pub step_timeout: Duration,
-    /// `backend` in [test]: qemu, bhyve, multipass or auto. `None`: the caller's choice.
-    pub backend: Option<String>,
-    pub nodes: Vec<NodeDef>,
-    pub networks: BTreeMap<u8, NetDef>,
-    pub steps: Vec<Step>,
-}
-
-/// What the backend that runs a test can do, for [`TestFile::check_backend`].
-#[derive(Clone, Copy, Debug)]
-pub struct BackendTraits<'a> {
-    pub name: &'a str,
-    /// Private L2 networks between nodes, with partitions and link faults.
-    pub private_networks: bool,
-    /// Boots a given kernel file.
-    pub boots_kernels: bool,
-}
-
 impl TestFile {
+    /// The file's `backend`, if it names none of `known` (the names the caller's backends
+    /// answer to), as `FILE:LINE: unknown backend ...`.
+    pub fn check_backend_names(&self, known: &[&str]) -> Result<()> {
+        match &self.backend {
+            Some(b) if !known.contains(&b.as_str()) => Err(report(
+                &self.path,
+                vec![(
+                    self.backend_line,
+                    format!("unknown backend `{b}`; expected one of {}", known.join(", ")),
+                )],
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Everything in the file that `backend` cannot do, each with its line, before anything
     /// boots. Nodes that merely keep the default network run without one where the backend
     /// has no private networks.
@@ -462,38 +70,20 @@ impl TestFile {
             Err(report(&self.path, problems))
         }
     }
-
-    /// The subtests, in order of first appearance.
-    pub fn subtests(&self) -> Vec<String> {
-        let mut v: Vec<String> = Vec::new();
-        for s in &self.steps {
-            if let Some(n) = &s.subtest {
-                if !v.contains(n) {
-                    v.push(n.clone());
-                }
-            }
-        }
-        v
-    }
 }
 
 /// Collects problems with their lines.
-struct Check<'a> {
-    text: &'a str,
+#[derive(Default)]
+struct Check {
     problems: Vec<(usize, String)>,
 }
 
-impl Check<'_> {
-    fn line(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+impl Check {
+    fn at<T>(&mut self, s: &Located<T>, msg: impl Into<String>) {
+        self.problems.push((s.line(), msg.into()));
     }
 
-    fn at<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
-        let line = self.line(s.span().start);
-        self.problems.push((line, msg.into()));
-    }
-
-    fn string(&mut self, v: &Spanned<Val>, key: &str) -> Option<String> {
+    fn string(&mut self, v: &Located<Val>, key: &str) -> Option<String> {
         match v.get_ref() {
             Val::Str(s) => Some(s.clone()),
             other => {
@@ -503,7 +93,7 @@ impl Check<'_> {
         }
     }
 
-    fn duration(&mut self, v: &Spanned<Val>, key: &str) -> Option<Duration> {
+    fn duration(&mut self, v: &Located<Val>, key: &str) -> Option<Duration> {
         match v.get_ref() {
             Val::Str(s) => match parse_duration(s) {
                 Ok(d) => Some(d),
@@ -520,7 +110,7 @@ impl Check<'_> {
         }
     }
 
-    fn int(&mut self, v: &Spanned<Val>, key: &str, min: i64, max: i64) -> Option<i64> {
+    fn int(&mut self, v: &Located<Val>, key: &str, min: i64, max: i64) -> Option<i64> {
         match v.get_ref() {
             Val::Int(n) if (min..=max).contains(n) => Some(*n),
             Val::Int(n) => {
@@ -534,7 +124,7 @@ impl Check<'_> {
         }
     }
 
-    fn table<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [(Spanned<String>, Spanned<Val>)]> {
+    fn table<'v>(&mut self, v: &'v Located<Val>, key: &str) -> Option<&'v [Entry]> {
         match v.get_ref() {
             Val::Table(t) => Some(t),
             other => {
@@ -544,7 +134,7 @@ impl Check<'_> {
         }
     }
 
-    fn array<'v>(&mut self, v: &'v Spanned<Val>, key: &str) -> Option<&'v [Spanned<Val>]> {
+    fn array<'v>(&mut self, v: &'v Located<Val>, key: &str) -> Option<&'v [Located<Val>]> {
         match v.get_ref() {
             Val::Array(a) => Some(a),
             other => {
@@ -554,12 +144,12 @@ impl Check<'_> {
         }
     }
 
-    fn names(&mut self, v: &Spanned<Val>, key: &str) -> Option<Vec<Spanned<String>>> {
+    fn names(&mut self, v: &Located<Val>, key: &str) -> Option<Vec<Located<String>>> {
         let items = self.array(v, key)?;
         let mut out = Vec::new();
         for it in items {
             match it.get_ref() {
-                Val::Str(s) => out.push(Spanned::new(it.span(), s.clone())),
+                Val::Str(s) => out.push(Located::new(it.line(), s.clone())),
                 other => self.at(it, format!("`{key}` must list node names (strings), not {}", other.kind())),
             }
         }
@@ -586,8 +176,8 @@ fn valid_node_name(n: &str) -> bool {
         && !n.starts_with('-')
 }
 
-impl Check<'_> {
-    fn node(&mut self, table: &[(Spanned<String>, Spanned<Val>)], base: &Path, what: &str) -> NodeRaw {
+impl Check {
+    fn node(&mut self, table: &[Entry], base: &Path, what: &str) -> NodeRaw {
         let mut n = NodeRaw::default();
         for (k, v) in table {
             match k.get_ref().as_str() {
@@ -681,7 +271,7 @@ impl Check<'_> {
     /// `{ src = "...", dst = "..." }`; `src` is a host path (checked when `host_src`).
     fn copy_pair(
         &mut self,
-        v: &Spanned<Val>,
+        v: &Located<Val>,
         key: &str,
         base: &Path,
         host_src: bool,
@@ -717,42 +307,25 @@ impl Check<'_> {
     }
 }
 
-/// Read and check a test file. Every problem is reported, each as `FILE:LINE: message`,
-/// in one usage error.
-pub fn load(path: &Path) -> Result<TestFile> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::usage(format!("cannot read test file {}: {e}", path.display())))?;
-    parse(path, &text)
-}
-
-/// Check `text` as the test file at `path` (relative paths in it are resolved against
-/// `path`'s directory).
-pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
-    let mut c = Check { text, problems: Vec::new() };
-    let root: Val = match toml::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let line = e.span().map(|s| c.line(s.start)).unwrap_or(1);
-            let msg = e.message().trim().replace('\n', "; ");
-            return Err(report(path, vec![(line, msg)]));
-        }
-    };
+/// Check `top`, the entries of the test file at `path`.
+pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
+    let mut c = Check::default();
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
-    let Val::Table(top) = root else { unreachable!("a TOML document is a table") };
 
     let mut name =
         path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "test".into());
     let mut timeout = Duration::from_secs(600);
     let mut step_timeout = Duration::from_secs(120);
     let mut backend = None;
+    let mut backend_line = 0;
     let mut defaults = NodeRaw::default();
-    let mut nodes_raw: Vec<(Spanned<String>, NodeRaw)> = Vec::new();
+    let mut nodes_raw: Vec<(Located<String>, NodeRaw)> = Vec::new();
     let mut networks = BTreeMap::new();
-    let mut steps_raw: Vec<&Spanned<Val>> = Vec::new();
+    let mut steps_raw: Vec<&Located<Val>> = Vec::new();
     let mut nodes_seen = false;
 
-    for (k, v) in &top {
+    for (k, v) in top {
         match k.get_ref().as_str() {
             "test" => {
                 let Some(t) = c.table(v, "test") else { continue };
@@ -766,12 +339,9 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         "timeout" => timeout = c.duration(v2, "timeout").unwrap_or(timeout),
                         "step_timeout" => step_timeout = c.duration(v2, "step_timeout").unwrap_or(step_timeout),
                         "backend" => {
+                            // Which names exist is the caller's registry: check_backend_names.
                             backend = c.string(v2, "backend");
-                            if let Some(b) = &backend {
-                                if !BACKENDS.contains(&b.as_str()) {
-                                    c.at(v2, format!("unknown backend `{b}`; expected one of {}", BACKENDS.join(", ")));
-                                }
-                            }
+                            backend_line = v2.line();
                         }
                         other => c.at(
                             k2,
@@ -799,7 +369,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         );
                     }
                     if let Some(prev) = nodes_raw.iter().find(|(n, _)| n.get_ref() == nk.get_ref()) {
-                        let l = c.line(prev.0.span().start);
+                        let l = prev.0.line();
                         c.at(nk, format!("duplicate node `{}` (first defined on line {l})", nk.get_ref()));
                     }
                     let what = format!("node `{}`", nk.get_ref());
@@ -815,7 +385,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                         c.at(nk, format!("network `{}` must be a number from 1 to 254", nk.get_ref()));
                         continue;
                     };
-                    let mut def = NetDef { line: c.line(nk.span().start), ..NetDef::default() };
+                    let mut def = NetDef { line: nk.line(), ..NetDef::default() };
                     let Some(t2) = c.table(nv, "network") else { continue };
                     for (k2, v2) in t2 {
                         match k2.get_ref().as_str() {
@@ -848,7 +418,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         .iter()
         .map(|(n, raw)| NodeDef {
             name: n.get_ref().clone(),
-            line: c.line(n.span().start),
+            line: n.line(),
             cpus: raw.cpus.or(defaults.cpus).unwrap_or(1),
             memory_mib: raw.memory_mib.or(defaults.memory_mib).unwrap_or(512),
             kernel: raw.kernel.clone().or_else(|| defaults.kernel.clone()),
@@ -893,10 +463,20 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
     if !c.problems.is_empty() {
         return Err(report(path, c.problems));
     }
-    Ok(TestFile { path: path.to_owned(), name, timeout, step_timeout, backend, nodes, networks, steps })
+    Ok(TestFile {
+        path: path.to_owned(),
+        name,
+        timeout,
+        step_timeout,
+        backend,
+        backend_line,
+        nodes,
+        networks,
+        steps,
+    })
 }
 
-fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {
+pub(super) fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {
     problems.sort_by_key(|(l, _)| *l);
     let lines: Vec<String> = problems.iter().map(|(l, m)| format!("{}:{l}: {m}", path.display())).collect();
     let n = lines.len();
@@ -913,8 +493,8 @@ fn report(path: &Path, mut problems: Vec<(usize, String)>) -> Error {
     }
 }
 
-impl Check<'_> {
-    fn percent(&mut self, v: &Spanned<Val>) -> Option<f64> {
+impl Check {
+    fn percent(&mut self, v: &Located<Val>) -> Option<f64> {
         let p = match v.get_ref() {
             Val::Int(n) => *n as f64,
             Val::Float(f) => *f,
@@ -930,7 +510,7 @@ impl Check<'_> {
         Some(p)
     }
 
-    fn known_node(&mut self, n: &Spanned<String>, nodes: &[String]) -> bool {
+    fn known_node(&mut self, n: &Located<String>, nodes: &[String]) -> bool {
         if nodes.iter().any(|k| k == n.get_ref()) {
             return true;
         }
@@ -938,29 +518,27 @@ impl Check<'_> {
         false
     }
 
-    fn step(&mut self, sv: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Step> {
-        let line = self.line(sv.span().start);
+    fn step(&mut self, sv: &Located<Val>, base: &Path, nodes: &[String]) -> Option<Step> {
+        let line = sv.line();
         let t = self.table(sv, "step")?;
-        let mut on: Option<(Spanned<()>, Target)> = None;
+        let mut on: Option<(Located<()>, Target)> = None;
         let mut on_given = false;
         let mut unknown_key = false;
         let mut subtest = None;
         let mut timeout = None;
-        let mut expect: Option<(Spanned<()>, regex::Regex)> = None;
+        let mut expect: Option<(Located<()>, regex::Regex)> = None;
         let mut link: Option<(String, String)> = None;
-        let mut actions: Vec<(Spanned<String>, Option<Action>)> = Vec::new();
-        let mut line_of_key = line;
+        let mut actions: Vec<(Located<String>, Option<Action>)> = Vec::new();
         for (k, v) in t {
-            line_of_key = line_of_key.max(self.line(k.span().start));
             let key = k.get_ref().as_str();
-            let here = Spanned::new(v.span(), ());
+            let here = Located::new(v.line(), ());
             match key {
                 "on" => {
                     on_given = true;
                     let target = match v.get_ref() {
                         Val::Str(s) if s == "*" => Some(Target::Nodes(nodes.to_vec())),
                         Val::Str(s) => {
-                            let n = Spanned::new(v.span(), s.clone());
+                            let n = Located::new(v.line(), s.clone());
                             self.known_node(&n, nodes).then(|| Target::Nodes(vec![s.clone()]))
                         }
                         Val::Array(_) => {
@@ -1023,7 +601,7 @@ impl Check<'_> {
                 }
             }
         }
-        let line = line.max(actions.first().map(|(k, _)| self.line(k.span().start)).unwrap_or(line));
+        let line = line.max(actions.first().map(|(k, _)| k.line()).unwrap_or(line));
         match actions.len() {
             0 if unknown_key => return None,
             0 => {
@@ -1074,7 +652,7 @@ impl Check<'_> {
         Some(Step { line, on: target, subtest, timeout, expect_stdout: expect.map(|(_, r)| r), action })
     }
 
-    fn action(&mut self, key: &str, v: &Spanned<Val>, base: &Path, nodes: &[String]) -> Option<Action> {
+    fn action(&mut self, key: &str, v: &Located<Val>, base: &Path, nodes: &[String]) -> Option<Action> {
         let flag = |c: &mut Self, a: Action| match v.get_ref() {
             Val::Bool(true) => Some(a),
             _ => {
@@ -1167,216 +745,4 @@ fn similar(want: &str, got: &str) -> bool {
         prev = cur;
     }
     prev[b.len()] <= 2
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn problems(text: &str) -> Vec<String> {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("t.toml");
-        let e = parse(&path, text).unwrap_err();
-        let all = e.detail().map(str::to_owned).unwrap_or_else(|| e.message().to_owned());
-        let prefix = format!("{}:", path.display());
-        all.lines().map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned()).collect()
-    }
-
-    #[test]
-    fn a_backend_without_networks_or_kernels_refuses_what_needs_them_by_line() {
-        let tmp = tempfile::tempdir().unwrap();
-        let kernel = tmp.path().join("vmlinuz");
-        std::fs::write(&kernel, "k").unwrap();
-        let text = format!(
-            r#"[test]
-backend = "multipass"
-[nodes.a]
-[nodes.b]
-networks = [2]
-[nodes.c]
-kernel = "{}"
-[networks.2]
-loss = 5
-[[step]]
-on = "a"
-succeed = "true"
-[[step]]
-heal = true
-[[step]]
-on = "b"
-block = true
-"#,
-            kernel.display()
-        );
-        let path = tmp.path().join("t.toml");
-        let file = parse(&path, &text).unwrap();
-        assert_eq!(file.backend.as_deref(), Some("multipass"));
-        let none = BackendTraits { name: "multipass", private_networks: false, boots_kernels: false };
-        let e = file.check_backend(none).unwrap_err();
-        let prefix = format!("{}:", path.display());
-        let lines: Vec<String> =
-            e.detail().unwrap().lines().map(|l| l.strip_prefix(&prefix).unwrap_or(l).to_owned()).collect();
-        assert_eq!(
-            lines,
-            [
-                "4: node `b` joins network 2, but the multipass backend has no private networks; use the qemu \
-                 backend or `networks = []`",
-                "6: node `c`: the multipass backend boots images, not a `kernel`",
-                "8: [networks.2]: the multipass backend has no private networks",
-                "14: heal: the multipass backend has no private networks to fault",
-                "17: block: the multipass backend has no private networks to fault",
-            ]
-        );
-        // Node `a` keeps the default network: fine anywhere.
-        let qemu = BackendTraits { name: "qemu", private_networks: true, boots_kernels: true };
-        file.check_backend(qemu).unwrap();
-    }
-
-    #[test]
-    fn backend_is_one_per_test() {
-        assert_eq!(
-            problems("[test]\nbackend = \"vbox\"\n[nodes.a]\nbackend = \"qemu\"\n[[step]]\non = \"a\"\nsucceed = \"true\"\n"),
-            [
-                "2: unknown backend `vbox`; expected one of qemu, bhyve, multipass, auto",
-                "4: node `a`: `backend` is set for the whole test, in [test] (one backend runs every node)",
-            ]
-        );
-    }
-
-    #[test]
-    fn a_good_file_parses_with_defaults_and_overrides() {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("index.html"), "hi").unwrap();
-        let text = r#"
-[test]
-name = "web"
-step_timeout = "30s"
-
-[defaults]
-memory = "256M"
-
-[nodes.server]
-cpus = 2
-files = [{ src = "index.html", dst = "/srv/index.html" }]
-
-[nodes.client]
-memory = "1G"
-
-[networks.1]
-delay = "5ms"
-
-[[step]]
-on = "*"
-succeed = "true"
-
-[[step]]
-subtest = "fetch"
-on = ["client"]
-wait_until_succeeds = "curl http://server/"
-expect_stdout = "hi"
-timeout = "10s"
-
-[[step]]
-subtest = "fetch"
-partition = [["client"], ["server"]]
-
-[[step]]
-loss = 50
-link = ["client", "server"]
-"#;
-        let f = parse(&tmp.path().join("web.toml"), text).unwrap();
-        assert_eq!(f.name, "web");
-        assert_eq!(f.step_timeout, Duration::from_secs(30));
-        let server = f.nodes.iter().find(|n| n.name == "server").unwrap();
-        assert_eq!((server.cpus, server.memory_mib, server.networks.clone()), (2, 256, vec![1]));
-        assert_eq!(server.files, vec![(tmp.path().join("index.html"), PathBuf::from("/srv/index.html"))]);
-        let client = f.nodes.iter().find(|n| n.name == "client").unwrap();
-        assert_eq!(client.memory_mib, 1024);
-        assert_eq!(f.steps.len(), 4);
-        assert_eq!(f.steps[0].on, Target::Nodes(vec!["server".into(), "client".into()]));
-        assert_eq!(f.steps[1].line, 26, "a step is placed at its action");
-        assert_eq!(f.steps[1].timeout, Some(Duration::from_secs(10)));
-        assert_eq!(f.steps[2].action, Action::Partition(vec![vec!["client".into()], vec!["server".into()]]));
-        assert_eq!(f.steps[2].on, Target::None);
-        assert_eq!(
-            f.steps[3].action,
-            Action::Loss { percent: 50.0, link: Some(("client".into(), "server".into())) }
-        );
-        assert_eq!(f.subtests(), vec!["fetch".to_owned()]);
-        assert_eq!(f.networks[&1].delay, Duration::from_millis(5));
-    }
-
-    #[test]
-    fn every_problem_is_reported_with_its_line() {
-        let text = r#"[test]
-timeout = "ten minutes"
-
-[nodes.server]
-memory = "lots"
-
-[nodes.client]
-image = "images/debian.qcow2"
-files = [{ src = "missing.html", dst = "/x" }]
-
-[[step]]
-on = "sever"
-succeed = "true"
-
-[[step]]
-on = "client"
-suceed = "true"
-
-[[step]]
-on = "client"
-succeed = "a"
-fail = "b"
-
-[[step]]
-partition = [["client"], ["ghost"]]
-
-[[step]]
-on = "client"
-wait_until_succeeds = "x"
-timeout = "5 parsecs"
-"#;
-        let p = problems(text);
-        let expect = [
-            "2: `timeout`: bad duration `ten minutes`",
-            "5: `memory`: bad memory size `lots`",
-            "8: node `client`: `image` must name a built image",
-            "9: file `missing.html` does not exist",
-            "12: unknown node `sever` (nodes: server, client)",
-            "17: unknown action or key `suceed` in step; did you mean `succeed`?",
-            "21: step has 2 actions (succeed, fail); give one per step",
-            "25: unknown node `ghost`",
-            "30: `timeout`: bad duration `5 parsecs`",
-        ];
-        for (want, got) in expect.iter().zip(&p) {
-            assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {p:#?}");
-        }
-        assert_eq!(p.len(), expect.len(), "{p:#?}");
-    }
-
-    #[test]
-    fn toml_syntax_errors_and_duplicates_have_lines() {
-        let p = problems("[nodes.a]\n[nodes.a]\n");
-        assert!(p[0].starts_with("2:") && p[0].contains("duplicate"), "{p:?}");
-        let p = problems("[nodes.a]\ncpus = \n");
-        assert!(p[0].starts_with("2:"), "{p:?}");
-        let p = problems(
-            "[nodes.a]\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"y\"\non = \"a\"\nsucceed = \"true\"\n[[step]]\nsubtest = \"x\"\non = \"a\"\nsucceed = \"true\"\n",
-        );
-        assert!(
-            p[0].starts_with("13:") && p[0].contains("duplicate subtest `x` (already used on line"),
-            "{p:?}"
-        );
-    }
-
-    #[test]
-    fn network_actions_refuse_on_and_node_actions_need_it() {
-        let p = problems("[nodes.a]\n[[step]]\nheal = true\non = \"a\"\n[[step]]\nsucceed = \"x\"\n[[step]]\nblock = 1\non = \"a\"\n");
-        assert!(p.iter().any(|l| l.starts_with("4:") && l.contains("remove `on`")), "{p:?}");
-        assert!(p.iter().any(|l| l.starts_with("6:") && l.contains("add `on")), "{p:?}");
-        assert!(p.iter().any(|l| l.starts_with("8:") && l.contains("block = true")), "{p:?}");
-    }
 }
