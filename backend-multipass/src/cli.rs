@@ -154,7 +154,7 @@ impl Multipass {
 }
 
 /// Is `exe` the snap's client? `/snap/bin/multipass` is a symlink to `/usr/bin/snap`, which
-/// runs the (strictly confined) app its argv[0] names: resolving it ends at `snap`, not under
+/// runs the (strictly confined) app its `argv[0]` names: resolving it ends at `snap`, not under
 /// `/snap/` (snapd `wrappers/binaries.go`).
 pub fn is_snap(exe: &Path) -> bool {
     let resolved = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());

@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod modules;
 pub mod qemu_fetch;
 pub mod qmp;
+mod settings;
 pub mod snapshot;
 pub mod ssh;
 pub mod vm;

@@ -226,3 +226,85 @@ fn sigint_during_a_test_tears_everything_down() {
     assert_eq!(status.code(), Some(130), "{seen}{}", rest.join("\n"));
     vt.assert_clean();
 }
+
+/// The JSON lines of `text` (every line must be one), as values.
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| {
+            assert!(l.starts_with("{\"type\":\""), "not an event line: {l}");
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .collect()
+}
+
+#[test]
+fn test_events_in_json_name_files_steps_and_cases_and_match_the_events_file() {
+    let vt = Vmtest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("failing.toml");
+    std::fs::write(&file, FAILING).unwrap();
+    let events_file = dir.path().join("events.jsonl");
+    let out = vt
+        .cmd()
+        .arg("test")
+        .arg(&file)
+        .args(["--filter", "target", "--message-format", "json", "--events-file"])
+        .arg(&events_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let events = json_lines(&stderr(&out));
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "test_started",
+            "file_started",
+            "nodes_up",
+            "step_finished",
+            "step_finished",
+            "file_finished",
+            "test_finished"
+        ],
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(events[0]["schema_version"], 1);
+    assert_eq!(events[1]["file"], "failing");
+    assert_eq!(events[1]["nodes"], serde_json::json!(["alpha", "beta"]));
+    let (passed, failed) = (&events[3], &events[4]);
+    assert_eq!((passed["result"].as_str(), passed["case"].as_str()), (Some("passed"), Some("target-ping")));
+    assert!(passed["output"].as_str().unwrap().contains("alpha"), "{passed}");
+    assert_eq!((failed["result"].as_str(), failed["line"].as_u64()), (Some("failed"), Some(20)));
+    assert!(failed["error"]["detail"].as_str().unwrap().contains("visible-err"), "{failed}");
+    let finished = &events[5];
+    assert_eq!(finished["verdict"], "failed");
+    let statuses: Vec<&str> =
+        finished["cases"].as_array().unwrap().iter().map(|c| c["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["skipped", "passed", "failed", "skipped"]);
+    assert_eq!(events[6]["exit_code"], 1);
+    // The file holds the same events, in the same order.
+    let from_file = json_lines(&std::fs::read_to_string(&events_file).unwrap());
+    let file_types: Vec<&str> = from_file.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(file_types, types);
+    vt.assert_clean();
+}
+
+#[test]
+fn an_invalid_file_in_json_mode_ends_the_stream_with_the_usage_error() {
+    let vt = Vmtest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[test]\nname = \"bad\"\ntimeout = \"soon\"\n").unwrap();
+    let out = vt.cmd().arg("test").arg(&file).args(["--message-format", "json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    let events = json_lines(&stderr(&out));
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "test_finished");
+    assert_eq!(last["exit_code"], 64);
+    assert_eq!(last["error"]["kind"], "usage");
+    assert!(
+        last["error"]["detail"].as_str().unwrap().contains(":3: `timeout`: bad duration `soon`"),
+        "{last}"
+    );
+}

@@ -125,7 +125,7 @@ pub struct HostsEntry {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ExecStart {
     pub id: u64,
-    /// argv[0] is looked up in the `PATH` of `env` when it has no slash.
+    /// `argv[0]` is looked up in the `PATH` of `env` when it has no slash.
     pub argv: Vec<Vec<u8>>,
     /// The complete environment (`NAME=value`): nothing else is inherited.
     pub env: Vec<Vec<u8>>,

@@ -1,11 +1,7 @@
 //! The backends a program offers, filled in by that program (the core knows none by name),
-//! and choosing one by name or automatically.
-//!
-//! ```
-//! # use vmtest_core::registry::{BackendSettings, Registry};
-//! let registry = Registry::new(); // .register("qemu", |s| Box::new(QemuBackend::new(s.into())))...
-//! assert!(registry.names().is_empty());
-//! ```
+//! and choosing one by name or automatically. The `vmtest` binary registers QEMU, bhyve and
+//! Multipass in its OS's `auto` order; `examples/embed` registers QEMU alone:
+//! `Registry::new().register("qemu", |s| Box::new(QemuBackend::new(s.into())))`.
 
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
@@ -138,5 +134,68 @@ impl Backends {
             "no backend can run here ({}); run `vmtest doctor` for the fixes",
             reasons.join("; ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{Check, Preflight, Vm};
+    use crate::spec::VmSpec;
+    use crate::state::{RunDir, VmRecord};
+
+    /// A backend whose preflight passes or fails as told.
+    struct Fake(&'static str, bool);
+
+    #[async_trait::async_trait]
+    impl Hypervisor for Fake {
+        fn name(&self) -> &'static str {
+            self.0
+        }
+        async fn preflight(&self) -> Preflight {
+            let mut pf = Preflight::default();
+            pf.push(if self.1 {
+                Check::ok(self.0, "fine")
+            } else {
+                Check::fail(self.0, "absent", "install it")
+            });
+            pf
+        }
+        async fn launch(&self, _: &VmSpec, _: &RunDir) -> Result<Box<dyn Vm>> {
+            Err(Error::boot("a fake boots nothing"))
+        }
+        async fn destroy_record(&self, _: &VmRecord) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new().register("first", |_| Box::new(Fake("first", false))).register("second", |s| {
+            // The settings reach the factory.
+            Box::new(Fake("second", s.snapshots))
+        })
+    }
+
+    #[tokio::test]
+    async fn auto_takes_the_first_usable_in_registration_order() {
+        let r = registry();
+        assert_eq!(r.names(), ["first", "second"]);
+        assert_eq!(r.choose("auto", &BackendSettings::default()).await.unwrap().name(), "second");
+        let none = BackendSettings { snapshots: false, ..BackendSettings::default() };
+        let e = r.choose("auto", &none).await.err().unwrap();
+        assert_eq!(
+            e.message(),
+            "no backend can run here (first: absent; second: absent); run `vmtest doctor` for the fixes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_is_taken_as_is_and_an_unknown_one_lists_the_choices() {
+        let r = registry();
+        assert_eq!(r.choose("first", &BackendSettings::default()).await.unwrap().name(), "first");
+        let e = r.choose("vbox", &BackendSettings::default()).await.err().unwrap();
+        assert_eq!(e.message(), "unknown backend `vbox`; use one of first, second, auto");
+        assert_eq!(r.build(&BackendSettings::default()).named("second").unwrap().name(), "second");
+        assert!(r.build(&BackendSettings::default()).named("third").is_err());
     }
 }

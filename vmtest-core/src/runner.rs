@@ -46,6 +46,9 @@ impl Timings {
 #[derive(Debug)]
 pub struct RunOutcome {
     pub status: ExitStatus,
+    /// What the command printed, when its request captured output (empty when streamed).
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
     pub timings: Timings,
     /// The VM's name when it was kept running.
     pub kept: Option<String>,
@@ -254,7 +257,7 @@ where
     reporter.event(&Event::Finished { name: &spec.name, timings: &timings });
 
     let out = result?;
-    Ok(RunOutcome { status: out.status, timings, kept })
+    Ok(RunOutcome { status: out.status, stdout: out.stdout, stderr: out.stderr, timings, kept })
 }
 
 /// Collects what the guest kernel prints while a command runs, then finds its bug reports.

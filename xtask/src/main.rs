@@ -70,6 +70,8 @@ const RUNNER_VAR: &str = "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER";
 fn ci() -> Result<()> {
     step("cargo fmt --check", cargo().args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy", cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The library's public surface is documented, links and all.
+    step("cargo doc", cargo().env("RUSTDOCFLAGS", "-D warnings").args(["doc", "--no-deps", "--workspace"]))?;
     // A CI system whose runner image lacks Debian's Rust (GitHub's Ubuntu runners) runs the
     // cross-check as a job of its own, in a Debian container (see .github/workflows/ci.yml).
     if std::env::var_os("XTASK_CROSS_CHECK_ELSEWHERE").is_some_and(|v| v == "1") {
@@ -88,6 +90,12 @@ fn ci() -> Result<()> {
     step(
         "cargo test (unit, contract and real-VM tests)",
         cargo().args(["test", "--workspace", "--exclude", "in-vm-example", "--no-fail-fast"]),
+    )?;
+    // A program embedding the library: a command and a test file, on QEMU.
+    let example = root().join("examples/vm-tests/client-server.toml");
+    step(
+        "examples/embed through the library",
+        cargo().args(["run", "-q", "-p", "embed-example", "--"]).arg(example),
     )?;
     cargo_runner_proof(&vmtest)
 }

@@ -26,15 +26,7 @@ pub fn registry() -> Registry {
 /// The QEMU backend, with what the command asked.
 #[cfg(target_os = "linux")]
 fn qemu(s: &BackendSettings) -> Box<dyn Hypervisor> {
-    use backend_qemu::{Gdb, QemuBackend, QemuOptions};
-    Box::new(QemuBackend::new(QemuOptions {
-        die_with_parent: s.die_with_parent,
-        kernel_args: s.kernel_args.clone(),
-        snapshots: s.snapshots,
-        prove_kvm: s.prove_acceleration,
-        gdb: s.gdb.map(|g| Gdb { port: g.port, wait: g.wait }),
-        ..QemuOptions::default()
-    }))
+    Box::new(backend_qemu::QemuBackend::new(s.into()))
 }
 
 #[cfg(not(target_os = "linux"))]

@@ -194,7 +194,7 @@ pub struct NodeDef {
     /// How commands reach an image node: `agent` (default), `ssh` or `serial`.
     pub exec: crate::spec::ExecVia,
     pub networks: Vec<u8>,
-    /// `networks` was written (for the node or in [defaults]) rather than the default `[1]`.
+    /// `networks` was written (for the node or in `[defaults]`) rather than the default `[1]`.
     pub networks_explicit: bool,
     /// (host path, guest path); host paths resolved against the test file's directory.
     pub files: Vec<(PathBuf, PathBuf)>,
