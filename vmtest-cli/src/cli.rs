@@ -381,8 +381,14 @@ pub struct TestArgs {
     #[arg(long, value_name = "N")]
     pub max_vms: Option<usize>,
 
+    /// What a guest kernel bug report printed during a step does: fail the step (exit 1,
+    /// the case fails), report it (an event, and a line in the step's JUnit case), or
+    /// ignore. Default: vmtest.toml's `kernel-warnings`, else report.
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub kernel_warnings: Option<KernelWarnings>,
+
     /// The project config file, as for `vmtest run` ($VMTEST_CONFIG; `none` ignores it):
-    /// its backend, accel and max-vms apply to every file.
+    /// its backend, accel, max-vms and kernel-warnings apply to every file.
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
 

@@ -133,3 +133,48 @@ fn gdb_attaches_to_a_held_guest_and_the_command_still_runs() {
     assert_eq!(stdout, "ran after gdb\n");
     vt.assert_clean();
 }
+
+/// A test file whose first subtest makes the kernel print a WARNING report.
+fn warning_test_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("warns.toml");
+    let text = format!(
+        "[test]\nname = \"warns\"\n\n[nodes.a]\n\n[[step]]\nsubtest = \"warns\"\non = \"a\"\nsucceed = '''{}'''\n\n\
+         [[step]]\nsubtest = \"after\"\non = \"a\"\nsucceed = \"true\"\n",
+        write_warning()
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn a_test_file_reports_a_warning_in_its_junit_case_and_fails_on_it_when_asked() {
+    let vt = Vmtest::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = warning_test_file(dir.path());
+    let junit = dir.path().join("junit.xml");
+    let out = vt.cmd().arg("test").arg(&file).arg("--junit").arg(&junit).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("reported: WARNING in vmtest_probe"), "{}", stderr(&out));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("failures=\"0\""), "{xml}");
+    let warns = xml.split("<testcase name=\"after\"").next().unwrap();
+    assert!(warns.contains("kernel report on a: WARNING in vmtest_probe"), "{xml}");
+    assert!(warns.contains("do_one_initcall+0x5b/0x300"), "{xml}");
+
+    let out = vt
+        .cmd()
+        .arg("test")
+        .arg(&file)
+        .args(["--kernel-warnings", "fail", "--junit"])
+        .arg(&junit)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("tests=\"2\" failures=\"1\" errors=\"0\" skipped=\"1\""), "{xml}");
+    assert!(
+        xml.contains("the guest kernel reported 1 bug(s) during the step: WARNING in vmtest_probe"),
+        "{xml}"
+    );
+    vt.assert_clean();
+}

@@ -23,6 +23,8 @@ pub mod exec;
 pub mod hypervisor;
 #[cfg(feature = "host")]
 pub mod junit;
+#[cfg(feature = "host")]
+pub mod kernel_log;
 pub mod kernel_report;
 #[cfg(feature = "host")]
 pub mod lock;

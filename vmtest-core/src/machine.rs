@@ -12,6 +12,8 @@ use crate::console::Console;
 use crate::error::{Error, ErrorKind, Result};
 use crate::exec::{ExecOutput, ExecRequest};
 use crate::hypervisor::{Hypervisor, Vm};
+use crate::kernel_log::KernelLog;
+use crate::kernel_report::KernelReport;
 use crate::lock::{SlotPool, Slots};
 use crate::network::{Switch, SwitchBuilder};
 use crate::protocol::HostsEntry;
@@ -69,6 +71,9 @@ pub struct Machine {
     pub files: Vec<(PathBuf, PathBuf)>,
     /// Deadline of commands and waits that are not given one.
     pub default_timeout: Duration,
+    /// Watch the guest kernel's log for bug reports from each boot on.
+    pub watch_kernel_log: bool,
+    kernel_log: tokio::sync::Mutex<Option<KernelLog>>,
 }
 
 fn shown(out: &[u8]) -> String {
@@ -101,6 +106,8 @@ impl Machine {
             net,
             files: Vec::new(),
             default_timeout: DEFAULT_WAIT,
+            watch_kernel_log: true,
+            kernel_log: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -138,8 +145,20 @@ impl Machine {
             )));
         }
         *self.console.lock().await = started.console().ok();
+        if self.watch_kernel_log {
+            *self.kernel_log.lock().await = started.kernel_log().map(KernelLog::watch);
+        }
         *vm = Some(started);
         Ok(())
+    }
+
+    /// The guest kernel's bug reports printed since the last call (none when its log is not
+    /// watched, or the backend cannot show it).
+    pub async fn take_kernel_reports(&self) -> Vec<KernelReport> {
+        match &*self.kernel_log.lock().await {
+            Some(log) => log.take_reports().await,
+            None => Vec::new(),
+        }
     }
 
     fn context(&self, e: Error) -> Error {
@@ -460,12 +479,19 @@ pub struct NodeConfig {
     pub networks: Vec<u8>,
     /// Files copied in after boot: (host path, guest path).
     pub files: Vec<(PathBuf, PathBuf)>,
+    /// Watch the guest kernel's log for bug reports ([`Machine::take_kernel_reports`]).
+    pub watch_kernel_log: bool,
 }
 
 impl NodeConfig {
     /// A node with `vmtest run`'s defaults on network 1.
     pub fn new(name: &str) -> Self {
-        NodeConfig { spec: VmSpec::new("", name), networks: vec![1], files: Vec::new() }
+        NodeConfig {
+            spec: VmSpec::new("", name),
+            networks: vec![1],
+            files: Vec::new(),
+            watch_kernel_log: true,
+        }
     }
 }
 
@@ -583,6 +609,7 @@ impl Cluster {
                 }
                 let mut m = Machine::new(hv.clone(), n.spec, run.clone(), switch.clone());
                 m.files = n.files;
+                m.watch_kernel_log = n.watch_kernel_log;
                 m
             })
             .collect();

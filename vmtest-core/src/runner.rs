@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 pub use crate::events::{Event, Reporter, Silent};
 use crate::exec::ExecRequest;
 use crate::hypervisor::{Hypervisor, Vm};
-use crate::kernel_report::KernelReport;
+use crate::kernel_log::KernelLog;
 use crate::lock::{SlotPool, Slots};
 use crate::protocol::ExitStatus;
 use crate::retry::RetryPolicy;
@@ -184,23 +184,17 @@ where
     let argv = req.argv.clone();
     reporter.event(&Event::ExecStarted { name: vm.name(), argv: &argv });
     let command_started = Instant::now();
-    let mut kernel_log = match kernel_reports {
+    let kernel_log = match kernel_reports {
         KernelReports::Ignore => None,
-        _ => vm.kernel_log().map(KernelLogWatch::new),
-    };
-    let exec = async {
-        match kernel_log.as_mut() {
-            Some(watch) => watch.during(vm.exec(req)).await,
-            None => vm.exec(req).await,
-        }
+        _ => vm.kernel_log().map(KernelLog::watch),
     };
     let result = tokio::select! {
-        r = exec => r,
+        r = vm.exec(req) => r,
         reason = &mut cancel => Err(Error::interrupted(reason)),
     };
     timings.push("command", command_started.elapsed());
-    let reports = match kernel_log {
-        Some(watch) => watch.finish().await,
+    let reports = match &kernel_log {
+        Some(log) => log.take_reports().await,
         None => Vec::new(),
     };
     for report in &reports {
@@ -208,17 +202,7 @@ where
     }
     let result = match result {
         Ok(_) if kernel_reports == KernelReports::Fail && !reports.is_empty() => {
-            let titles: Vec<&str> = reports.iter().map(|r| r.title.as_str()).collect();
-            Err(Error::new(
-                crate::ErrorKind::KernelReport,
-                format!(
-                    "the guest kernel reported {} bug(s) during the command: {}; see the report(s) above \
-                     (--kernel-warnings report shows them without failing)",
-                    reports.len(),
-                    titles.join("; ")
-                ),
-            )
-            .with_detail(reports.iter().map(|r| r.text.as_str()).collect::<Vec<_>>().join("\n")))
+            Err(crate::kernel_log::failure(&reports, "the command"))
         }
         other => other,
     };
@@ -258,53 +242,6 @@ where
 
     let out = result?;
     Ok(RunOutcome { status: out.status, stdout: out.stdout, stderr: out.stderr, timings, kept })
-}
-
-/// Collects what the guest kernel prints while a command runs, then finds its bug reports.
-struct KernelLogWatch {
-    console: Box<dyn crate::console::Console>,
-    text: Vec<u8>,
-}
-
-impl KernelLogWatch {
-    /// At most this much of the log is kept (a noisy command cannot exhaust memory).
-    const MAX_BYTES: usize = 16 << 20;
-    /// After the command, how long the console may stay quiet before it is taken to have
-    /// printed everything the command caused (the kernel writes its console synchronously;
-    /// this only covers the host reading the socket).
-    const SETTLE: Duration = Duration::from_millis(30);
-
-    fn new(console: Box<dyn crate::console::Console>) -> Self {
-        KernelLogWatch { console, text: Vec::new() }
-    }
-
-    fn keep(&mut self, chunk: Vec<u8>) {
-        if self.text.len() < Self::MAX_BYTES {
-            self.text.extend_from_slice(&chunk[..chunk.len().min(Self::MAX_BYTES - self.text.len())]);
-        }
-    }
-
-    /// Run `fut`, reading the console meanwhile.
-    async fn during<F: Future>(&mut self, fut: F) -> F::Output {
-        tokio::pin!(fut);
-        loop {
-            tokio::select! {
-                out = &mut fut => return out,
-                chunk = self.console.read() => match chunk {
-                    Some(c) => self.keep(c),
-                    // The console closed (the VM went away): the command's result tells why.
-                    None => return fut.await,
-                },
-            }
-        }
-    }
-
-    async fn finish(mut self) -> Vec<KernelReport> {
-        while let Ok(Some(chunk)) = tokio::time::timeout(Self::SETTLE, self.console.read()).await {
-            self.keep(chunk);
-        }
-        crate::kernel_report::find(&String::from_utf8_lossy(&self.text))
-    }
 }
 
 async fn launch_with_retry(

@@ -8,6 +8,7 @@ use crate::hypervisor::Hypervisor;
 use crate::lock::{self, SlotPool};
 use crate::machine::NetworkKeeper;
 use crate::registry::{BackendSettings, Registry};
+use crate::runner::KernelReports;
 use crate::spec::AccelChoice;
 use crate::state::StateDir;
 use crate::testfile::{self, TestFile};
@@ -37,6 +38,8 @@ pub struct SuiteOptions<'a> {
     /// What every backend is made with.
     pub settings: BackendSettings,
     pub accel: AccelChoice,
+    /// What a guest kernel's bug report during a step does.
+    pub kernel_reports: KernelReports,
     /// Run only subtests whose name contains this (an error if none does).
     pub filter: Option<String>,
     /// On failure, leave the machines running.
@@ -112,6 +115,7 @@ pub async fn run(
         slots: Some(SlotPool::from_env(state.path(), max_vms)?),
         reporter,
         accel: opts.accel,
+        kernel_reports: opts.kernel_reports,
         keep_network: opts.keep_network,
     };
     let mut outcome = SuiteOutcome { files: Vec::new(), error: None };

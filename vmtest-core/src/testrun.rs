@@ -8,7 +8,7 @@ use crate::junit::{Case, CaseStatus, Suite};
 use crate::lock::SlotPool;
 use crate::machine::{join_all, output_detail, Cluster, Machine, NetworkKeeper, NodeConfig};
 use crate::network::LinkFault;
-use crate::runner::{CancelReason, Reporter};
+use crate::runner::{CancelReason, KernelReports, Reporter};
 use crate::spec::{AccelChoice, BootSpec, VmSpec};
 use crate::state::StateDir;
 use crate::testfile::{Action, BackendTraits, Step, Target, TestFile};
@@ -26,6 +26,9 @@ pub struct RunConfig<'a> {
     /// Receives the file's events (and its machines').
     pub reporter: &'a dyn Reporter,
     pub accel: AccelChoice,
+    /// What a guest kernel's bug report during a step does: fail the step, or be reported
+    /// (as an event and in the step's JUnit case).
+    pub kernel_reports: KernelReports,
     /// With `keep`: starts a process that serves a kept run's private network (given the
     /// run dir), so kept machines stay connected. See [`Cluster::keep`].
     pub keep_network: Option<&'a NetworkKeeper>,
@@ -100,7 +103,8 @@ where
             // Without private networks, nodes that kept the default network get none
             // (check_backend refused explicit ones).
             let networks = if private_networks { n.networks.clone() } else { Vec::new() };
-            NodeConfig { spec, networks, files: n.files.clone() }
+            let watch_kernel_log = cfg.kernel_reports != KernelReports::Ignore;
+            NodeConfig { spec, networks, files: n.files.clone(), watch_kernel_log }
         })
         .collect();
     let names: Vec<&str> = file.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -149,6 +153,7 @@ where
             reason = &mut cancel => Err(Verdict::Error(Error::interrupted(reason))),
             _ = tokio::time::sleep_until(deadline) => Err(Verdict::Error(global_timeout(file))),
         };
+        let result = kernel_reports(&cluster, cfg, result).await;
         let where_ = describe_step(file, step);
         let step_ref = StepRef { line: step.line, description: &where_, case: Cases::name_of(step) };
         match result {
@@ -201,6 +206,46 @@ where
     }
     let verdict = failure.unwrap_or(Verdict::Passed);
     cases.finish(file, started, verdict, kept).reported(cfg, file_ref)
+}
+
+/// The guest kernels' bug reports printed during `step`: each an event and a line in the
+/// step's JUnit case; with [`KernelReports::Fail`], a step that passed fails on them.
+async fn kernel_reports(
+    cluster: &Cluster,
+    cfg: &RunConfig<'_>,
+    result: std::result::Result<String, Verdict>,
+) -> std::result::Result<String, Verdict> {
+    if cfg.kernel_reports == KernelReports::Ignore {
+        return result;
+    }
+    let mut found = Vec::new();
+    for m in cluster.machines() {
+        for r in m.take_kernel_reports().await {
+            cfg.reporter.event(&Event::KernelReport { name: m.vm_name(), report: &r });
+            found.push((m.name().to_owned(), r));
+        }
+    }
+    if found.is_empty() {
+        return result;
+    }
+    let log: String =
+        found.iter().map(|(node, r)| format!("kernel report on {node}: {}\n{}\n", r.title, r.text)).collect();
+    match result {
+        Ok(_) if cfg.kernel_reports == KernelReports::Fail => {
+            let reports: Vec<_> = found.into_iter().map(|(_, r)| r).collect();
+            Err(Verdict::Failed(crate::kernel_log::failure(&reports, "the step")))
+        }
+        Ok(out) => Ok(format!("{out}{}{log}", if out.is_empty() || out.ends_with('\n') { "" } else { "\n" })),
+        Err(Verdict::Failed(e)) => Err(Verdict::Failed(with_log(e, &log))),
+        Err(Verdict::Error(e)) => Err(Verdict::Error(with_log(e, &log))),
+        Err(Verdict::Passed) => Err(Verdict::Passed),
+    }
+}
+
+/// `e` with `log` added to its detail.
+fn with_log(e: Error, log: &str) -> Error {
+    let detail = format!("{}\n{log}", e.detail().unwrap_or_default());
+    e.with_detail(detail)
 }
 
 /// What `hv` can do, as [`TestFile::check_backend`] asks it.

@@ -74,6 +74,7 @@ async fn embed(test_file: PathBuf) -> vmtest_core::Result<bool> {
         backend: BackendRequest { forced: Some("qemu".into()), fallback: "qemu".into() },
         settings: settings.backend_settings(),
         accel: settings.vm_spec()?.accel,
+        kernel_reports: settings.kernel_warnings.value,
         filter: None,
         keep: false,
         max_vms: settings.max_vms.value,

@@ -113,6 +113,7 @@ fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
         backend: args.backend.clone(),
         accel: args.accel.clone(),
         max_vms: args.max_vms,
+        kernel_warnings: args.kernel_warnings.map(Into::into),
         ..config::Flags::default()
     };
     let eff = config::resolve(&flags, &config::process_env, &cwd)?;
@@ -132,6 +133,7 @@ fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
         backend,
         settings: BackendSettings { die_with_parent: !args.keep, ..BackendSettings::default() },
         accel: blame(eff.accel.value.parse(), &eff.accel.source)?,
+        kernel_reports: eff.kernel_warnings.value,
         filter: args.filter.clone(),
         keep: args.keep,
         max_vms: eff.max_vms.value,
