@@ -215,9 +215,11 @@ pub struct RunSettings {
     pub backend: Option<String>,
 
     /// Guest kernel image (bzImage or vmlinux). Default: $VMTEST_KERNEL, the newest readable
-    /// /boot/vmlinuz-*, or the cache (fetched on first use).
+    /// /boot/vmlinuz-*, or the cache (fetched on first use). Repeat it for a kernel matrix:
+    /// the command runs once per kernel, at once within --max-vms, each run's output
+    /// labelled, then a summary; the exit code is the first failing kernel's.
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
-    pub kernel: Option<PathBuf>,
+    pub kernel: Vec<PathBuf>,
 
     /// Boot this image of the backend's image store instead of a kernel (qemu: built by
     /// `vmtest image build`; commands go through $VMTEST_EXEC=agent|ssh|serial).

@@ -3,7 +3,7 @@
 use crate::ui;
 use serde_json::{json, Map, Value};
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use vmtest_core::events::{Event, FileRef, Reporter, StepResult};
 use vmtest_core::junit::CaseStatus;
@@ -26,18 +26,20 @@ pub fn stream_finished() -> bool {
 enum Dest {
     /// Whole lines on stderr, through the shared terminal lock.
     Stderr,
-    File(Mutex<std::fs::File>),
+    File(Arc<Mutex<std::fs::File>>),
 }
 
 /// Writes events as JSON lines.
 pub struct JsonEvents {
     dest: Dest,
     start: Instant,
+    /// Fields every event of this emitter carries (e.g. the `kernel` of a matrix run).
+    extra: Map<String, Value>,
 }
 
 impl JsonEvents {
     pub fn stderr(start: Instant) -> Self {
-        JsonEvents { dest: Dest::Stderr, start }
+        JsonEvents { dest: Dest::Stderr, start, extra: Map::new() }
     }
 
     pub fn file(path: &std::path::Path, start: Instant) -> vmtest_core::Result<Self> {
@@ -49,7 +51,18 @@ impl JsonEvents {
                 path.display()
             ))
         })?;
-        Ok(JsonEvents { dest: Dest::File(Mutex::new(f)), start })
+        Ok(JsonEvents { dest: Dest::File(Arc::new(Mutex::new(f))), start, extra: Map::new() })
+    }
+
+    /// The same stream, with `key: value` added to every event.
+    pub fn with_field(&self, key: &str, value: Value) -> JsonEvents {
+        let dest = match &self.dest {
+            Dest::Stderr => Dest::Stderr,
+            Dest::File(f) => Dest::File(f.clone()),
+        };
+        let mut extra = self.extra.clone();
+        extra.insert(key.to_owned(), value);
+        JsonEvents { dest, start: self.start, extra }
     }
 
     /// Emit one event of `kind` with these extra fields.
@@ -66,11 +79,12 @@ impl JsonEvents {
             let v = &head[k];
             line.push_str(&format!("{}:{v},", Value::from(k)));
         }
+        let mut all = self.extra.clone();
         if let Value::Object(f) = fields {
-            for (k, v) in f.iter().filter(|(k, _)| !["type", "time", "elapsed", "pid"].contains(&k.as_str()))
-            {
-                line.push_str(&format!("{}:{v},", Value::from(k.as_str())));
-            }
+            all.extend(f);
+        }
+        for (k, v) in all.iter().filter(|(k, _)| !["type", "time", "elapsed", "pid"].contains(&k.as_str())) {
+            line.push_str(&format!("{}:{v},", Value::from(k.as_str())));
         }
         line.pop();
         line.push('}');

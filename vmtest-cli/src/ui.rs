@@ -191,6 +191,51 @@ impl OutputSink for Sink {
     }
 }
 
+/// A command's output with each line prefixed by `[label] ` (the runs of a kernel matrix
+/// print at once); a line is written once whole, so the runs' lines never mix.
+pub struct LabelledSink {
+    label: String,
+    partial: [Vec<u8>; 2],
+}
+
+impl LabelledSink {
+    pub fn new(label: &str) -> Self {
+        LabelledSink { label: format!("[{label}] "), partial: [Vec::new(), Vec::new()] }
+    }
+
+    fn flush_lines(&mut self, stream: Stream, all: bool) {
+        let buf = &mut self.partial[stream as usize];
+        let end = if all { buf.len() } else { buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) };
+        if end == 0 {
+            return;
+        }
+        let mut out = Vec::with_capacity(end + 16);
+        for line in buf[..end].split_inclusive(|b| *b == b'\n') {
+            out.extend_from_slice(self.label.as_bytes());
+            out.extend_from_slice(line);
+        }
+        if !out.ends_with(b"\n") {
+            out.push(b'\n');
+        }
+        buf.drain(..end);
+        write_stream(stream, &out);
+    }
+}
+
+impl OutputSink for LabelledSink {
+    fn write(&mut self, stream: Stream, data: &[u8]) {
+        self.partial[stream as usize].extend_from_slice(data);
+        self.flush_lines(stream, false);
+    }
+}
+
+impl Drop for LabelledSink {
+    fn drop(&mut self) {
+        self.flush_lines(Stream::Stdout, true);
+        self.flush_lines(Stream::Stderr, true);
+    }
+}
+
 /// `1.23s`, `12.3s`, `2m05s`.
 pub fn format_secs(d: Duration) -> String {
     let s = d.as_secs_f64();

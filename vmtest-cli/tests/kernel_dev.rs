@@ -178,3 +178,67 @@ fn a_test_file_reports_a_warning_in_its_junit_case_and_fails_on_it_when_asked() 
     );
     vt.assert_clean();
 }
+
+/// The kernel vmtest uses by default (`vmtest kernel list`), with its package's tree.
+fn default_kernel(vt: &Vmtest) -> std::path::PathBuf {
+    let out = vt.cmd().args(["kernel", "list"]).output().unwrap();
+    let text = stdout(&out);
+    let line = text.lines().find(|l| l.starts_with("default: ")).expect("a default kernel");
+    std::path::PathBuf::from(line.split_whitespace().nth(2).unwrap())
+}
+
+#[test]
+fn a_kernel_matrix_runs_once_per_kernel_labelled_and_fails_with_the_first_failing_kernel() {
+    let vt = Vmtest::new();
+    let kernel = default_kernel(&vt);
+    // Two copies of the kernel's package tree (a kernel finds its modules beside it), and a
+    // file that is no kernel.
+    let root = kernel.parent().and_then(|b| b.parent()).unwrap();
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mut kernels = Vec::new();
+    for copy in ["a", "b"] {
+        let to = dir.path().join(copy);
+        let ok = std::process::Command::new("sh")
+            .args(["-c", "cp -al \"$0\" \"$1\" 2>/dev/null || cp -a \"$0\" \"$1\""])
+            .arg(root)
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        kernels.push(to.join(kernel.strip_prefix(root).unwrap()));
+    }
+    let bad = dir.path().join("vmlinuz-bad");
+    std::fs::write(&bad, "not a kernel").unwrap();
+    kernels.push(bad);
+    let events = dir.path().join("events.jsonl");
+    let mut cmd = vt.cmd();
+    cmd.arg("run").arg("--events-file").arg(&events);
+    for k in &kernels {
+        cmd.arg("--kernel").arg(k);
+    }
+    let out = cmd.args(["--", "sh", "-c", "echo hello; uname -r"]).output().unwrap();
+    let err = stderr(&out);
+    // The first failing kernel (the third) decides the status: it cannot boot (69).
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    let text = stdout(&out);
+    for k in &kernels[..2] {
+        assert!(text.contains(&format!("[{}] hello\n", k.display())), "{text}");
+    }
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(err.contains("vmtest: kernel matrix: 2 of 3 passed"), "{err}");
+    assert!(err.contains(&format!("ERROR  {}  exit 69", kernels[2].display())), "{err}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let finished: Vec<(String, i64)> = lines
+        .iter()
+        .filter(|e| e["type"] == "kernel_finished")
+        .map(|e| (e["kernel"].as_str().unwrap().to_owned(), e["exit_code"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(finished.len(), 3, "{finished:?}");
+    for (k, code) in [(&kernels[0], 0), (&kernels[1], 0), (&kernels[2], 69)] {
+        assert!(finished.contains(&(k.display().to_string(), code)), "{finished:?}");
+    }
+    // Every VM event says which kernel it belongs to.
+    assert!(lines.iter().filter(|e| e["type"] == "exec_finished").all(|e| e["kernel"].is_string()));
+    vt.assert_clean();
+}

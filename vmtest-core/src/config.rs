@@ -44,7 +44,7 @@ macro_rules! settings {
         #[serde(deny_unknown_fields, rename_all = "kebab-case")]
         pub struct $name {
             pub backend: Option<String>,
-            pub kernel: Option<PathBuf>,
+            pub kernel: Option<Kernels>,
             pub image: Option<String>,
             pub accel: Option<String>,
             pub cpus: Option<u32>,
@@ -119,6 +119,24 @@ impl ConfigFile {
     }
 }
 
+/// `kernel` in vmtest.toml: one path, or a list for a kernel matrix (the command runs once
+/// per kernel).
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum Kernels {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl Kernels {
+    fn paths(&self) -> &[PathBuf] {
+        match self {
+            Kernels::One(p) => std::slice::from_ref(p),
+            Kernels::Many(v) => v,
+        }
+    }
+}
+
 /// The highest layer: what the command line (or an embedding program) sets. Each field
 /// overrides the same key of the config file; `None` leaves it alone. Provenance names the
 /// `vmtest` flag that sets it.
@@ -130,7 +148,8 @@ pub struct Flags {
     /// A `[target.NAME]` table of the config file.
     pub target: Option<String>,
     pub backend: Option<String>,
-    pub kernel: Option<PathBuf>,
+    /// Kernels; more than one makes a kernel matrix.
+    pub kernel: Vec<PathBuf>,
     pub image: Option<String>,
     pub accel: Option<String>,
     pub cpus: Option<u32>,
@@ -194,7 +213,8 @@ pub struct Effective {
     pub file: Option<PathBuf>,
     pub target: Option<Val<String>>,
     pub backend: Val<String>,
-    pub kernel: Val<Option<PathBuf>>,
+    /// Empty: the backend finds one. More than one: a kernel matrix.
+    pub kernel: Val<Vec<PathBuf>>,
     pub image: Val<Option<String>>,
     pub accel: Val<String>,
     pub cpus: Val<u32>,
@@ -223,7 +243,7 @@ impl Effective {
         vm.boot_timeout = blame(spec::parse_duration(&self.boot_timeout.value), &self.boot_timeout.source)?;
         vm.boot = match &self.image.value {
             Some(name) => BootSpec::Image { name: name.clone() },
-            None => BootSpec::Kernel { kernel: self.kernel.value.clone() },
+            None => BootSpec::Kernel { kernel: self.kernel.value.first().cloned() },
         };
         if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
             vm.exec =
@@ -393,18 +413,21 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
 
     let backend =
         pick!(backend, "auto".to_owned(), env_val("VMTEST_BACKEND"), flags.backend.as_ref(), "--backend");
-    let mut kernel: Val<Option<PathBuf>> = Val { value: None, source: Source::Default };
+    let mut kernel: Val<Vec<PathBuf>> = Val { value: Vec::new(), source: Source::Default };
     for (l, src, dir) in &layers {
         if let Some(k) = &l.kernel {
             // Relative to the file that names it (like danobi/vmtest#94 asks).
-            kernel = Val { value: Some(dir.join(k)), source: src.clone() };
+            kernel = Val { value: k.paths().iter().map(|k| dir.join(k)).collect(), source: src.clone() };
         }
     }
     if let Some((n, v)) = env_val("VMTEST_KERNEL") {
-        kernel = Val { value: Some(PathBuf::from(v)), source: Source::Env(n) };
+        kernel = Val { value: vec![PathBuf::from(v)], source: Source::Env(n) };
     }
-    if let Some(k) = &flags.kernel {
-        kernel = Val { value: Some(cwd.join(k)), source: Source::Flag("--kernel") };
+    if !flags.kernel.is_empty() {
+        kernel = Val {
+            value: flags.kernel.iter().map(|k| cwd.join(k)).collect(),
+            source: Source::Flag("--kernel"),
+        };
     }
     let image: Val<Option<String>> =
         pick!(image, None, None, flags.image.as_ref().map(|i| Some(i.clone())), "--image");
@@ -413,10 +436,10 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         (Source::Flag(_), _) if flags.image.is_none() => {
             (kernel, Val { value: None, source: Source::Flag("--kernel") })
         }
-        (_, Source::Flag(_)) => (Val { value: None, source: Source::Flag("--image") }, image),
+        (_, Source::Flag(_)) => (Val { value: Vec::new(), source: Source::Flag("--image") }, image),
         _ => (kernel, image),
     };
-    if let (Some(_), Some(_)) = (&kernel.value, &image.value) {
+    if let (false, Some(_)) = (kernel.value.is_empty(), &image.value) {
         return Err(Error::usage(format!(
             "both a kernel (from {}) and an image (from {}) are set; keep one (in a config file, a target's \
              `kernel` or `image` replaces neither: remove one of them)",
@@ -554,7 +577,7 @@ env = { unset = ["SECRET"] }
         assert_eq!(e.cpus, Val { value: 4, source: Source::Target("big".into(), path.clone()) });
         assert_eq!(e.memory, Val { value: "2G".into(), source: Source::Flag("--memory") });
         assert_eq!(e.timeout, Val { value: Some("5m".into()), source: Source::File(path.clone()) });
-        assert_eq!(e.kernel.value, Some(dir.path().join("k/bzImage")));
+        assert_eq!(e.kernel.value, [dir.path().join("k/bzImage")]);
         let rules = e.env_rules();
         assert_eq!(rules.unset, vec![OsString::from("SECRET")]);
         assert_eq!(rules.pass, vec![OsString::from("HOME")]);
@@ -623,12 +646,25 @@ env = { unset = ["SECRET"] }
     fn kernel_flag_overrides_an_image_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "image = \"noble\"\n");
-        let flags = Flags { kernel: Some("/k".into()), ..Default::default() };
+        let flags = Flags { kernel: vec!["/k".into()], ..Default::default() };
         let e = resolve(&flags, &no_env, dir.path()).unwrap();
-        assert_eq!(e.kernel.value, Some(PathBuf::from("/k")));
+        assert_eq!(e.kernel.value, [PathBuf::from("/k")]);
         assert_eq!(e.image.value, None);
         write(dir.path(), "image = \"noble\"\nkernel = \"/k\"\n");
         let err = resolve(&Flags::default(), &no_env, dir.path()).unwrap_err();
         assert!(err.message().contains("both a kernel"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_kernel_list_in_a_target_is_a_matrix_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "[target.matrix]\nkernel = [\"k/a\", \"/abs/b\"]\n");
+        let flags = Flags { target: Some("matrix".into()), ..Default::default() };
+        let e = resolve(&flags, &no_env, dir.path()).unwrap();
+        assert_eq!(e.kernel.value, [dir.path().join("k/a"), PathBuf::from("/abs/b")]);
+        let flags = Flags { kernel: vec!["x".into(), "y".into()], ..flags };
+        let e = resolve(&flags, &no_env, dir.path()).unwrap();
+        assert_eq!(e.kernel.value, [dir.path().join("x"), dir.path().join("y")]);
+        assert_eq!(e.kernel.source, Source::Flag("--kernel"));
     }
 }

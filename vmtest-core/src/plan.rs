@@ -24,7 +24,7 @@ use crate::lock::{self, SlotPool};
 use crate::registry::{BackendSettings, Registry};
 use crate::retry::RetryPolicy;
 use crate::runner::{self, KeepPolicy, KernelReports, RunOptions, RunOutcome};
-use crate::spec::VmSpec;
+use crate::spec::{BootSpec, VmSpec};
 use crate::state::StateDir;
 use crate::sweep;
 use std::path::PathBuf;
@@ -50,7 +50,29 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    /// The plan of `settings`; a bad value is a usage error naming where it was set.
+    /// One plan per kernel of a kernel matrix (one plan when `settings` name one kernel or
+    /// none). Each plan takes its own VM slot, so they may run at once within `max_vms`.
+    pub fn per_kernel(settings: &Effective) -> Result<Vec<RunPlan>> {
+        let plan = RunPlan::new(settings)?;
+        if settings.kernel.value.len() < 2 {
+            return Ok(vec![plan]);
+        }
+        let source = &settings.kernel.source;
+        Ok(settings
+            .kernel
+            .value
+            .iter()
+            .map(|k| {
+                let mut one = plan.clone();
+                one.vm.boot = BootSpec::Kernel { kernel: Some(k.clone()) };
+                one.kernel = Val { value: Some(k.clone()), source: source.clone() };
+                one
+            })
+            .collect())
+    }
+
+    /// The plan of `settings` (its first kernel, for a matrix); a bad value is a usage
+    /// error naming where it was set.
     pub fn new(settings: &Effective) -> Result<RunPlan> {
         let vm = settings.vm_spec()?;
         let max_vms = settings.max_vms.value.unwrap_or_else(|| lock::default_max_vms(vm.memory_mib));
@@ -64,7 +86,10 @@ impl RunPlan {
             vm,
             backend: settings.backend.clone(),
             settings: settings.backend_settings(),
-            kernel: settings.kernel.clone(),
+            kernel: Val {
+                value: settings.kernel.value.first().cloned(),
+                source: settings.kernel.source.clone(),
+            },
             keep: settings.keep.value,
             kernel_reports: settings.kernel_warnings.value,
             max_vms,

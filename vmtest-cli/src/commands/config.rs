@@ -18,7 +18,16 @@ pub fn config(args: ConfigArgs) -> Result<i32> {
     let keep = |k: vmtest_core::runner::KeepPolicy| serde_json::to_value(k).unwrap_or(Value::Null);
     let rows: Vec<(&str, Value, &Source)> = vec![
         ("backend", json!(eff.backend.value), &eff.backend.source),
-        ("kernel", json!(eff.kernel.value), &eff.kernel.source),
+        // One kernel as a path, a matrix as a list, none as not set.
+        (
+            "kernel",
+            match eff.kernel.value.as_slice() {
+                [] => Value::Null,
+                [one] => json!(one),
+                many => json!(many),
+            },
+            &eff.kernel.source,
+        ),
         ("image", json!(eff.image.value), &eff.image.source),
         ("accel", json!(eff.accel.value), &eff.accel.source),
         ("cpus", json!(eff.cpus.value), &eff.cpus.source),

@@ -4,12 +4,15 @@ use crate::cli::{MessageFormat, RunArgs};
 use crate::events::{self, JsonEvents};
 use crate::ui;
 use serde_json::json;
+use std::path::PathBuf;
 use std::time::Instant;
+use vmtest_core::cancel::Cancel;
 use vmtest_core::config;
 use vmtest_core::events::{Fanout, Reporter};
+use vmtest_core::exec::{ExecRequest, OutputMode, StdinSource};
 use vmtest_core::plan::RunPlan;
 use vmtest_core::registry::GdbStub;
-use vmtest_core::spec::{self, BootSpec};
+use vmtest_core::spec;
 use vmtest_core::state::StateDir;
 use vmtest_core::{Error, Result};
 
@@ -58,21 +61,38 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
             }),
         );
     }
-    let mut plan = RunPlan::new(&eff)?;
-    let mut req = super::request::exec_request_with(
-        &args.command_args,
-        &eff.env_rules(),
-        eff.command_timeout()?,
-        &args.command,
-    )?;
-    if matches!(plan.vm.boot, BootSpec::Image { .. }) && args.command_args.cwd.is_none() {
-        // An image has its own files, not the host's: the host's cwd means nothing there.
-        req.cwd = None;
+    let mut plans = RunPlan::per_kernel(&eff)?;
+    if plans.len() > 1 && (args.gdb.is_some() || args.gdb_wait) {
+        return Err(Error::usage(format!(
+            "--gdb debugs one guest, and {} kernels are given (from {}); give one --kernel",
+            plans.len(),
+            eff.kernel.source
+        )));
     }
-    plan.settings.snapshots = !args.no_snapshot;
-    plan.settings.gdb = (args.gdb.is_some() || args.gdb_wait)
-        .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait });
-    plan.failure_logs = args.failure_logs.clone();
+    for plan in &mut plans {
+        plan.settings.snapshots = !args.no_snapshot;
+        plan.settings.gdb = (args.gdb.is_some() || args.gdb_wait)
+            .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait });
+        plan.failure_logs = args.failure_logs.clone();
+    }
+    let request = || {
+        let mut req = super::request::exec_request_with(
+            &args.command_args,
+            &eff.env_rules(),
+            eff.command_timeout()?,
+            &args.command,
+        )?;
+        if eff.image.value.is_some() && args.command_args.cwd.is_none() {
+            // An image has its own files, not the host's: the host's cwd means nothing there.
+            req.cwd = None;
+        }
+        Ok::<_, Error>(req)
+    };
+    if plans.len() > 1 {
+        let requests = plans.iter().map(|_| request()).collect::<Result<Vec<_>>>()?;
+        return run_matrix(args, plans, requests, json_sinks, &cancel).await;
+    }
+    let plan = plans.remove(0);
 
     let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
     let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
@@ -80,7 +100,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         reporters.push(h);
     }
     let registry = super::backends::registry();
-    let outcome = plan.run(&registry, &StateDir::from_env(), req, &Fanout(reporters), &cancel).await;
+    let outcome = plan.run(&registry, &StateDir::from_env(), request()?, &Fanout(reporters), &cancel).await;
     ui::set_status(None);
     let outcome = outcome?;
     if args.timings && args.message_format == MessageFormat::Human {
@@ -93,6 +113,84 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         ui::line(&format!("vmtest: timings: {}", parts.join(", ")));
     }
     Ok(outcome.status.shell_code())
+}
+
+/// A kernel matrix: the command once per kernel, all at once within the VM slots, each
+/// run's output labelled with its kernel, then a summary. The exit code is the first
+/// failing kernel's (in the order given), 0 when all passed.
+async fn run_matrix(
+    args: &RunArgs,
+    plans: Vec<RunPlan>,
+    requests: Vec<ExecRequest>,
+    json_sinks: &[JsonEvents],
+    cancel: &Cancel,
+) -> Result<i32> {
+    let kernels: Vec<PathBuf> = plans.iter().map(|p| p.kernel.value.clone().unwrap_or_default()).collect();
+    let labels = kernel_labels(&kernels);
+    let registry = super::backends::registry();
+    let state = StateDir::from_env();
+    // One plain line per phase: a status line cannot show several runs at once.
+    let human = (args.message_format == MessageFormat::Human)
+        .then(|| super::reporter::Human { live: false, verbosity: ui::verbosity() });
+    if human.is_some() {
+        ui::line(&format!("vmtest: kernel matrix: {} kernels: {}", labels.len(), labels.join(", ")));
+    }
+    let runs = plans.into_iter().zip(requests).zip(kernels.iter().zip(&labels)).map(|((plan, mut req), (kernel, label))| {
+        let (registry, state, human) = (&registry, &state, &human);
+        async move {
+            let json: Vec<JsonEvents> =
+                json_sinks.iter().map(|j| j.with_field("kernel", json!(kernel.display().to_string()))).collect();
+            let mut reporters: Vec<&dyn Reporter> = json.iter().map(|j| j as &dyn Reporter).collect();
+            if let Some(h) = human {
+                reporters.push(h);
+            }
+            // One terminal cannot feed several guests; each gets an empty stdin.
+            req.stdin = StdinSource::Null;
+            req.output = OutputMode::Stream(Box::new(ui::LabelledSink::new(label)));
+            let started = Instant::now();
+            let result = plan.run(registry, state, req, &Fanout(reporters), cancel).await;
+            let code = match &result {
+                Ok(o) => o.status.shell_code(),
+                Err(e) => crate::exit_codes::of(e),
+            };
+            let error = result.as_ref().err().map(events::error_json);
+            for j in &json {
+                j.emit("kernel_finished", json!({"exit_code": code, "error": error, "duration_secs": started.elapsed().as_secs_f64()}));
+            }
+            (code, result.err(), started.elapsed())
+        }
+    });
+    let results = vmtest_core::machine::join_all(runs.collect()).await;
+    if human.is_some() {
+        let passed = results.iter().filter(|(code, _, _)| *code == 0).count();
+        let mut text = format!("vmtest: kernel matrix: {passed} of {} passed", results.len());
+        for ((code, error, took), label) in results.iter().zip(&labels) {
+            let verdict = match (code, error) {
+                (0, _) => "ok    ".to_owned(),
+                (_, Some(_)) => "ERROR ".to_owned(),
+                _ => "FAILED".to_owned(),
+            };
+            let why = error.as_ref().map(|e| format!("  {}", e.headline())).unwrap_or_default();
+            text.push_str(&format!("\n  {verdict} {label}  exit {code}, {}{why}", ui::format_secs(*took)));
+        }
+        ui::line(&text);
+    }
+    Ok(results.iter().map(|(code, _, _)| *code).find(|c| *c != 0).unwrap_or(0))
+}
+
+/// Short names for the kernels of a matrix: their file names, or their paths when two
+/// file names are the same (build trees all call theirs `bzImage`).
+fn kernel_labels(kernels: &[PathBuf]) -> Vec<String> {
+    let names: Vec<String> = kernels
+        .iter()
+        .map(|k| k.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .collect();
+    let unique = names.iter().all(|n| !n.is_empty() && names.iter().filter(|m| *m == n).count() == 1);
+    if unique {
+        names
+    } else {
+        kernels.iter().map(|k| k.display().to_string()).collect()
+    }
 }
 
 /// True inside a vmtest guest: the agent boots every guest with [`BOOT_MARKER`] on the
