@@ -7,8 +7,12 @@
 //!   (FreeBSD, illumos, macOS) with Debian's `rustc-web`/`cargo-web`/`rust-web-src` and
 //!   `-Zbuild-std`. It checks, it does not link: no cross linker or SDK is needed.
 //! - `bench [--runs N]`: `vmtest run -- true` against the raw QEMU boot floor, interleaved.
+//! - `bench --kernel-dev`: a three-kernel matrix against three runs in a row, and the cost
+//!   of watching the guest kernel's log on a noisy command.
 //! - `bench --first-run`: a new user's first run (kernel and QEMU fetched, KVM verdict,
 //!   snapshot made), the KVM verdict's cost, and the time to a verdict when KVM hangs.
+
+mod kernel_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -23,7 +27,7 @@ fn main() -> ExitCode {
         Some("cross-check") => cross_check(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => Err(
-            "usage: cargo xtask ci | cross-check [TARGET...] | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run]"
+            "usage: cargo xtask ci | cross-check [TARGET...] | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run | --kernel-dev]"
                 .into(),
         ),
     };
@@ -193,6 +197,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut accel = "auto".to_owned();
     let mut suite = false;
     let mut first_run = false;
+    let mut kernel_dev = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -200,12 +205,17 @@ fn bench(args: &[String]) -> Result<()> {
             "--accel" => accel = it.next().cloned().ok_or("--accel takes auto|kvm|tcg")?,
             "--suite" => suite = true,
             "--first-run" => first_run = true,
+            "--kernel-dev" => kernel_dev = true,
             other => return Err(format!("unknown bench flag {other}")),
         }
     }
     if suite {
         step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
         return bench_suite(&vmtest_binary("release"), &accel);
+    }
+    if kernel_dev {
+        step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
+        return kernel_bench::bench_kernel_dev(&vmtest_binary("release"), runs.clamp(3, 9));
     }
     if first_run {
         step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
