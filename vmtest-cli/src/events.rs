@@ -104,6 +104,31 @@ impl JsonEvents {
     }
 }
 
+/// The JSON streams a command writes: on stderr with `--message-format json`, and to
+/// `--events-file`.
+pub fn sinks(json: bool, events_file: Option<&std::path::Path>) -> vmtest_core::Result<Vec<JsonEvents>> {
+    let start = Instant::now();
+    let mut sinks = Vec::new();
+    if json {
+        sinks.push(JsonEvents::stderr(start));
+    }
+    if let Some(path) = events_file {
+        sinks.push(JsonEvents::file(path, start)?);
+    }
+    Ok(sinks)
+}
+
+/// The last event of a command (`run_finished`, `test_finished`): its exit code and error.
+pub fn finish(sinks: &[JsonEvents], kind: &str, result: &vmtest_core::Result<i32>) {
+    let (code, error) = match result {
+        Ok(code) => (*code, None),
+        Err(e) => (crate::exit_codes::of(e), Some(error_json(e))),
+    };
+    for j in sinks {
+        j.emit(kind, json!({"exit_code": code, "error": error}));
+    }
+}
+
 /// One log record as a `log` event line (see docs/events.md).
 pub fn log_line(level: &str, target: &str, message: &str) -> String {
     let v = json!({

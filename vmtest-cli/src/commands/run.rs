@@ -24,22 +24,9 @@ pub async fn run(args: RunArgs) -> Result<i32> {
         // (no timeout note: a listing prints names and ends)
         return run_here(&args);
     }
-    let start = Instant::now();
-    let mut json_sinks: Vec<JsonEvents> = Vec::new();
-    if args.message_format == MessageFormat::Json {
-        json_sinks.push(JsonEvents::stderr(start));
-    }
-    if let Some(path) = &args.events_file {
-        json_sinks.push(JsonEvents::file(path, start)?);
-    }
+    let json_sinks = events::sinks(args.message_format == MessageFormat::Json, args.events_file.as_deref())?;
     let result = run_inner(&args, &json_sinks).await;
-    for j in &json_sinks {
-        let (code, error) = match &result {
-            Ok(code) => (*code, None),
-            Err(e) => (crate::exit_codes::of(e), Some(events::error_json(e))),
-        };
-        j.emit("run_finished", json!({"exit_code": code, "error": error}));
-    }
+    events::finish(&json_sinks, "run_finished", &result);
     result
 }
 

@@ -6,7 +6,6 @@
 use crate::cli::{MessageFormat, TestArgs};
 use crate::events::{self, JsonEvents};
 use serde_json::json;
-use std::time::Instant;
 use vmtest_core::config::{self, blame, Source};
 use vmtest_core::events::{Fanout, JunitCollector, Reporter};
 use vmtest_core::registry::BackendSettings;
@@ -26,14 +25,7 @@ pub fn parse_partition(s: &str) -> Result<(usize, usize)> {
 }
 
 pub async fn test(args: TestArgs) -> Result<i32> {
-    let start = Instant::now();
-    let mut json_sinks: Vec<JsonEvents> = Vec::new();
-    if args.message_format == MessageFormat::Json {
-        json_sinks.push(JsonEvents::stderr(start));
-    }
-    if let Some(path) = &args.events_file {
-        json_sinks.push(JsonEvents::file(path, start)?);
-    }
+    let json_sinks = events::sinks(args.message_format == MessageFormat::Json, args.events_file.as_deref())?;
     for j in &json_sinks {
         j.emit(
             "test_started",
@@ -45,13 +37,7 @@ pub async fn test(args: TestArgs) -> Result<i32> {
         );
     }
     let result = test_inner(&args, &json_sinks).await;
-    for j in &json_sinks {
-        let (code, error) = match &result {
-            Ok(code) => (*code, None),
-            Err(e) => (crate::exit_codes::of(e), Some(events::error_json(e))),
-        };
-        j.emit("test_finished", json!({"exit_code": code, "error": error}));
-    }
+    events::finish(&json_sinks, "test_finished", &result);
     result
 }
 
