@@ -83,7 +83,8 @@ pub async fn probe_boot(
     accel: Accel,
     cache: &Cache,
 ) -> std::result::Result<Duration, String> {
-    let initramfs = crate::initramfs::build_poweroff(cache, crate::AGENT).map_err(|e| e.to_string())?;
+    let initramfs =
+        crate::initramfs::build_poweroff(cache, crate::initramfs::AGENT).map_err(|e| e.to_string())?;
     let dir = tempfile::Builder::new()
         .prefix("vmtest-probe-")
         .tempdir()

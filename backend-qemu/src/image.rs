@@ -14,9 +14,10 @@
 use crate::accel::Accel;
 use crate::command::{MachineKind, QemuCommand};
 use crate::image_build::{Image, ImageStore};
+use crate::initramfs::AGENT;
 use crate::ssh::SshTarget;
 use crate::vm::QemuVm;
-use crate::{kernel, modules, QemuBackend, AGENT};
+use crate::{kernel, modules, QemuBackend};
 use async_trait::async_trait;
 use std::ffi::OsString;
 use std::path::Path;
@@ -167,7 +168,7 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
             })
             .collect(),
     };
-    let (secs, nanos) = crate::now_unix();
+    let (secs, nanos) = crate::host::now_unix();
     let setup = GuestSetup {
         root_tag: None,
         shares: Vec::new(),
@@ -177,7 +178,7 @@ pub async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir, name: &str) ->
         overlay_size: String::new(),
         nics,
         hosts: spec.hosts.clone(),
-        entropy: crate::random_bytes(32),
+        entropy: crate::host::random_bytes(32),
         modules_dir: None,
     };
     let t0 = Instant::now();

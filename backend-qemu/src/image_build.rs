@@ -308,7 +308,7 @@ impl ImageStore {
         let spec = &loaded.spec;
         let t0 = Instant::now();
         for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
-            if crate::find_executable(Path::new(tool)).is_none()
+            if crate::host::find_executable(Path::new(tool)).is_none()
                 && !Path::new("/usr/sbin").join(tool).is_file()
             {
                 return Err(Error::preflight(format!(

@@ -11,6 +11,7 @@ pub mod cache_usage;
 pub mod command;
 pub mod fetch;
 pub mod health;
+mod host;
 pub mod image;
 pub mod image_build;
 pub mod initramfs;
@@ -32,9 +33,6 @@ use vmtest_core::protocol::GuestSetup;
 use vmtest_core::spec::{BootSpec, VmSpec};
 use vmtest_core::state::{RunDir, VmRecord};
 use vmtest_core::{Check, Error, Hypervisor, Preflight, Result, Vm};
-
-/// The static agent binary, built by build.rs.
-pub const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmtest-agent"));
 
 /// How the backend behaves; the defaults suit `vmtest run`.
 #[derive(Clone, Debug)]
@@ -126,7 +124,7 @@ impl QemuBackend {
                 .map(|v| (PathBuf::from(v), "$VMTEST_QEMU")),
         };
         if let Some((named, origin)) = named {
-            return match find_executable(&named) {
+            return match host::find_executable(&named) {
                 Some(path) => Ok(Some((path, format!("from {origin}")))),
                 None => Err(Error::preflight(format!(
                     "QEMU {} (from {origin}) is not an executable file; fix the path, or unset it to use \
@@ -135,7 +133,7 @@ impl QemuBackend {
                 ))),
             };
         }
-        if let Some(path) = find_executable(Path::new(qemu_fetch::BINARY)) {
+        if let Some(path) = host::find_executable(Path::new(qemu_fetch::BINARY)) {
             return Ok(Some((path, "on PATH".into())));
         }
         Ok(qemu_fetch::cached(&self.cache)
@@ -216,7 +214,7 @@ impl QemuBackend {
                     None => Vec::new(),
                 };
                 let strip = kernel.accepts_unsigned_modules();
-                Ok((boot.clone(), initramfs::build(&cache, AGENT, &modules, strip)?))
+                Ok((boot.clone(), initramfs::build(&cache, initramfs::AGENT, &modules, strip)?))
             })
             .await
             .map_err(|e| Error::infra(format!("initramfs build: {e}")))??
@@ -259,7 +257,7 @@ impl QemuBackend {
         dir: &Path,
     ) -> Result<(PathBuf, Vec<std::ffi::OsString>)> {
         let p = self.prepare(spec).await?;
-        let floor = initramfs::build_poweroff(&self.cache, AGENT)?;
+        let floor = initramfs::build_poweroff(&self.cache, initramfs::AGENT)?;
         let mut cmd = self.command(&p, spec, dir, false);
         cmd.initramfs = floor;
         cmd.kernel_args.push(vmtest_core::protocol::POWEROFF_MARKER.into());
@@ -341,7 +339,7 @@ impl QemuBackend {
             "agent_socket": cmd.agent_socket,
         });
         run.write_record(&record)?;
-        let (secs, nanos) = now_unix();
+        let (secs, nanos) = host::now_unix();
         let setup = GuestSetup {
             root_tag: Some(ROOT_TAG.to_owned()),
             shares: Vec::new(),
@@ -355,7 +353,7 @@ impl QemuBackend {
                 .map(|n| vmtest_core::protocol::GuestNic { mac: n.mac, address: n.address, prefix: n.prefix })
                 .collect(),
             hosts: spec.hosts.clone(),
-            entropy: random_bytes(32),
+            entropy: host::random_bytes(32),
             // The tree is reached through the host root: no share of its own, so nothing
             // at boot (or in the snapshot) changes.
             modules_dir: prepared.kernel.modules.as_ref().map(|d| d.as_os_str().as_encoded_bytes().to_vec()),
@@ -499,33 +497,6 @@ impl QemuBackend {
     }
 }
 
-/// `n` bytes from the kernel's random source.
-fn random_bytes(n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    // SAFETY: getrandom writes at most `buf.len()` bytes into `buf`.
-    let got = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    buf.truncate(got.max(0) as usize);
-    buf
-}
-
-/// Resolve a program name on `PATH` (or check a path), as a shell would.
-pub fn find_executable(name: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let is_exec =
-        |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
-    if name.components().count() > 1 {
-        return is_exec(name).then(|| name.to_owned());
-    }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(name))
-        .find(|p| is_exec(p))
-}
-
-fn now_unix() -> (i64, u32) {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    (d.as_secs() as i64, d.subsec_nanos())
-}
-
 #[async_trait]
 impl Hypervisor for QemuBackend {
     fn name(&self) -> &'static str {
@@ -664,7 +635,7 @@ impl Hypervisor for QemuBackend {
 fn disk_check(dir: &Path) -> Check {
     const WARN_BELOW: u64 = 10 << 30;
     let existing = dir.ancestors().find(|d| d.exists()).unwrap_or(Path::new("/"));
-    match free_bytes(existing) {
+    match host::free_bytes(existing) {
         Some(free) if free < WARN_BELOW => Check::warn(
             "disk",
             format!("{:.1} GB free on the filesystem of {}", free as f64 / 1e9, existing.display()),
@@ -677,15 +648,5 @@ fn disk_check(dir: &Path) -> Check {
         None => {
             Check::warn("disk", format!("cannot tell the free space of {}", existing.display()), "check `df`")
         }
-    }
-}
-
-fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: a valid path and a zeroed out-struct.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        (libc::statvfs(c.as_ptr(), &mut st) == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
     }
 }

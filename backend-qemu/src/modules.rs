@@ -155,7 +155,7 @@ pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.dev
 ///
 /// A failure is only a warning: the guest then boots without on-demand modules.
 pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) {
-    let depmod = crate::find_executable(Path::new("depmod"));
+    let depmod = crate::host::find_executable(Path::new("depmod"));
     // With kmod on the host, its modprobe needs depmod's binary index too.
     let done = if depmod.is_some() { "modules.dep.bin" } else { "modules.dep" };
     if dir.join(done).is_file() || !dir.starts_with(cache.root()) {
