@@ -2,7 +2,7 @@
 
 use crate::accel::{Accel, KvmFailed};
 use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
-use crate::command::QemuCommand;
+use crate::command::{QemuCommand, Start};
 use crate::health::{self, Trouble};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -63,8 +63,18 @@ pub enum BootMode<'a> {
     /// Boot the kernel and stop at "agent ready", before any setup: the state a snapshot
     /// saves. `qmp` is the QMP socket to add.
     SnapshotSource { qmp: &'a Path },
-    /// Resume the saved state at `state`, then send the setup.
-    Restore { state: &'a Path, setup: GuestSetup },
+    /// Resume a saved state (`incoming` is QEMU's `-incoming` URI), then send the setup.
+    Restore { incoming: String, setup: GuestSetup },
+}
+
+impl BootMode<'_> {
+    fn start(&self) -> Start<'_> {
+        match self {
+            BootMode::Cold(_) => Start::Boot,
+            BootMode::SnapshotSource { qmp } => Start::SnapshotSource { qmp },
+            BootMode::Restore { incoming, .. } => Start::Restore { incoming },
+        }
+    }
 }
 
 impl QemuVm {
@@ -77,41 +87,8 @@ impl QemuVm {
         boot_timeout: Duration,
         die_with_parent: bool,
     ) -> Result<QemuVm> {
-        Self::boot_with_args(cmd, &[], record, run, mode, boot_timeout, die_with_parent).await
-    }
-
-    /// [`QemuVm::boot`] with more QEMU arguments (image mode: the disk, the SSH forward).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn boot_with_args(
-        cmd: &QemuCommand,
-        extra_args: &[std::ffi::OsString],
-        record: &mut VmRecord,
-        run: &RunDir,
-        mode: BootMode<'_>,
-        boot_timeout: Duration,
-        die_with_parent: bool,
-    ) -> Result<QemuVm> {
         let t0 = Instant::now();
-        let mut args = cmd.args();
-        args.extend(extra_args.iter().cloned());
-        // Under KVM a QMP socket of its own lets the health watcher read the run state.
-        let watch_qmp =
-            (cmd.accel == Accel::Kvm).then(|| cmd.console_socket.with_file_name("qmp-watch.sock"));
-        if let Some(path) = &watch_qmp {
-            args.push("-qmp".into());
-            args.push(format!("unix:{},server=on,wait=off", path.display()).into());
-        }
-        match &mode {
-            BootMode::Cold(_) => {}
-            BootMode::SnapshotSource { qmp } => {
-                args.push("-qmp".into());
-                args.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
-            }
-            BootMode::Restore { state, .. } => {
-                args.push("-incoming".into());
-                args.push(crate::snapshot::incoming_uri(state).into());
-            }
-        }
+        let args = cmd.argv(mode.start());
         tracing::debug!("starting {}", crate::command::display(&cmd.qemu, &args));
         let mut child = {
             let mut c = tokio::process::Command::new(&cmd.qemu);
@@ -162,7 +139,7 @@ impl QemuVm {
                 .send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
         });
         let trouble = (cmd.accel == Accel::Kvm)
-            .then(|| health::watch(pid, stderr.clone(), watch_qmp.clone(), exited.clone()));
+            .then(|| health::watch(pid, stderr.clone(), cmd.watch_qmp(), exited.clone()));
 
         let qemu_said =
             |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
@@ -213,8 +190,9 @@ impl QemuVm {
         // Boot: wait for the agent's hello, or QEMU's exit, or trouble, or the deadline. A
         // guest that shows no agent within KVM_BOOT_DEADLINE under KVM has a broken KVM under it
         // (a working one boots in about a second), not a slow boot.
-        // (`-S`: the guest is held for gdb, and no deadline of ours applies.)
-        let held = extra_args.iter().any(|a| a == "-S");
+        // A guest held for gdb waits for a person at a debugger: no deadline of ours applies.
+        let held = cmd.held_for_gdb();
+        let boot_timeout = if held { boot_timeout.max(Duration::from_secs(24 * 3600)) } else { boot_timeout };
         let deadline = match cmd.accel {
             Accel::Kvm if !held => boot_timeout.min(KVM_BOOT_DEADLINE),
             _ => boot_timeout,
