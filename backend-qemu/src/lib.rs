@@ -2,27 +2,34 @@
 //!
 //! Kernel mode: direct boot of a (distro) kernel with a generated initramfs whose `/init` is
 //! `vmtest-agent`; the host's `/` shared read-only over 9p under a tmpfs overlay; commands run
-//! through the agent over virtio-serial. KVM only when a probe boot proves it works.
+//! through the agent over virtio-serial. Image mode: the same boot of an image's own kernel,
+//! on a throwaway qcow2 overlay of the image's disk. KVM only when a probe boot proves it works.
+//!
+//! An embedding program needs [`QemuBackend`] and [`QemuOptions`]; the public modules are
+//! the cache and what fills it: [`cache`] and [`cache_usage`] (what it holds, pruning),
+//! [`kernel`] and [`fetch`] (kernels), [`qemu_fetch`] (QEMU), [`image_build`] (images).
 
-pub mod accel;
-pub mod agent_client;
+#![warn(missing_docs)]
+
+mod accel;
+mod agent_client;
 mod boot;
 pub mod cache;
 pub mod cache_usage;
-pub mod command;
+mod command;
 pub mod fetch;
-pub mod health;
+mod health;
 mod host;
-pub mod image;
+mod image;
 pub mod image_build;
-pub mod initramfs;
+mod initramfs;
 pub mod kernel;
-pub mod modules;
+mod modules;
 pub mod qemu_fetch;
-pub mod qmp;
-pub mod snapshot;
-pub mod ssh;
-pub mod vm;
+mod qmp;
+mod snapshot;
+mod ssh;
+mod vm;
 
 pub use command::Gdb;
 
@@ -71,24 +78,30 @@ impl Default for QemuOptions {
     }
 }
 
+/// The QEMU [`Hypervisor`]: boots kernel-mode and image-mode guests with the QEMU, kernel and
+/// images it finds (or fetches) through its [`Cache`].
 pub struct QemuBackend {
     opts: QemuOptions,
     cache: Cache,
 }
 
 impl QemuBackend {
+    /// A backend with the cache of the environment ([`Cache::from_env`]).
     pub fn new(opts: QemuOptions) -> Self {
         QemuBackend { opts, cache: Cache::from_env() }
     }
 
+    /// A backend that keeps kernels, QEMU, initramfs, snapshots and images in `cache`.
     pub fn with_cache(opts: QemuOptions, cache: Cache) -> Self {
         QemuBackend { opts, cache }
     }
 
+    /// Where this backend keeps what it fetches and builds.
     pub fn cache(&self) -> &Cache {
         &self.cache
     }
 
+    /// The options it was made with.
     pub fn options(&self) -> &QemuOptions {
         &self.opts
     }

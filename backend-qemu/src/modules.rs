@@ -143,9 +143,6 @@ pub fn resolve_cached(cache: &Cache, dir: &Path, wanted: &[&str]) -> Result<Vec<
     Ok(resolved)
 }
 
-/// The index files modprobe reads: `modules.dep`, `modules.alias`, `modules.devname`.
-pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.devname"];
-
 /// Make sure the module tree at `dir` has its index, so the guest can load any of its
 /// modules on demand. A tree from a distro package was never passed through depmod: the
 /// host's `depmod` writes the index when there is one (with the binary forms the host's

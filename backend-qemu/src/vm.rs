@@ -465,10 +465,6 @@ impl QemuVm {
         self.timings.push((phase, took));
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     pub fn console_log(&self) -> &ConsoleLog {
         &self.console
     }
@@ -530,7 +526,7 @@ impl Vm for QemuVm {
         let timeout = req.timeout;
         match self.agent.exec(req).await {
             Ok(out) => Ok(out),
-            Err(AgentError::TimedOut { .. }) => Err(Error::timeout(
+            Err(AgentError::TimedOut) => Err(Error::timeout(
                 &format!("`{shown}` in {}", self.name),
                 timeout.unwrap_or_default(),
                 "raise --timeout, or find out why it hangs (--keep leaves the VM up to look)",
