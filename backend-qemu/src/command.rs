@@ -246,6 +246,13 @@ impl QemuCommand {
         a.push(self.initramfs.clone().into());
         a.push("-append".into());
         a.push(self.kernel_cmdline().into());
+        a.extend(self.image_devices(m));
+        a
+    }
+
+    /// An image guest's disk and SSH forward.
+    fn image_devices(&self, m: MachineKind) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
         if let Root::Disk(overlay) = &self.root {
             a.push("-drive".into());
             a.push(
