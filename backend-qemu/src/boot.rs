@@ -221,14 +221,15 @@ impl QemuBackend {
         });
         let since = *first_start.get_or_insert_with(Instant::now);
         let (cache, opts) = (&self.cache, &self.opts);
-        let vm = match snapshot::start(cache, opts, &plan, run, &mut record, &setup, spec.boot_timeout)
-            .await?
-        {
+        let restored =
+            snapshot::start(cache, opts, &plan, run, &mut record, &setup, spec.boot_timeout).await?;
+        // After a restore the stub is up; before a cold boot, a guest held for gdb waits for it.
+        if let Some(gdb) = plan.gdb {
+            announce_gdb(gdb, p);
+        }
+        let vm = match restored {
             Some(vm) => vm,
             None => {
-                if let Some(gdb) = plan.gdb {
-                    announce_gdb(gdb, p);
-                }
                 let mode = BootMode::Cold(setup);
                 QemuVm::boot(&plan, &mut record, run, mode, spec.boot_timeout, opts.die_with_parent).await?
             }

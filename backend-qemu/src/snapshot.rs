@@ -69,10 +69,8 @@ pub async fn start(
             }
         }
     }
-    // A restored guest gets no gdb stub: only a cold boot starts one.
-    let plan = QemuCommand { gdb: None, ..plan.clone() };
     let mode = BootMode::Restore { incoming: incoming_uri(&state), setup: setup.clone() };
-    match QemuVm::boot(&plan, record, run, mode, boot_timeout, opts.die_with_parent).await {
+    match QemuVm::boot(plan, record, run, mode, boot_timeout, opts.die_with_parent).await {
         Ok(mut vm) => {
             cache_usage::touch(&state);
             if let Some(took) = made {
