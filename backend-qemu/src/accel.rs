@@ -8,7 +8,7 @@
 //! a run that finds KVM failing after all corrects it (see [`record_failure`]).
 
 use crate::cache::{digest, file_identity, Cache};
-use crate::command::QemuCommand;
+use crate::command::{QemuCommand, Root};
 use crate::kernel::BootImage;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,8 @@ pub async fn probe_boot(
     accel: Accel,
     cache: &Cache,
 ) -> std::result::Result<Duration, String> {
-    let initramfs = crate::initramfs::build_poweroff(cache, crate::AGENT).map_err(|e| e.to_string())?;
+    let initramfs =
+        crate::initramfs::build_poweroff(cache, crate::initramfs::AGENT).map_err(|e| e.to_string())?;
     let dir = tempfile::Builder::new()
         .prefix("vmtest-probe-")
         .tempdir()
@@ -95,11 +96,13 @@ pub async fn probe_boot(
         initramfs,
         cpus: 1,
         memory_mib: 256,
-        share_root: false,
+        root: Root::None,
         agent_socket: dir.path().join("agent.sock"),
         console_socket: dir.path().join("console.sock"),
         kernel_args: vec![vmtest_core::protocol::POWEROFF_MARKER.into()],
         nics: Vec::new(),
+        ssh: None,
+        gdb: None,
     };
     let mut child = KillOnDrop(
         std::process::Command::new(qemu)

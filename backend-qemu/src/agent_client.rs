@@ -16,7 +16,7 @@ pub enum AgentError {
     /// The connection ended: the guest or QEMU went away.
     Disconnected,
     /// The command's deadline passed; its process group was killed.
-    TimedOut { partial: ExecOutput },
+    TimedOut,
     /// The guest refused a file operation.
     Refused(String),
 }
@@ -132,8 +132,7 @@ impl AgentClient {
                             drain_until_exit(rx, &mut out, &mut sink),
                         )
                         .await;
-                        out.duration = started.elapsed();
-                        return Err(AgentError::TimedOut { partial: out });
+                        return Err(AgentError::TimedOut);
                     }
                 },
                 None => rx.recv().await,

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use vmtest_core::{Error, Result};
 
+/// A cache directory (created on demand, entry by entry).
 #[derive(Clone, Debug)]
 pub struct Cache {
     root: PathBuf,
@@ -21,16 +22,18 @@ impl Cache {
         Cache { root }
     }
 
+    /// The cache at `root`.
     pub fn at(root: impl Into<PathBuf>) -> Self {
         Cache { root: root.into() }
     }
 
+    /// Its directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
     /// A subdirectory, created on demand.
-    pub fn dir(&self, name: &str) -> Result<PathBuf> {
+    pub(crate) fn dir(&self, name: &str) -> Result<PathBuf> {
         let d = self.root.join(name);
         std::fs::create_dir_all(&d).map_err(|e| {
             Error::usage(format!(
@@ -44,7 +47,7 @@ impl Cache {
     /// An exclusive lock on the cache file `name`, held until the returned file is dropped
     /// (the kernel drops it when the process dies). Used where concurrent first runs would
     /// otherwise all do the same slow work: fetching QEMU, probing KVM.
-    pub fn lock(&self, name: &str) -> Result<std::fs::File> {
+    pub(crate) fn lock(&self, name: &str) -> Result<std::fs::File> {
         use std::os::fd::AsRawFd;
         let path = self.root.join(name);
         if let Some(parent) = path.parent() {
@@ -68,7 +71,7 @@ impl Cache {
     }
 
     /// Write `data` to `path` atomically.
-    pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir)
             .map_err(|e| Error::io(format!("cannot write to cache dir {}", dir.display()), e))?;
@@ -80,7 +83,7 @@ impl Cache {
 }
 
 /// Hex SHA-256 of some parts, for content-addressed names.
-pub fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+pub(crate) fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for p in parts {
@@ -91,7 +94,7 @@ pub fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
 }
 
 /// A cheap identity of a file: path, size, modification time, inode.
-pub fn file_identity(path: &Path) -> std::io::Result<String> {
+pub(crate) fn file_identity(path: &Path) -> std::io::Result<String> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;
     Ok(format!("{}:{}:{}:{}:{}", path.display(), m.len(), m.mtime(), m.mtime_nsec(), m.ino()))

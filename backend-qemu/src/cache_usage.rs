@@ -13,7 +13,9 @@ pub struct Entry {
     /// `snapshot`, `boot-image`, `initramfs`, `module-list`, `kernel`, `qemu`, `image`,
     /// `apt-lists`, `kvm-verdict`.
     pub kind: &'static str,
+    /// The file or directory.
     pub path: PathBuf,
+    /// Its size on disk.
     pub bytes: u64,
     /// When it was last used (snapshots are touched at each restore) or made.
     #[serde(serialize_with = "unix_secs")]
@@ -39,8 +41,9 @@ const KINDS: &[(&str, &str, bool)] = &[
     ("apt", "apt-lists", false),
 ];
 
-/// Every entry, largest kinds first as listed in [`KINDS`]; temporary files of work in
-/// progress (names starting with `.`) are left out.
+/// Every entry, kind by kind: snapshots, boot images, initramfs, module lists, KVM verdicts
+/// (what vmtest makes again on demand), then kernels, QEMU, images and apt lists; temporary
+/// files of work in progress (names starting with `.`) are left out.
 pub fn entries(cache: &Cache) -> Vec<Entry> {
     let mut all = Vec::new();
     for (dir, kind, regenerable) in KINDS {
@@ -149,7 +152,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 
 /// Keep the snapshots within [`snapshot_bound`], least recently used first; the one just
 /// made (`keep`) stays.
-pub fn bound_snapshots(cache: &Cache, keep: &Path) {
+pub(crate) fn bound_snapshots(cache: &Cache, keep: &Path) {
     let bound = snapshot_bound();
     let mut snapshots: Vec<Entry> = entries(cache).into_iter().filter(|e| e.kind == "snapshot").collect();
     let mut total: u64 = snapshots.iter().map(|e| e.bytes).sum();
@@ -175,7 +178,7 @@ pub fn bound_snapshots(cache: &Cache, keep: &Path) {
 }
 
 /// Mark a snapshot as used now (the cache's "last used" is the file's modification time).
-pub fn touch(path: &Path) {
+pub(crate) fn touch(path: &Path) {
     if let Ok(f) = std::fs::File::options().write(true).open(path) {
         let _ = f.set_modified(SystemTime::now());
     }

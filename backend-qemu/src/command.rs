@@ -1,8 +1,10 @@
-//! The QEMU command line for a kernel-mode guest.
+//! The QEMU command line of a guest, in kernel mode and image mode alike: one plan
+//! ([`QemuCommand`]), rendered to argv.
 //!
 //! microvm with virtio-mmio devices when the kernel boots through PVH (fastest under TCG, see
 //! reference/tcg-boot.md), the `pc` machine with virtio-pci otherwise. Sockets are created
-//! by QEMU in the VM's private directory.
+//! by QEMU in the VM's private directory. What differs between the modes is data: the
+//! guest's `/` ([`Root`]) and, for an image reached over SSH, the port forward.
 
 use crate::accel::Accel;
 use crate::kernel::BootImage;
@@ -13,6 +15,11 @@ use vmtest_core::protocol::{AGENT_PORT_NAME, BOOT_MARKER};
 /// The 9p mount tag of the host root share.
 pub const ROOT_TAG: &str = "vmtest-root";
 
+/// The MAC and address of the user-mode NIC that carries the SSH forward (QEMU user
+/// networking's default guest address).
+pub const USER_NET_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x76, 0x6d, 0x01];
+pub const USER_NET_ADDR: [u8; 4] = [10, 0, 2, 15];
+
 /// Everything that decides a guest's QEMU command line.
 #[derive(Clone, Debug)]
 pub struct QemuCommand {
@@ -22,14 +29,58 @@ pub struct QemuCommand {
     pub initramfs: PathBuf,
     pub cpus: u32,
     pub memory_mib: u64,
-    /// Share the host's `/` read-only under [`ROOT_TAG`].
-    pub share_root: bool,
+    /// What the guest's `/` is.
+    pub root: Root,
     pub agent_socket: PathBuf,
     pub console_socket: PathBuf,
     /// Extra words for the kernel command line.
     pub kernel_args: Vec<String>,
     /// NICs on private networks: QEMU `-netdev dgram` over unix sockets to the switch.
     pub nics: Vec<QemuNic>,
+    /// A user-mode NIC through which only a loopback forward to the guest's sshd comes in.
+    pub ssh: Option<SshForward>,
+    /// QEMU's gdb stub, on a known port.
+    pub gdb: Option<Gdb>,
+}
+
+/// The guest's `/`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Root {
+    /// Only the initramfs (the boot floor, the KVM probe).
+    None,
+    /// Kernel mode: the host's `/`, read-only over 9p under [`ROOT_TAG`].
+    Host,
+    /// Image mode: this qcow2 overlay, as `/dev/vda`.
+    Disk(PathBuf),
+}
+
+/// The SSH forward of an image guest: host loopback `port` to the guest's port 22, and the
+/// public key the guest is to accept (given on its kernel command line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshForward {
+    pub port: u16,
+    pub public_key: String,
+}
+
+/// QEMU's gdb stub for a kernel-mode guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gdb {
+    /// The loopback port; 0 picks a free one.
+    pub port: u16,
+    /// Start the guest halted, until gdb continues it (boots cold: a restore has no
+    /// "before the kernel" to stop at).
+    pub wait: bool,
+}
+
+/// What one start of QEMU adds to the guest's machine.
+#[derive(Clone, Copy, Debug)]
+pub enum Start<'a> {
+    /// A boot.
+    Boot,
+    /// A boot whose state is to be saved: with a QMP socket at `qmp` to save it through.
+    SnapshotSource { qmp: &'a Path },
+    /// A restore of a saved state (`-incoming`).
+    Restore { incoming: &'a str },
 }
 
 /// One NIC: QEMU binds `local` and sends every frame to the switch port at `remote`.
@@ -54,6 +105,7 @@ pub enum MachineKind {
 }
 
 impl MachineKind {
+    /// The machine a kernel boots on: microvm when it boots through PVH.
     pub fn for_kernel(kernel: &BootImage) -> Self {
         if kernel.pvh {
             MachineKind::Microvm
@@ -62,11 +114,24 @@ impl MachineKind {
         }
     }
 
-    /// The modules this machine's devices need in the guest.
+    /// The modules this machine's devices need in a guest on the host's root.
     pub fn guest_modules(self) -> &'static [&'static str] {
         match self {
             MachineKind::Microvm => &["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay"],
             MachineKind::Pc => &["virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay"],
+        }
+    }
+
+    /// The modules this machine's devices need in a guest on an image's disk.
+    pub fn image_modules(self) -> &'static [&'static str] {
+        match self {
+            // ext4 needs a crc32c driver, a soft dependency that modules.dep does not list.
+            MachineKind::Microvm => {
+                &["virtio_mmio", "virtio_console", "virtio_blk", "crc32c_generic", "ext4", "virtio_net"]
+            }
+            MachineKind::Pc => {
+                &["virtio_pci", "virtio_console", "virtio_blk", "crc32c_generic", "ext4", "virtio_net"]
+            }
         }
     }
 
@@ -79,6 +144,7 @@ impl MachineKind {
 }
 
 impl QemuCommand {
+    /// The machine type this command boots.
     pub fn machine(&self) -> MachineKind {
         MachineKind::for_kernel(&self.kernel)
     }
@@ -109,10 +175,18 @@ impl QemuCommand {
             words.push(format!("tsc_early_khz={}", host_tsc_khz()));
             words.push("tsc=reliable".into());
         }
+        if let Root::Disk(_) = self.root {
+            words.push("vmtest.root=/dev/vda".into());
+        }
+        if let Some(ssh) = &self.ssh {
+            words.push(format!("vmtest.ssh_key={}", crate::ssh::key_param(&ssh.public_key)));
+        }
         words.extend(self.kernel_args.iter().cloned());
         words.join(" ")
     }
 
+    /// The guest's machine: what two guests that can share a snapshot have in common (the
+    /// snapshot key hashes it), without what one start adds (see [`QemuCommand::argv`]).
     pub fn args(&self) -> Vec<OsString> {
         let m = self.machine();
         let mut a: Vec<OsString> = Vec::new();
@@ -146,7 +220,7 @@ impl QemuCommand {
         push(&m.device("virtio-serial"));
         push("-device");
         push(&format!("virtserialport,chardev=agent0,name={AGENT_PORT_NAME}"));
-        if self.share_root {
+        if self.root == Root::Host {
             push("-fsdev");
             push("local,id=root,path=/,security_model=none,readonly=on,multidevs=remap");
             push("-device");
@@ -172,7 +246,71 @@ impl QemuCommand {
         a.push(self.initramfs.clone().into());
         a.push("-append".into());
         a.push(self.kernel_cmdline().into());
+        a.extend(self.image_devices(m));
         a
+    }
+
+    /// An image guest's disk and SSH forward.
+    fn image_devices(&self, m: MachineKind) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        if let Root::Disk(overlay) = &self.root {
+            a.push("-drive".into());
+            a.push(
+                format!("file={},if=none,id=root,format=qcow2,cache=unsafe,discard=unmap", overlay.display())
+                    .into(),
+            );
+            a.push("-device".into());
+            a.push(format!("{},drive=root", m.device("virtio-blk")).into());
+        }
+        if let Some(ssh) = &self.ssh {
+            // restrict=on: the guest reaches nothing through this NIC; only the forward comes in.
+            a.push("-netdev".into());
+            a.push(format!("user,id=usr0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22", ssh.port).into());
+            a.push("-device".into());
+            let mac = USER_NET_MAC.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            let rom = if m == MachineKind::Pc { ",romfile=" } else { "" };
+            a.push(format!("{},netdev=usr0,mac={mac}{rom}", m.device("virtio-net")).into());
+        }
+        a
+    }
+
+    /// The whole argv of one start: the machine, the gdb stub, under KVM the health
+    /// watcher's QMP socket, and what `start` adds.
+    pub fn argv(&self, start: Start<'_>) -> Vec<OsString> {
+        let mut a = self.args();
+        if let Some(gdb) = self.gdb {
+            a.push("-gdb".into());
+            a.push(format!("tcp:127.0.0.1:{}", gdb.port).into());
+            if gdb.wait {
+                a.push("-S".into());
+            }
+        }
+        if let Some(path) = self.watch_qmp() {
+            a.push("-qmp".into());
+            a.push(format!("unix:{},server=on,wait=off", path.display()).into());
+        }
+        match start {
+            Start::Boot => {}
+            Start::SnapshotSource { qmp } => {
+                a.push("-qmp".into());
+                a.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
+            }
+            Start::Restore { incoming } => {
+                a.push("-incoming".into());
+                a.push(incoming.into());
+            }
+        }
+        a
+    }
+
+    /// Under KVM, a QMP socket of its own through which the health watcher reads the run state.
+    pub fn watch_qmp(&self) -> Option<PathBuf> {
+        (self.accel == Accel::Kvm).then(|| self.console_socket.with_file_name("qmp-watch.sock"))
+    }
+
+    /// Whether the guest is held for gdb (`-S`) until a person continues it.
+    pub fn held_for_gdb(&self) -> bool {
+        self.gdb.is_some_and(|g| g.wait)
     }
 }
 
@@ -210,11 +348,13 @@ mod tests {
             initramfs: "/i".into(),
             cpus: 2,
             memory_mib: 512,
-            share_root: true,
+            root: Root::Host,
             agent_socket: "/run/a.sock".into(),
             console_socket: "/run/c.sock".into(),
             kernel_args: vec!["extra=1".into()],
             nics: Vec::new(),
+            ssh: None,
+            gdb: None,
         }
     }
 
@@ -262,5 +402,63 @@ mod tests {
         assert!(args.windows(2).any(|w| w == ["-cpu", "host"]));
         assert!(!c.kernel_cmdline().contains("tsc_early_khz"));
         assert!(args.iter().any(|a| a.contains("readonly=on")), "the host root is shared read-only");
+    }
+
+    fn strings(args: Vec<OsString>) -> Vec<String> {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn an_image_guest_boots_its_overlay_and_forwards_ssh() {
+        let mut c = cmd(false, Accel::Tcg);
+        c.root = Root::Disk("/run/disk.qcow2".into());
+        c.ssh = Some(SshForward { port: 2222, public_key: "ssh-ed25519 AAAA vmtest".into() });
+        let args = strings(c.args());
+        assert!(!args.iter().any(|a| a.contains("9p")), "no host root: {args:?}");
+        let tail: Vec<&str> =
+            args.iter().skip_while(|a| *a != "-append").skip(2).map(String::as_str).collect();
+        assert_eq!(
+            tail,
+            [
+                "-drive",
+                "file=/run/disk.qcow2,if=none,id=root,format=qcow2,cache=unsafe,discard=unmap",
+                "-device",
+                "virtio-blk-pci,drive=root",
+                "-netdev",
+                "user,id=usr0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
+                "-device",
+                "virtio-net-pci,netdev=usr0,mac=52:54:00:76:6d:01,romfile=",
+            ]
+        );
+        let line = c.kernel_cmdline();
+        assert!(line.ends_with("vmtest.root=/dev/vda vmtest.ssh_key=ssh-ed25519:AAAA extra=1"), "{line}");
+    }
+
+    #[test]
+    fn a_start_adds_gdb_the_watchers_qmp_and_its_own_part_after_the_machine() {
+        let mut c = cmd(true, Accel::Kvm);
+        c.gdb = Some(Gdb { port: 1234, wait: true });
+        let machine = strings(c.args());
+        assert!(!machine.iter().any(|a| a.contains("gdb") || a == "-qmp"), "the snapshot key has neither");
+        let argv = strings(c.argv(Start::Restore { incoming: "exec:cat /s" }));
+        assert_eq!(argv[..machine.len()], machine[..]);
+        assert_eq!(
+            argv[machine.len()..],
+            [
+                "-gdb",
+                "tcp:127.0.0.1:1234",
+                "-S",
+                "-qmp",
+                "unix:/run/qmp-watch.sock,server=on,wait=off",
+                "-incoming",
+                "exec:cat /s"
+            ]
+        );
+        assert!(c.held_for_gdb());
+        let c = cmd(true, Accel::Tcg);
+        let argv = strings(c.argv(Start::SnapshotSource { qmp: Path::new("/run/q.sock") }));
+        assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/q.sock,server=on,wait=off"]);
+        assert_eq!(c.watch_qmp(), None, "only KVM is watched");
+        assert_eq!(strings(c.argv(Start::Boot)), strings(c.args()));
     }
 }

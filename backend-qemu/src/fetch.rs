@@ -36,7 +36,7 @@ pub(crate) fn run_tool(cmd: &mut Command, what: &str, missing_hint: &str) -> Res
 }
 
 /// The concrete `linux-image-<release>` package a metapackage depends on.
-pub fn resolve_package(requested: Option<&str>) -> Result<String> {
+pub(crate) fn resolve_package(requested: Option<&str>) -> Result<String> {
     if let Some(p) = requested {
         if p.starts_with("linux-image-") && !METAPACKAGES.contains(&p) {
             return Ok(p.to_owned());

@@ -29,7 +29,7 @@ const RECIPE: &str = "image-recipe-1";
 pub const BASE_PACKAGES: &[&str] = &["linux-image-amd64", "systemd-sysv", "udev"];
 
 /// Modules copied out of the image for vmtest's initramfs (both machine types).
-pub const BOOT_MODULES: &[&str] = &[
+pub(crate) const BOOT_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_pci",
     "virtio_console",
@@ -49,6 +49,7 @@ pub struct ImageSpec {
     /// The Debian release (debootstrap suite).
     #[serde(default = "default_release")]
     pub release: String,
+    /// The Debian mirror debootstrap and apt fetch from.
     #[serde(default = "default_mirror")]
     pub mirror: String,
     /// The debootstrap variant.
@@ -68,6 +69,7 @@ pub struct ImageSpec {
     pub commands: Vec<String>,
 }
 
+/// A file an image spec writes into the image.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ImageFile {
@@ -100,18 +102,22 @@ fn default_size() -> String {
 /// A parsed spec and the bytes of the files it names.
 #[derive(Clone, Debug)]
 pub struct LoadedSpec {
+    /// The spec as written.
     pub spec: ImageSpec,
     /// `(path in image, bytes, mode)`.
     pub files: Vec<(String, Vec<u8>, u32)>,
 }
 
 impl LoadedSpec {
+    /// Read the spec file at `path` (its `source` files are relative to it).
     pub fn from_file(path: &Path) -> Result<LoadedSpec> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::usage(format!("cannot read image spec {}: {e}", path.display())))?;
         LoadedSpec::parse(&text, path.parent().unwrap_or(Path::new(".")), &path.display().to_string())
     }
 
+    /// Parse the spec `text`, reading `source` files relative to `base`; `what` names the
+    /// spec in error messages.
     pub fn parse(text: &str, base: &Path, what: &str) -> Result<LoadedSpec> {
         let spec: ImageSpec =
             toml::from_str(text).map_err(|e| Error::usage(format!("{what}: bad image spec: {e}")))?;
@@ -169,14 +175,21 @@ impl LoadedSpec {
 /// A built image in the cache.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ImageInfo {
+    /// The name it was found by.
     pub name: String,
+    /// The content key ([`LoadedSpec::key`]): its directory in the store.
     pub key: String,
+    /// The Debian release.
     pub release: String,
+    /// The release of the kernel it boots.
     pub kernel_release: String,
+    /// How long the build took.
     pub build_secs: f64,
     /// Bytes of base.qcow2.
     pub qcow2_bytes: u64,
+    /// When it was built (Unix seconds).
     pub built_unix: u64,
+    /// The spec it was built from.
     pub spec: ImageSpec,
 }
 
@@ -188,21 +201,25 @@ pub struct ImageStore {
 /// One image ready to boot.
 #[derive(Clone, Debug)]
 pub struct Image {
+    /// Its directory in the store.
     pub dir: PathBuf,
+    /// What it is and how it was built.
     pub info: ImageInfo,
 }
 
 impl Image {
+    /// The base disk every guest of the image gets an overlay on.
     pub fn base(&self) -> PathBuf {
         self.dir.join("base.qcow2")
     }
 
-    pub fn kernel_image(&self) -> PathBuf {
+    pub(crate) fn kernel_image(&self) -> PathBuf {
         self.dir.join("boot").join(format!("vmlinuz-{}", self.info.kernel_release))
     }
 }
 
 impl ImageStore {
+    /// The store in `cache` (created if missing).
     pub fn new(cache: &Cache) -> Result<ImageStore> {
         let root = cache.dir("images")?;
         std::fs::create_dir_all(root.join("names"))
@@ -210,6 +227,7 @@ impl ImageStore {
         Ok(ImageStore { root })
     }
 
+    /// Its directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -308,7 +326,7 @@ impl ImageStore {
         let spec = &loaded.spec;
         let t0 = Instant::now();
         for tool in ["debootstrap", "mkfs.ext4", "qemu-img"] {
-            if crate::find_executable(Path::new(tool)).is_none()
+            if crate::host::find_executable(Path::new(tool)).is_none()
                 && !Path::new("/usr/sbin").join(tool).is_file()
             {
                 return Err(Error::preflight(format!(

@@ -7,6 +7,9 @@ use crate::modules::{read_module, strip_signature, Module};
 use std::path::PathBuf;
 use vmtest_core::{Error, Result};
 
+/// The static agent binary, built by build.rs: every initramfs's `/init`.
+pub const AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmtest-agent"));
+
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;

@@ -27,7 +27,7 @@ pub struct Kernel {
 
 impl Kernel {
     /// Describe a kernel image found at `image`.
-    pub fn from_image(image: &Path, origin: &'static str) -> Result<Kernel> {
+    pub(crate) fn from_image(image: &Path, origin: &'static str) -> Result<Kernel> {
         let bytes = read_head(image).map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 "; it is readable only by root: copy it somewhere readable or run `vmtest kernel fetch`"
@@ -54,7 +54,7 @@ impl Kernel {
 
     /// True only when the kernel's config is known and does not force module signatures,
     /// so unsigned modules load.
-    pub fn accepts_unsigned_modules(&self) -> bool {
+    pub(crate) fn accepts_unsigned_modules(&self) -> bool {
         let Some(config) = self.config.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) else {
             return false;
         };
@@ -121,7 +121,7 @@ fn newest_first(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Compare kernel versions numerically where they are numbers (6.10 > 6.9).
-pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let parts = |s: &str| -> Vec<(u64, String)> {
         s.split(['.', '-', '+', '_']).map(|p| (p.parse().unwrap_or(0), p.to_owned())).collect()
     };
@@ -129,7 +129,7 @@ pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 }
 
 /// The kernel release string of a bzImage (header field) or an ELF vmlinux ("Linux version").
-pub fn release_of(bytes: &[u8], path: &Path) -> Option<String> {
+pub(crate) fn release_of(bytes: &[u8], path: &Path) -> Option<String> {
     if bytes.len() > 0x210 && &bytes[0x202..0x206] == b"HdrS" {
         let off = u16::from_le_bytes([bytes[0x20e], bytes[0x20f]]) as usize + 0x200;
         let s = bytes.get(off..off + 256)?;
@@ -161,7 +161,7 @@ fn modules_dir_for(image: &Path, release: &str) -> Option<PathBuf> {
 /// What QEMU should boot: the cached ELF vmlinux when the kernel has a PVH entry point,
 /// else the image itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BootImage {
+pub(crate) struct BootImage {
     pub path: PathBuf,
     /// True for an uncompressed ELF with a PVH note (fast boot; works with microvm).
     pub pvh: bool,
@@ -170,7 +170,7 @@ pub struct BootImage {
 /// A file with `kernel`'s debug symbols, for gdb: the `vmlinux` of its build tree
 /// (`arch/x86/boot/bzImage` -> `vmlinux`), or Debian's `-dbg` package's
 /// `/usr/lib/debug/boot/vmlinux-<release>`.
-pub fn debug_symbols(kernel: &Kernel) -> Option<PathBuf> {
+pub(crate) fn debug_symbols(kernel: &Kernel) -> Option<PathBuf> {
     let mut candidates = Vec::new();
     if let Some(tree) =
         kernel.image.ancestors().nth(4).filter(|_| kernel.image.ends_with("arch/x86/boot/bzImage"))
@@ -186,7 +186,7 @@ pub fn debug_symbols(kernel: &Kernel) -> Option<PathBuf> {
 }
 
 /// Extract (once) and return the fastest bootable form of `kernel`.
-pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
+pub(crate) fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
     let id = file_identity(&kernel.image)
         .map_err(|e| Error::io(format!("cannot stat {}", kernel.image.display()), e))?;
     let dir = cache.dir("vmlinux")?;
@@ -219,7 +219,7 @@ pub fn boot_image(kernel: &Kernel, cache: &Cache) -> Result<BootImage> {
 }
 
 /// Find the compressed payload of a bzImage and decompress it to the ELF vmlinux.
-pub fn extract_vmlinux(bz: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn extract_vmlinux(bz: &[u8]) -> Option<Vec<u8>> {
     const XZ: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
     const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
     const GZIP: &[u8] = &[0x1f, 0x8b, 0x08];
@@ -266,7 +266,7 @@ fn xz_single_stream(data: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// True when the ELF carries `XEN_ELFNOTE_PHYS32_ENTRY`, which QEMU needs to boot it directly.
-pub fn has_pvh_note(elf: &[u8]) -> bool {
+pub(crate) fn has_pvh_note(elf: &[u8]) -> bool {
     use object::read::elf::{ElfFile64, FileHeader, ProgramHeader};
     const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
     let Ok(file) = ElfFile64::<object::Endianness>::parse(elf) else { return false };

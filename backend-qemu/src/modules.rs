@@ -143,9 +143,6 @@ pub fn resolve_cached(cache: &Cache, dir: &Path, wanted: &[&str]) -> Result<Vec<
     Ok(resolved)
 }
 
-/// The index files modprobe reads: `modules.dep`, `modules.alias`, `modules.devname`.
-pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.devname"];
-
 /// Make sure the module tree at `dir` has its index, so the guest can load any of its
 /// modules on demand. A tree from a distro package was never passed through depmod: the
 /// host's `depmod` writes the index when there is one (with the binary forms the host's
@@ -155,7 +152,7 @@ pub const INDEX_FILES: [&str; 3] = ["modules.dep", "modules.alias", "modules.dev
 ///
 /// A failure is only a warning: the guest then boots without on-demand modules.
 pub fn ensure_index(cache: &Cache, dir: &Path, release: &str) {
-    let depmod = crate::find_executable(Path::new("depmod"));
+    let depmod = crate::host::find_executable(Path::new("depmod"));
     // With kmod on the host, its modprobe needs depmod's binary index too.
     let done = if depmod.is_some() { "modules.dep.bin" } else { "modules.dep" };
     if dir.join(done).is_file() || !dir.starts_with(cache.root()) {

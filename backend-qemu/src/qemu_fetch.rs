@@ -31,7 +31,7 @@ pub struct FetchedQemu {
 }
 
 /// The newest QEMU already fetched into `cache`, if any.
-pub fn cached(cache: &Cache) -> Option<FetchedQemu> {
+pub(crate) fn cached(cache: &Cache) -> Option<FetchedQemu> {
     let dir = cache.root().join("qemu");
     let mut found: Vec<FetchedQemu> = std::fs::read_dir(&dir)
         .ok()?

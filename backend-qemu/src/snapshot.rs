@@ -1,5 +1,7 @@
 //! Snapshots of a guest at "agent ready": boot once, save the whole VM state, and start later
-//! guests of the same shape by restoring it instead of booting (`-incoming`).
+//! guests of the same shape by restoring it instead of booting (`-incoming`). The whole
+//! policy is here: which guests use one ([`wanted`]), when one is made, restored or dropped
+//! ([`start`]), and the key ([`path_for`]).
 //!
 //! The state is saved before the agent's setup, so before the 9p root is mounted (QEMU will
 //! not migrate a guest with a mounted 9p share) and before anything run-specific (clock,
@@ -9,12 +11,114 @@
 //! count makes a new snapshot, and stale ones are never used.
 
 use crate::cache::{digest, file_identity, Cache};
+use crate::command::{QemuCommand, Root};
 use crate::qmp::Qmp;
+use crate::vm::{self, BootMode, QemuVm};
+use crate::{accel, cache_usage, QemuOptions};
 use serde_json::json;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmtest_core::{Error, Result};
+use vmtest_core::protocol::GuestSetup;
+use vmtest_core::state::{RunDir, VmRecord};
+use vmtest_core::{Error, ErrorKind, Result};
+
+/// Whether a guest of `plan` starts from a snapshot: when snapshots are on, in kernel mode
+/// only (an image guest's disk would have to match the saved state), and never for a guest
+/// held for gdb (a restored one is past the point to stop at).
+pub fn wanted(opts: &QemuOptions, plan: &QemuCommand) -> bool {
+    opts.snapshots && plan.root == Root::Host && !plan.held_for_gdb()
+}
+
+/// Start the guest of `plan` from its snapshot, making the snapshot first if there is none.
+/// `Ok(None)`: no snapshot is [`wanted`], or none could be made or restored; the caller
+/// boots cold. A guest of this shape that fails to boot at all is an error: a cold boot
+/// would fail the same way.
+pub async fn start(
+    cache: &Cache,
+    opts: &QemuOptions,
+    plan: &QemuCommand,
+    run: &RunDir,
+    record: &mut VmRecord,
+    setup: &GuestSetup,
+    boot_timeout: Duration,
+) -> Result<Option<QemuVm>> {
+    if !wanted(opts, plan) {
+        return Ok(None);
+    }
+    let state = match path_for(cache, &plan.qemu, &plan.args(), &run.vm_dir(&record.node)?) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no snapshot: {e}");
+            return Ok(None);
+        }
+    };
+    let mut made = None;
+    if !state.is_file() {
+        let started = Instant::now();
+        match make(plan, run, record, &state, boot_timeout).await {
+            Ok(()) => {
+                made = Some(started.elapsed());
+                cache_usage::bound_snapshots(cache, &state);
+                tracing::info!("saved a snapshot in {:?}: {}", started.elapsed(), state.display())
+            }
+            Err(e) if e.kind() == ErrorKind::Boot || accel::is_kvm_failure(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!("could not save a snapshot ({e}); booting without one");
+                return Ok(None);
+            }
+        }
+    }
+    let mode = BootMode::Restore { incoming: incoming_uri(&state), setup: setup.clone() };
+    match QemuVm::boot(plan, record, run, mode, boot_timeout, opts.die_with_parent).await {
+        Ok(mut vm) => {
+            cache_usage::touch(&state);
+            if let Some(took) = made {
+                vm.add_timing("snapshot", took);
+            }
+            Ok(Some(vm))
+        }
+        // The accelerator failed, not the snapshot.
+        Err(e) if accel::is_kvm_failure(&e) => Err(e),
+        Err(e) => {
+            // A snapshot that does not restore is useless: drop it, boot cold this time.
+            tracing::warn!("restoring {} failed ({e}); discarding it and booting cold", state.display());
+            let _ = std::fs::remove_file(&state);
+            Ok(None)
+        }
+    }
+}
+
+/// Boot a guest of `plan` (beside the guest of `guest`, which it is made for) to "agent
+/// ready" and save its state to `state`.
+async fn make(
+    plan: &QemuCommand,
+    run: &RunDir,
+    guest: &VmRecord,
+    state: &Path,
+    boot_timeout: Duration,
+) -> Result<()> {
+    let node = format!("{}-snapshot", guest.node);
+    let dir = run.vm_dir(&node)?;
+    let (agent_socket, console_socket) = vm::socket_paths(&dir);
+    let source = QemuCommand { agent_socket, console_socket, gdb: None, ..plan.clone() };
+    let mut record = VmRecord::new(&format!("{}-snapshot", guest.name), &node, run.id(), &guest.backend);
+    record.paths.push(dir.clone());
+    run.write_record(&record)?;
+    let qmp = dir.join("qmp.sock");
+    let mode = BootMode::SnapshotSource { qmp: &qmp };
+    let saved = match QemuVm::boot(&source, &mut record, run, mode, boot_timeout, true).await {
+        Ok(vm) => {
+            let saved = save(&qmp, state).await;
+            let _ = vmtest_core::Vm::kill(&vm).await;
+            saved
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    run.remove_record(&node);
+    saved
+}
 
 /// The snapshot file for a guest started as `qemu args...` from `vm_dir` (the run's paths,
 /// which differ every run, are replaced by placeholders before hashing).
@@ -30,7 +134,7 @@ pub fn path_for(cache: &Cache, qemu: &Path, args: &[OsString], vm_dir: &Path) ->
 }
 
 /// The `-incoming` argument that loads a saved state.
-pub fn incoming_uri(state: &Path) -> String {
+fn incoming_uri(state: &Path) -> String {
     format!("exec:cat {}", shell_quote(&state.to_string_lossy()))
 }
 
@@ -99,5 +203,31 @@ mod tests {
     #[test]
     fn incoming_paths_are_quoted() {
         assert_eq!(incoming_uri(Path::new("/c/it's.state")), r"exec:cat '/c/it'\''s.state'");
+    }
+
+    #[test]
+    fn only_kernel_mode_guests_not_held_for_gdb_use_snapshots() {
+        let plan = |root: Root, gdb: Option<crate::Gdb>| QemuCommand {
+            qemu: "q".into(),
+            accel: crate::accel::Accel::Tcg,
+            kernel: crate::kernel::BootImage { path: "/k".into(), pvh: true },
+            initramfs: "/i".into(),
+            cpus: 1,
+            memory_mib: 256,
+            root,
+            agent_socket: "/a".into(),
+            console_socket: "/c".into(),
+            kernel_args: Vec::new(),
+            nics: Vec::new(),
+            ssh: None,
+            gdb,
+        };
+        let on = QemuOptions::default();
+        let off = QemuOptions { snapshots: false, ..QemuOptions::default() };
+        assert!(wanted(&on, &plan(Root::Host, None)));
+        assert!(!wanted(&off, &plan(Root::Host, None)));
+        assert!(!wanted(&on, &plan(Root::Disk("/d".into()), None)), "an image's disk would have to match");
+        assert!(wanted(&on, &plan(Root::Host, Some(crate::Gdb { port: 1, wait: false }))));
+        assert!(!wanted(&on, &plan(Root::Host, Some(crate::Gdb { port: 1, wait: true }))), "held for gdb");
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::accel::{Accel, KvmFailed};
 use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
-use crate::command::QemuCommand;
+use crate::command::{QemuCommand, Start};
 use crate::health::{self, Trouble};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -63,8 +63,18 @@ pub enum BootMode<'a> {
     /// Boot the kernel and stop at "agent ready", before any setup: the state a snapshot
     /// saves. `qmp` is the QMP socket to add.
     SnapshotSource { qmp: &'a Path },
-    /// Resume the saved state at `state`, then send the setup.
-    Restore { state: &'a Path, setup: GuestSetup },
+    /// Resume a saved state (`incoming` is QEMU's `-incoming` URI), then send the setup.
+    Restore { incoming: String, setup: GuestSetup },
+}
+
+impl BootMode<'_> {
+    fn start(&self) -> Start<'_> {
+        match self {
+            BootMode::Cold(_) => Start::Boot,
+            BootMode::SnapshotSource { qmp } => Start::SnapshotSource { qmp },
+            BootMode::Restore { incoming, .. } => Start::Restore { incoming },
+        }
+    }
 }
 
 impl QemuVm {
@@ -77,84 +87,14 @@ impl QemuVm {
         boot_timeout: Duration,
         die_with_parent: bool,
     ) -> Result<QemuVm> {
-        Self::boot_with_args(cmd, &[], record, run, mode, boot_timeout, die_with_parent).await
-    }
-
-    /// [`QemuVm::boot`] with more QEMU arguments (image mode: the disk, the SSH forward).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn boot_with_args(
-        cmd: &QemuCommand,
-        extra_args: &[std::ffi::OsString],
-        record: &mut VmRecord,
-        run: &RunDir,
-        mode: BootMode<'_>,
-        boot_timeout: Duration,
-        die_with_parent: bool,
-    ) -> Result<QemuVm> {
         let t0 = Instant::now();
-        let mut args = cmd.args();
-        args.extend(extra_args.iter().cloned());
-        // Under KVM a QMP socket of its own lets the health watcher read the run state.
-        let watch_qmp =
-            (cmd.accel == Accel::Kvm).then(|| cmd.console_socket.with_file_name("qmp-watch.sock"));
-        if let Some(path) = &watch_qmp {
-            args.push("-qmp".into());
-            args.push(format!("unix:{},server=on,wait=off", path.display()).into());
-        }
-        match &mode {
-            BootMode::Cold(_) => {}
-            BootMode::SnapshotSource { qmp } => {
-                args.push("-qmp".into());
-                args.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
-            }
-            BootMode::Restore { state, .. } => {
-                args.push("-incoming".into());
-                args.push(crate::snapshot::incoming_uri(state).into());
-            }
-        }
+        let args = cmd.argv(mode.start());
         tracing::debug!("starting {}", crate::command::display(&cmd.qemu, &args));
-        let mut child = {
-            let mut c = tokio::process::Command::new(&cmd.qemu);
-            c.args(&args)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped());
-            // SAFETY: setpgid and prctl are async-signal-safe.
-            unsafe {
-                c.pre_exec(move || {
-                    // Its own process group: a terminal's Ctrl-C reaches vmtest, which tears down.
-                    libc::setpgid(0, 0);
-                    if die_with_parent {
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    }
-                    Ok(())
-                });
-            }
-            c.spawn().map_err(|e| {
-                Error::preflight(format!(
-                    "cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86), or leave \
-                     VMTEST_QEMU unset and vmtest fetches the distro's QEMU",
-                    cmd.qemu.display()
-                ))
-            })?
-        };
+        let mut child = spawn(cmd, &args, die_with_parent)?;
         let pid = child.id().unwrap_or(0);
         record.processes = ProcessId::of(pid).into_iter().collect();
         run.write_record(record)?;
-
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        if let Some(mut pipe) = child.stderr.take() {
-            let sink = stderr.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                }
-            });
-        }
+        let stderr = collect(child.stderr.take());
         let (exit_tx, exited) = watch::channel(None);
         tokio::spawn(async move {
             let status = child.wait().await.ok();
@@ -162,44 +102,17 @@ impl QemuVm {
                 .send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
         });
         let trouble = (cmd.accel == Accel::Kvm)
-            .then(|| health::watch(pid, stderr.clone(), watch_qmp.clone(), exited.clone()));
+            .then(|| health::watch(pid, stderr.clone(), cmd.watch_qmp(), exited.clone()));
 
-        let qemu_said =
-            |stderr: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
-        let (mut vm, mut control) = match QemuVm::connect(
-            &record.name,
-            pid,
-            &cmd.agent_socket,
-            &cmd.console_socket,
-            stderr.clone(),
-            exited,
-            trouble.clone(),
-        )
-        .await
-        {
-            Ok(pair) => pair,
-            Err(()) => {
-                kill_pid(pid);
-                // Give the stderr reader a moment to collect QEMU's last words.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let said = qemu_said(&stderr);
-                if let Some(line) = crate::accel::failure_line(&said) {
-                    return Err(kvm_error(line.to_owned(), said.clone()));
-                }
-                let first = said.lines().next().unwrap_or("it exited without a message").to_owned();
-                if said.contains("temporarily unavailable") {
-                    return Err(Error::transient(format!("QEMU did not start: {first}")));
-                }
-                // QEMU itself cannot run here (bad binary, options, firmware): the backend
-                // is unusable, not the guest.
-                return Err(Error::preflight(format!(
-                    "QEMU ({}) could not start: {first}; check the QEMU installation (`vmtest doctor`)",
-                    cmd.qemu.display()
-                ))
-                .with_detail(said));
-            }
+        let sockets = (&cmd.agent_socket, &cmd.console_socket);
+        let connected =
+            QemuVm::connect(&record.name, pid, sockets.0, sockets.1, stderr.clone(), exited, trouble).await;
+        let Ok((mut vm, mut control)) = connected else {
+            kill_pid(pid);
+            // Give the stderr reader a moment to collect QEMU's last words.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return Err(start_failure(cmd, String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned()));
         };
-
         let setup = match mode {
             BootMode::Restore { setup, .. } => {
                 // The restored agent said hello before its state was saved: go straight on.
@@ -209,53 +122,66 @@ impl QemuVm {
             BootMode::Cold(setup) => Some(setup),
             BootMode::SnapshotSource { .. } => None,
         };
+        vm.wait_for_agent(cmd, &mut control, boot_timeout).await?;
+        vm.timings.push(("boot", t0.elapsed()));
+        match setup {
+            Some(setup) => vm.send_setup(setup, &mut control).await,
+            None => Ok(vm),
+        }
+    }
 
-        // Boot: wait for the agent's hello, or QEMU's exit, or trouble, or the deadline. A
-        // guest that shows no agent within KVM_BOOT_DEADLINE under KVM has a broken KVM under it
-        // (a working one boots in about a second), not a slow boot.
-        // (`-S`: the guest is held for gdb, and no deadline of ours applies.)
-        let held = extra_args.iter().any(|a| a == "-S");
+    /// Wait for the agent's hello, or QEMU's exit, or trouble, or the deadline. A guest that
+    /// shows no agent within KVM_BOOT_DEADLINE under KVM has a broken KVM under it (a working
+    /// one boots in about a second), not a slow boot.
+    async fn wait_for_agent(
+        &self,
+        cmd: &QemuCommand,
+        control: &mut ControlReceiver,
+        boot_timeout: Duration,
+    ) -> Result<()> {
+        // A guest held for gdb waits for a person at a debugger: no deadline of ours applies.
+        let held = cmd.held_for_gdb();
+        let boot_timeout = if held { boot_timeout.max(Duration::from_secs(24 * 3600)) } else { boot_timeout };
         let deadline = match cmd.accel {
             Accel::Kvm if !held => boot_timeout.min(KVM_BOOT_DEADLINE),
             _ => boot_timeout,
         };
-        let hello = match vm.or_trouble(tokio::time::timeout(deadline, control.recv())).await {
+        let hello = match self.or_trouble(tokio::time::timeout(deadline, control.recv())).await {
             Ok(hello) => hello,
-            Err(t) => return Err(vm.trouble_error(t).await),
+            Err(t) => return Err(self.trouble_error(t).await),
         };
         let hello = match hello {
             Ok(Some(GuestMessage::Hello(h))) => h,
             Ok(_) => {
-                vm.wait_exit(Duration::from_secs(2)).await;
-                if let Some(t) = vm.seen_trouble() {
-                    return Err(vm.trouble_error(t).await);
+                self.wait_exit(Duration::from_secs(2)).await;
+                if let Some(t) = self.seen_trouble() {
+                    return Err(self.trouble_error(t).await);
                 }
-                return Err(vm.early_exit_error());
+                return Err(self.early_exit_error());
             }
             Err(_) if cmd.accel == Accel::Kvm && deadline < boot_timeout => {
-                vm.kill_now().await;
+                self.kill_now().await;
                 let what = format!(
                     "the guest did not reach vmtest-agent within {}s under KVM",
                     KVM_BOOT_DEADLINE.as_secs()
                 );
-                return Err(vm.trouble_error(Trouble::Accelerator(what)).await);
+                return Err(self.trouble_error(Trouble::Accelerator(what)).await);
             }
             Err(_) => {
-                vm.kill_now().await;
-                return Err(vm.failure(format!(
+                self.kill_now().await;
+                return Err(self.failure(format!(
                     "the guest did not reach vmtest-agent within {}; raise --boot-timeout, or check the console below",
                     vmtest_core::spec::format_duration(boot_timeout)
                 )));
             }
         };
         if hello.protocol != PROTOCOL_VERSION {
-            vm.kill_now().await;
+            self.kill_now().await;
             return Err(Error::infra(format!(
                 "vmtest-agent {} speaks protocol {}, this vmtest speaks {PROTOCOL_VERSION}; rebuild vmtest",
                 hello.agent_version, hello.protocol
             )));
         }
-        vm.timings.push(("boot", t0.elapsed()));
         tracing::debug!(
             "agent ready at {} ms of guest uptime: init at {} ms, modules took {} ms (kernel {})",
             hello.uptime_ms,
@@ -263,11 +189,7 @@ impl QemuVm {
             hello.modules_ms,
             hello.kernel_release
         );
-
-        match setup {
-            Some(setup) => vm.send_setup(setup, &mut control).await,
-            None => Ok(vm),
-        }
+        Ok(())
     }
 
     /// Send the setup (root switch, clock, network) and wait for the agent to finish it.
@@ -487,10 +409,6 @@ impl QemuVm {
         self.timings.push((phase, took));
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     pub fn console_log(&self) -> &ConsoleLog {
         &self.console
     }
@@ -509,6 +427,73 @@ async fn connect_socket(
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Start QEMU with `args`, in its own process group (a terminal's Ctrl-C reaches vmtest,
+/// which tears down) and, when `die_with_parent`, killed when vmtest dies.
+fn spawn(
+    cmd: &QemuCommand,
+    args: &[std::ffi::OsString],
+    die_with_parent: bool,
+) -> Result<tokio::process::Child> {
+    let mut c = tokio::process::Command::new(&cmd.qemu);
+    c.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setpgid and prctl are async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            libc::setpgid(0, 0);
+            if die_with_parent {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    c.spawn().map_err(|e| {
+        Error::preflight(format!(
+            "cannot start {}: {e}; install QEMU (apt-get install qemu-system-x86), or leave \
+             VMTEST_QEMU unset and vmtest fetches the distro's QEMU",
+            cmd.qemu.display()
+        ))
+    })
+}
+
+/// What QEMU writes on `pipe`, collected as it comes.
+fn collect(pipe: Option<tokio::process::ChildStderr>) -> Arc<Mutex<Vec<u8>>> {
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    if let Some(mut pipe) = pipe {
+        let sink = stderr.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    stderr
+}
+
+/// The error for a QEMU that exited before its sockets came up, from what it `said`.
+fn start_failure(cmd: &QemuCommand, said: String) -> Error {
+    if let Some(line) = crate::accel::failure_line(&said) {
+        return kvm_error(line.to_owned(), said.clone());
+    }
+    let first = said.lines().next().unwrap_or("it exited without a message").to_owned();
+    if said.contains("temporarily unavailable") {
+        return Error::transient(format!("QEMU did not start: {first}"));
+    }
+    // QEMU itself cannot run here (bad binary, options, firmware): the backend is unusable,
+    // not the guest.
+    Error::preflight(format!(
+        "QEMU ({}) could not start: {first}; check the QEMU installation (`vmtest doctor`)",
+        cmd.qemu.display()
+    ))
+    .with_detail(said)
 }
 
 /// Under KVM, the longest a cold boot or restore may take to reach the agent before KVM is
@@ -552,7 +537,7 @@ impl Vm for QemuVm {
         let timeout = req.timeout;
         match self.agent.exec(req).await {
             Ok(out) => Ok(out),
-            Err(AgentError::TimedOut { .. }) => Err(Error::timeout(
+            Err(AgentError::TimedOut) => Err(Error::timeout(
                 &format!("`{shown}` in {}", self.name),
                 timeout.unwrap_or_default(),
                 "raise --timeout, or find out why it hangs (--keep leaves the VM up to look)",
