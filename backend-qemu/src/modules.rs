@@ -333,7 +333,7 @@ pub fn modinfo(elf: &[u8], key: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -369,7 +369,7 @@ mod tests {
     }
 
     /// A relocatable ELF with only a `.modinfo` section holding `fields`.
-    fn fake_module(fields: &[&str]) -> Vec<u8> {
+    pub(crate) fn fake_module(fields: &[&str]) -> Vec<u8> {
         let mut modinfo: Vec<u8> = fields.iter().flat_map(|f| f.bytes().chain([0])).collect();
         modinfo.resize(modinfo.len().next_multiple_of(8), 0);
         // Padded to 24 bytes, so the section headers after it are 8-byte aligned.
