@@ -92,6 +92,9 @@ pub struct Prepared {
     pub accel: Accel,
     /// One line to show the user (e.g. the TCG fallback), at most once per process.
     pub note: Option<String>,
+    /// Set when the kernel's drivers could not be checked before boot: what was looked for,
+    /// added to a boot failure.
+    pub unchecked: Option<String>,
 }
 
 pub struct QemuBackend {
@@ -162,8 +165,18 @@ impl QemuBackend {
         Ok(fetched.binary)
     }
 
-    /// Find the kernel, fetching the distro's when allowed and none is found.
-    pub fn kernel(&self, explicit: Option<&Path>) -> Result<Kernel> {
+    /// Find the kernel, fetching the distro's when allowed and none is found, with its
+    /// modules: `modules` (else `$VMTEST_MODULES`) when given, else those found beside it.
+    pub fn kernel(&self, explicit: Option<&Path>, modules: Option<&Path>) -> Result<Kernel> {
+        let k = self.find_kernel(explicit)?;
+        let env = std::env::var_os("VMTEST_MODULES").filter(|v| !v.is_empty()).map(PathBuf::from);
+        match modules.map(Path::to_owned).or(env) {
+            Some(dir) => k.with_modules(&dir),
+            None => Ok(k),
+        }
+    }
+
+    fn find_kernel(&self, explicit: Option<&Path>) -> Result<Kernel> {
         if let Some(k) = kernel::locate(explicit, &self.cache)? {
             return Ok(k);
         }
@@ -182,8 +195,8 @@ impl QemuBackend {
 
     /// Everything a boot of `spec` needs, ready on disk.
     pub async fn prepare(&self, spec: &VmSpec) -> Result<Prepared> {
-        let explicit = match &spec.boot {
-            BootSpec::Kernel { kernel } => kernel.clone(),
+        let (explicit, modules) = match &spec.boot {
+            BootSpec::Kernel { kernel } => (kernel.clone(), None::<PathBuf>),
             BootSpec::Image { name } => {
                 return Err(Error::usage(format!(
                     "image `{name}`: an image guest is prepared by `launch`, not `prepare`"
@@ -194,35 +207,33 @@ impl QemuBackend {
         let cache = self.cache.clone();
         let kernel = {
             let this = QemuBackend { opts: self.opts.clone(), cache: cache.clone() };
-            tokio::task::spawn_blocking(move || this.kernel(explicit.as_deref()))
+            tokio::task::spawn_blocking(move || this.kernel(explicit.as_deref(), modules.as_deref()))
                 .await
                 .map_err(|e| Error::infra(format!("kernel lookup: {e}")))??
         };
-        let (boot, initramfs) = {
+        let (boot, initramfs, unchecked) = {
             let (kernel, cache) = (kernel.clone(), cache.clone());
             let with_net = !spec.nics.is_empty();
-            tokio::task::spawn_blocking(move || -> Result<(BootImage, PathBuf)> {
+            tokio::task::spawn_blocking(move || -> Result<(BootImage, PathBuf, Option<String>)> {
                 let boot = kernel::boot_image(&kernel, &cache)?;
-                let modules = match &kernel.modules {
-                    Some(dir) => {
-                        let mut wanted = MachineKind::for_kernel(&boot).guest_modules().to_vec();
-                        if with_net {
-                            wanted.extend_from_slice(command::NET_MODULES);
-                        }
-                        modules::ensure_index(&cache, dir, &kernel.release);
-                        modules::resolve_cached(&cache, dir, &wanted)?
-                    }
-                    // No module tree: a kernel with the drivers built in (or the agent says what is missing).
-                    None => Vec::new(),
-                };
+                let mut wanted = MachineKind::for_kernel(&boot).guest_modules().to_vec();
+                if with_net {
+                    wanted.extend_from_slice(command::NET_MODULES);
+                }
+                // A kernel that lacks a driver is refused here, before it boots.
+                let guest = modules::for_guest(&cache, &kernel, &wanted)?;
+                if let Some(why) = &guest.unchecked {
+                    tracing::info!("{why}");
+                }
                 let strip = kernel.accepts_unsigned_modules();
-                Ok((boot.clone(), initramfs::build(&cache, AGENT, &modules, strip)?))
+                let initramfs = initramfs::build(&cache, AGENT, &guest.modules, strip)?;
+                Ok((boot, initramfs, guest.unchecked))
             })
             .await
             .map_err(|e| Error::infra(format!("initramfs build: {e}")))??
         };
         let (accel, note) = accel::choose(spec.accel, &qemu, &boot, &self.cache).await?;
-        Ok(Prepared { qemu, kernel, boot, initramfs, accel, note })
+        Ok(Prepared { qemu, kernel, boot, initramfs, accel, note, unchecked })
     }
 
     /// The QEMU command for a guest of `spec` in `vm_dir`.
@@ -621,6 +632,13 @@ impl Hypervisor for QemuBackend {
                         self.after_kvm_failure(spec.accel, &prepared.qemu, &prepared.boot, &e)?;
                     // The failed attempt's sockets and logs go; the retry starts afresh.
                     let _ = std::fs::remove_dir_all(run.vm_dir(&spec.node)?);
+                }
+                Err(e) if e.kind() == vmtest_core::ErrorKind::Boot => {
+                    return Err(match (&prepared.unchecked, e.hint().map(str::to_owned)) {
+                        (Some(why), Some(hint)) => e.with_hint(format!("{hint}; {why}")),
+                        (Some(why), None) => e.with_hint(why.clone()),
+                        (None, _) => e,
+                    })
                 }
                 other => return other,
             }
