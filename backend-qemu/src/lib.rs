@@ -196,7 +196,7 @@ impl QemuBackend {
     /// Everything a boot of `spec` needs, ready on disk.
     pub async fn prepare(&self, spec: &VmSpec) -> Result<Prepared> {
         let (explicit, modules) = match &spec.boot {
-            BootSpec::Kernel { kernel } => (kernel.clone(), None::<PathBuf>),
+            BootSpec::Kernel { kernel, modules } => (kernel.clone(), modules.clone()),
             BootSpec::Image { name } => {
                 return Err(Error::usage(format!(
                     "image `{name}`: an image guest is prepared by `launch`, not `prepare`"

@@ -45,6 +45,7 @@ macro_rules! settings {
         pub struct $name {
             pub backend: Option<String>,
             pub kernel: Option<PathBuf>,
+            pub modules: Option<PathBuf>,
             pub image: Option<String>,
             pub accel: Option<String>,
             pub cpus: Option<u32>,
@@ -86,6 +87,7 @@ impl ConfigFile {
         TargetSettings {
             backend: self.backend.clone(),
             kernel: self.kernel.clone(),
+            modules: self.modules.clone(),
             image: self.image.clone(),
             accel: self.accel.clone(),
             cpus: self.cpus,
@@ -131,6 +133,9 @@ pub struct Flags {
     pub target: Option<String>,
     pub backend: Option<String>,
     pub kernel: Option<PathBuf>,
+    /// The kernel's modules (`make modules_install`'s INSTALL_MOD_PATH, or its
+    /// `lib/modules/<release>`).
+    pub modules: Option<PathBuf>,
     pub image: Option<String>,
     pub accel: Option<String>,
     pub cpus: Option<u32>,
@@ -195,6 +200,7 @@ pub struct Effective {
     pub target: Option<Val<String>>,
     pub backend: Val<String>,
     pub kernel: Val<Option<PathBuf>>,
+    pub modules: Val<Option<PathBuf>>,
     pub image: Val<Option<String>>,
     pub accel: Val<String>,
     pub cpus: Val<u32>,
@@ -223,7 +229,9 @@ impl Effective {
         vm.boot_timeout = blame(spec::parse_duration(&self.boot_timeout.value), &self.boot_timeout.source)?;
         vm.boot = match &self.image.value {
             Some(name) => BootSpec::Image { name: name.clone() },
-            None => BootSpec::Kernel { kernel: self.kernel.value.clone() },
+            None => {
+                BootSpec::Kernel { kernel: self.kernel.value.clone(), modules: self.modules.value.clone() }
+            }
         };
         if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
             vm.exec =
@@ -406,6 +414,12 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
     if let Some(k) = &flags.kernel {
         kernel = Val { value: Some(cwd.join(k)), source: Source::Flag("--kernel") };
     }
+    let mut modules = path_setting(
+        &layers,
+        |l| l.modules.as_ref(),
+        env_val("VMTEST_MODULES"),
+        flags.modules.as_ref().map(|m| (cwd.join(m), "--modules")),
+    );
     let image: Val<Option<String>> =
         pick!(image, None, None, flags.image.as_ref().map(|i| Some(i.clone())), "--image");
     // A flag for one boot source overrides the other one from a lower layer.
@@ -416,6 +430,17 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         (_, Source::Flag(_)) => (Val { value: None, source: Source::Flag("--image") }, image),
         _ => (kernel, image),
     };
+    // An image flag replaces the lower layers' modules as it replaces their kernel.
+    if flags.image.is_some() && flags.modules.is_none() {
+        modules = Val { value: None, source: Source::Flag("--image") };
+    }
+    if let (Some(_), Some(_)) = (&modules.value, &image.value) {
+        return Err(Error::usage(format!(
+            "kernel modules (from {}) go with a kernel, and an image (from {}) is set, which brings its own; \
+             keep one",
+            modules.source, image.source
+        )));
+    }
     if let (Some(_), Some(_)) = (&kernel.value, &image.value) {
         return Err(Error::usage(format!(
             "both a kernel (from {}) and an image (from {}) are set; keep one (in a config file, a target's \
@@ -478,6 +503,7 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         target,
         backend,
         kernel,
+        modules,
         image,
         accel,
         cpus,
@@ -490,6 +516,24 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         max_vms,
         env: rules,
     })
+}
+
+/// A path setting from the highest layer that sets it: a file's value relative to the file
+/// that names it (like danobi/vmtest#94 asks), an environment variable's as it is, a flag's
+/// (already joined to the current directory).
+fn path_setting(
+    layers: &[(TargetSettings, Source, PathBuf)],
+    key: fn(&TargetSettings) -> Option<&PathBuf>,
+    env: Option<(&'static str, String)>,
+    flag: Option<(PathBuf, &'static str)>,
+) -> Val<Option<PathBuf>> {
+    let from_file = layers.iter().filter_map(|(l, source, dir)| Some((dir.join(key(l)?), source.clone())));
+    let from_env = env.map(|(name, v)| (PathBuf::from(v), Source::Env(name)));
+    let from_flag = flag.map(|(p, name)| (p, Source::Flag(name)));
+    match from_file.chain(from_env).chain(from_flag).last() {
+        Some((path, source)) => Val { value: Some(path), source },
+        None => Val { value: None, source: Source::Default },
+    }
 }
 
 /// The real process environment.
@@ -630,5 +674,41 @@ env = { unset = ["SECRET"] }
         write(dir.path(), "image = \"noble\"\nkernel = \"/k\"\n");
         let err = resolve(&Flags::default(), &no_env, dir.path()).unwrap_err();
         assert!(err.message().contains("both a kernel"), "{}", err.message());
+    }
+
+    #[test]
+    fn modules_are_paths_like_the_kernel_and_go_with_a_kernel_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "kernel = \"linux/arch/x86/boot/bzImage\"\nmodules = \"linux/.mods\"\n");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let e = resolve(&Flags::default(), &no_env, &sub).unwrap();
+        assert_eq!(
+            e.modules,
+            Val { value: Some(dir.path().join("linux/.mods")), source: Source::File(path) }
+        );
+        assert_eq!(
+            e.vm_spec().unwrap().boot,
+            BootSpec::Kernel {
+                kernel: Some(dir.path().join("linux/arch/x86/boot/bzImage")),
+                modules: Some(dir.path().join("linux/.mods")),
+            }
+        );
+        let env = |n: &str| (n == "VMTEST_MODULES").then(|| "/env/mods".to_owned());
+        let e = resolve(&Flags::default(), &env, &sub).unwrap();
+        assert_eq!(e.modules, Val { value: Some("/env/mods".into()), source: Source::Env("VMTEST_MODULES") });
+        let flags = Flags { modules: Some("m".into()), ..Default::default() };
+        let e = resolve(&flags, &env, &sub).unwrap();
+        assert_eq!(e.modules, Val { value: Some(sub.join("m")), source: Source::Flag("--modules") });
+        // An image brings its own modules: an image flag drops the file's, and both flags clash.
+        let flags = Flags { image: Some("noble".into()), ..Default::default() };
+        assert_eq!(resolve(&flags, &no_env, &sub).unwrap().modules.value, None);
+        let flags = Flags { image: Some("noble".into()), modules: Some("m".into()), ..Default::default() };
+        let err = resolve(&flags, &no_env, &sub).unwrap_err();
+        assert!(
+            err.message().contains("kernel modules (from --modules) go with a kernel"),
+            "{}",
+            err.message()
+        );
     }
 }

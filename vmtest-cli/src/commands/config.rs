@@ -19,6 +19,7 @@ pub fn config(args: ConfigArgs) -> Result<i32> {
     let rows: Vec<(&str, Value, &Source)> = vec![
         ("backend", json!(eff.backend.value), &eff.backend.source),
         ("kernel", json!(eff.kernel.value), &eff.kernel.source),
+        ("modules", json!(eff.modules.value), &eff.modules.source),
         ("image", json!(eff.image.value), &eff.image.source),
         ("accel", json!(eff.accel.value), &eff.accel.source),
         ("cpus", json!(eff.cpus.value), &eff.cpus.source),
