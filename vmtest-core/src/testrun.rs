@@ -92,7 +92,7 @@ where
             spec.memory_mib = n.memory_mib;
             spec.boot = match &n.image {
                 Some(name) => BootSpec::Image { name: name.clone() },
-                None => BootSpec::Kernel { kernel: n.kernel.clone(), modules: None },
+                None => BootSpec::Kernel { kernel: n.kernel.clone(), modules: n.modules.clone() },
             };
             spec.exec = n.exec;
             spec.accel = cfg.accel;
