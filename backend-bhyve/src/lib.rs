@@ -296,8 +296,14 @@ impl Hypervisor for BhyveBackend {
         let flavor = cfg.flavor()?;
         let image = match &spec.boot {
             BootSpec::Image { name } => name.clone(),
-            BootSpec::Kernel { kernel: None } => cfg.image.clone(),
-            BootSpec::Kernel { kernel: Some(k) } => {
+            BootSpec::Kernel { kernel: None, modules: None } => cfg.image.clone(),
+            BootSpec::Kernel { kernel: None, modules: Some(m) } => {
+                return Err(Error::usage(format!(
+                    "bhyve boots ZFS images, which bring their own modules ({}); drop --modules",
+                    m.display()
+                )))
+            }
+            BootSpec::Kernel { kernel: Some(k), .. } => {
                 return Err(Error::usage(format!(
                     "bhyve boots ZFS images, not kernels ({}); drop --kernel and set VMTEST_BHYVE_IMAGE",
                     k.display()

@@ -404,13 +404,20 @@ impl Hypervisor for MultipassBackend {
         }
         let image = match &spec.boot {
             BootSpec::Image { name } => Some(name.clone()),
-            BootSpec::Kernel { kernel: Some(k) } => {
+            BootSpec::Kernel { kernel: Some(k), .. } => {
                 return Err(Error::usage(format!(
                     "the multipass backend boots images, not kernels (--kernel {}); drop --kernel or use --backend qemu",
                     k.display()
                 )))
             }
-            BootSpec::Kernel { kernel: None } => self.opts.image.clone(),
+            BootSpec::Kernel { kernel: None, modules: Some(m) } => {
+                return Err(Error::usage(format!(
+                    "the multipass backend boots images, which bring their own modules (--modules {}); drop \
+                     --modules or use --backend qemu",
+                    m.display()
+                )))
+            }
+            BootSpec::Kernel { kernel: None, modules: None } => self.opts.image.clone(),
         };
         if !spec.name.starts_with(NAME_PREFIX) {
             return Err(Error::usage(format!("VM name `{}` does not start with {NAME_PREFIX}", spec.name)));

@@ -677,7 +677,7 @@ async fn kernel_boot_is_a_usage_error() {
     let f = fake("main");
     let tmp = tempfile::tempdir().unwrap();
     let mut s = spec();
-    s.boot = BootSpec::Kernel { kernel: Some("/boot/vmlinuz".into()) };
+    s.boot = BootSpec::Kernel { kernel: Some("/boot/vmlinuz".into()), modules: None };
     let err = run_command(&backend(&f), &StateDir::at(tmp.path()), s, sh("true"), run_opts(), never())
         .await
         .unwrap_err();

@@ -61,6 +61,9 @@ pub(crate) struct Prepared {
     /// One line to show the user (e.g. the TCG fallback), at most once per process.
     pub note: Option<String>,
     pub system: System,
+    /// Set when the kernel's drivers could not be checked before boot: what was looked for,
+    /// added to a boot failure.
+    pub unchecked: Option<String>,
 }
 
 /// A started guest.
@@ -79,52 +82,62 @@ const SSH_KEY: &str = "ssh_key";
 impl QemuBackend {
     /// Everything a boot of `spec` needs, ready on disk.
     pub(crate) async fn prepare(&self, spec: &VmSpec) -> Result<Prepared> {
-        let (system, explicit) = match &spec.boot {
-            BootSpec::Kernel { kernel } => (System::Host, kernel.clone()),
+        let (system, explicit, modules) = match &spec.boot {
+            BootSpec::Kernel { kernel, modules } => (System::Host, kernel.clone(), modules.clone()),
             BootSpec::Image { name } => {
                 let image = ImageStore::new(&self.cache)?.find(name)?;
-                (System::Image { name: name.clone(), kernel: image.kernel_image(), base: image.base() }, None)
+                let system =
+                    System::Image { name: name.clone(), kernel: image.kernel_image(), base: image.base() };
+                (system, None, None)
             }
         };
         let qemu = self.qemu_binary().await?;
-        let (kernel, boot, initramfs) = {
+        let (kernel, boot, initramfs, unchecked) = {
             let this = QemuBackend { opts: self.opts.clone(), cache: self.cache.clone() };
             let (sys, with_net) = (system.clone(), !spec.nics.is_empty());
-            tokio::task::spawn_blocking(move || this.boot_files(&sys, explicit.as_deref(), with_net))
-                .await
-                .map_err(|e| Error::infra(format!("boot files: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                this.boot_files(&sys, explicit.as_deref(), modules.as_deref(), with_net)
+            })
+            .await
+            .map_err(|e| Error::infra(format!("boot files: {e}")))??
         };
         let (accel, note) = accel::choose(spec.accel, &qemu, &boot, &self.cache).await?;
-        Ok(Prepared { qemu, kernel, boot, initramfs, accel, note, system })
+        Ok(Prepared { qemu, kernel, boot, initramfs, accel, note, system, unchecked })
     }
 
-    /// The kernel of `system`, the image QEMU boots of it and its initramfs (blocking: this
-    /// may fetch a kernel, extract one and build an initramfs).
+    /// The kernel of `system`, the image QEMU boots of it, its initramfs, and what could
+    /// not be checked about its drivers (blocking: this may fetch a kernel, extract one and
+    /// build an initramfs).
     fn boot_files(
         &self,
         system: &System,
         explicit: Option<&Path>,
+        modules: Option<&Path>,
         with_net: bool,
-    ) -> Result<(Kernel, BootImage, PathBuf)> {
+    ) -> Result<(Kernel, BootImage, PathBuf, Option<String>)> {
         let kernel = match system {
-            System::Host => self.kernel(explicit)?,
+            System::Host => self.kernel(explicit, modules)?,
             System::Image { kernel, .. } => Kernel::from_image(kernel, "image")?,
         };
         let boot = kernel::boot_image(&kernel, &self.cache)?;
-        let modules = match &kernel.modules {
-            Some(dir) => {
-                if let System::Host = system {
-                    // The guest loads more modules on demand from this tree, through the host root.
-                    modules::ensure_index(&self.cache, dir, &kernel.release);
+        let wanted = system.guest_modules(MachineKind::for_kernel(&boot), with_net);
+        let (modules, unchecked) = match (system, &kernel.modules) {
+            // A host kernel that lacks a driver is refused here, before it boots; the guest
+            // loads more modules on demand from its tree, through the host root.
+            (System::Host, _) => {
+                let guest = modules::for_guest(&self.cache, &kernel, &wanted)?;
+                if let Some(why) = &guest.unchecked {
+                    tracing::info!("{why}");
                 }
-                let wanted = system.guest_modules(MachineKind::for_kernel(&boot), with_net);
-                modules::resolve_cached(&self.cache, dir, &wanted)?
+                (guest.modules, guest.unchecked)
             }
-            // No module tree: a kernel with the drivers built in (or the agent says what is missing).
-            None => Vec::new(),
+            (System::Image { .. }, Some(dir)) => (modules::resolve_cached(&self.cache, dir, &wanted)?, None),
+            // No module tree: an image kernel with the drivers built in (or the agent says
+            // what is missing).
+            (System::Image { .. }, None) => (Vec::new(), None),
         };
         let initramfs = initramfs::build(&self.cache, AGENT, &modules, kernel.accepts_unsigned_modules())?;
-        Ok((kernel, boot, initramfs))
+        Ok((kernel, boot, initramfs, unchecked))
     }
 
     /// The one place a `VmSpec` becomes the QEMU command of a guest in `vm_dir`, in either
@@ -190,6 +203,7 @@ impl QemuBackend {
                     p.accel = self.after_kvm_failure(spec.accel, &p, &e)?;
                     let _ = std::fs::remove_dir_all(run.vm_dir(&spec.node)?);
                 }
+                Err(e) if e.kind() == vmtest_core::ErrorKind::Boot => return Err(with_unchecked(e, &p)),
                 other => return other,
             }
         }
@@ -356,4 +370,13 @@ fn announce_gdb(gdb: Gdb, p: &Prepared) {
             ),
         }
     );
+}
+
+/// A boot failure of a kernel whose drivers could not be checked says what was looked for.
+fn with_unchecked(e: Error, p: &Prepared) -> Error {
+    match (&p.unchecked, e.hint().map(str::to_owned)) {
+        (Some(why), Some(hint)) => e.with_hint(format!("{hint}; {why}")),
+        (Some(why), None) => e.with_hint(why.clone()),
+        (None, _) => e,
+    }
 }

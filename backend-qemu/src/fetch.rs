@@ -35,12 +35,20 @@ pub(crate) fn run_tool(cmd: &mut Command, what: &str, missing_hint: &str) -> Res
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// True for a package of one kernel release (`linux-image-6.1.0-57-cloud-amd64`,
+/// `linux-image-unsigned-6.8.0-31-generic`), false for a metapackage that names the current
+/// one of a flavour (`linux-image-cloud-amd64`, `linux-image-generic-hwe-24.04`).
+fn is_concrete(package: &str) -> bool {
+    package
+        .strip_prefix("linux-image-")
+        .map(|rest| rest.strip_prefix("unsigned-").unwrap_or(rest))
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// The concrete `linux-image-<release>` package a metapackage depends on.
 pub(crate) fn resolve_package(requested: Option<&str>) -> Result<String> {
-    if let Some(p) = requested {
-        if p.starts_with("linux-image-") && !METAPACKAGES.contains(&p) {
-            return Ok(p.to_owned());
-        }
+    if let Some(p) = requested.filter(|p| is_concrete(p)) {
+        return Ok(p.to_owned());
     }
     let metas: Vec<&str> = match requested {
         Some(p) => vec![p],
@@ -53,10 +61,8 @@ pub(crate) fn resolve_package(requested: Option<&str>) -> Result<String> {
             continue;
         };
         let depends = show.lines().find_map(|l| l.strip_prefix("Depends:")).unwrap_or("");
-        let pkg = depends
-            .split(',')
-            .map(|d| d.split_whitespace().next().unwrap_or(""))
-            .find(|d| d.starts_with("linux-image-") && d.chars().nth(12).is_some_and(|c| c.is_ascii_digit()));
+        let pkg =
+            depends.split(',').map(|d| d.split_whitespace().next().unwrap_or("")).find(|d| is_concrete(d));
         if let Some(pkg) = pkg {
             return Ok(pkg.to_owned());
         }
@@ -71,7 +77,11 @@ pub(crate) fn resolve_package(requested: Option<&str>) -> Result<String> {
 /// kernel) into the cache. Returns the kernel, already there or newly fetched.
 pub fn fetch(cache: &Cache, requested: Option<&str>) -> Result<Kernel> {
     let package = resolve_package(requested)?;
-    let release = package.trim_start_matches("linux-image-").trim_end_matches("-unsigned").to_owned();
+    let release = package
+        .trim_start_matches("linux-image-")
+        .trim_start_matches("unsigned-")
+        .trim_end_matches("-unsigned")
+        .to_owned();
     let kernels = cache.dir("kernels")?;
     let dest = kernels.join(&release);
     if let Some(k) = find_image(&dest) {
@@ -131,5 +141,22 @@ fn make_readable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavour_metapackages_are_told_from_release_packages() {
+        for concrete in ["linux-image-6.1.0-57-cloud-amd64", "linux-image-unsigned-6.8.0-31-generic"] {
+            assert!(is_concrete(concrete), "{concrete}");
+        }
+        for meta in
+            ["linux-image-cloud-amd64", "linux-image-amd64", "linux-image-generic-hwe-24.04", "linux-doc"]
+        {
+            assert!(!is_concrete(meta), "{meta}");
+        }
     }
 }

@@ -154,7 +154,18 @@ impl QemuBackend {
     }
 
     /// Find the kernel, fetching the distro's when allowed and none is found.
-    pub fn kernel(&self, explicit: Option<&Path>) -> Result<Kernel> {
+    /// with its modules: `modules` (else `$VMTEST_MODULES`) when given, else those found
+    /// beside it.
+    pub fn kernel(&self, explicit: Option<&Path>, modules: Option<&Path>) -> Result<Kernel> {
+        let k = self.find_kernel(explicit)?;
+        let env = std::env::var_os("VMTEST_MODULES").filter(|v| !v.is_empty()).map(PathBuf::from);
+        match modules.map(Path::to_owned).or(env) {
+            Some(dir) => k.with_modules(&dir),
+            None => Ok(k),
+        }
+    }
+
+    fn find_kernel(&self, explicit: Option<&Path>) -> Result<Kernel> {
         if let Some(k) = kernel::locate(explicit, &self.cache)? {
             return Ok(k);
         }

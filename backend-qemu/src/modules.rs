@@ -6,6 +6,7 @@
 //! Compressed modules (`.ko.xz`, `.ko.zst`, `.ko.gz`) are decompressed for the initramfs.
 
 use crate::cache::{digest, file_identity, Cache};
+use crate::kernel::{Kernel, KernelConfig};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,15 @@ impl ModuleTree {
         self.builtin.contains(name)
     }
 
+    /// The names in `wanted` that are neither built in nor a module of this tree.
+    pub fn missing(&self, wanted: &[&str]) -> Vec<String> {
+        wanted
+            .iter()
+            .map(|w| w.replace('-', "_"))
+            .filter(|w| !self.is_builtin(w) && !self.files.contains_key(w))
+            .collect()
+    }
+
     /// The modules `wanted` needs, dependencies first; built-in ones are skipped. A wanted
     /// module that is neither built in nor present is an error naming it.
     pub fn resolve(&self, wanted: &[&str]) -> Result<Vec<Module>> {
@@ -117,6 +127,190 @@ impl ModuleTree {
             .map(|d| d.split(',').filter(|s| !s.is_empty()).map(|s| s.replace('-', "_")).collect())
             .unwrap_or_default())
     }
+}
+
+/// The kernel option of each module a guest may need (see [`for_guest`]).
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("virtio_pci", "CONFIG_VIRTIO_PCI"),
+    ("virtio_mmio", "CONFIG_VIRTIO_MMIO"),
+    ("virtio_console", "CONFIG_VIRTIO_CONSOLE"),
+    ("9pnet", "CONFIG_NET_9P"),
+    ("9pnet_virtio", "CONFIG_NET_9P_VIRTIO"),
+    ("9p", "CONFIG_9P_FS"),
+    ("overlay", "CONFIG_OVERLAY_FS"),
+    ("virtio_net", "CONFIG_VIRTIO_NET"),
+];
+
+/// Options no module makes up for: the kernel unpacks the initramfs and mounts devtmpfs,
+/// and the agent puts a tmpfs under the overlay, before any module is loaded.
+const BUILT_IN_ONLY: &[&str] = &["CONFIG_BLK_DEV_INITRD", "CONFIG_DEVTMPFS", "CONFIG_TMPFS"];
+
+/// The option behind `module`, or the module's name when vmtest does not know one.
+fn option_of(module: &str) -> String {
+    OPTIONS.iter().find(|(m, _)| *m == module).map_or_else(|| format!("`{module}`"), |(_, o)| o.to_string())
+}
+
+/// What the guest loads from its initramfs, once the kernel is known to have the rest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestModules {
+    pub modules: Vec<Module>,
+    /// Set when nothing said which drivers the kernel has (no config, no module tree): what
+    /// was looked for, to explain a boot that fails.
+    pub unchecked: Option<String>,
+}
+
+/// Why a kernel lacks an option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Why {
+    /// Not set in its config.
+    NotSet,
+    /// Set, but not `=y`, where only built in will do.
+    NotBuiltIn,
+    /// `=m`, and no module tree was found.
+    NoTree,
+    /// Neither built in nor in the module tree at this path.
+    NotInTree(PathBuf),
+}
+
+/// Check that `kernel` has the drivers in `wanted` (module names), built in or as modules,
+/// and return the modules to load. A kernel that lacks some is refused before it boots, with
+/// one line naming every missing `CONFIG_` option and what was checked: its config (the build
+/// tree's `.config`, `config-<release>`) when there is one, its module tree's
+/// `modules.builtin` and module files otherwise.
+pub fn for_guest(cache: &Cache, kernel: &Kernel, wanted: &[&str]) -> Result<GuestModules> {
+    // 9p and its transport need the 9P core, which a config may lack too.
+    let mut names: Vec<&str> = Vec::new();
+    for w in wanted {
+        if matches!(*w, "9p" | "9pnet_virtio") && !names.contains(&"9pnet") {
+            names.push("9pnet");
+        }
+        names.push(w);
+    }
+    let config = kernel.kconfig();
+    let mut lacking: Vec<(String, Why)> = Vec::new();
+    let modular: Vec<&str> = match &config {
+        Some(c) => {
+            for option in BUILT_IN_ONLY {
+                if c.get(option) != Some("y") {
+                    lacking.push((option.to_string(), Why::NotBuiltIn));
+                }
+            }
+            names
+                .into_iter()
+                .filter(|m| match c.get(&option_of(m)) {
+                    Some("y") => false,
+                    Some("m") => true,
+                    _ => {
+                        lacking.push((option_of(m), Why::NotSet));
+                        false
+                    }
+                })
+                .collect()
+        }
+        None => names,
+    };
+    let mut out = GuestModules::default();
+    match &kernel.modules {
+        _ if modular.is_empty() => {}
+        Some(dir) => {
+            ensure_index(cache, dir, &kernel.release);
+            if !dir.join("modules.dep").is_file() {
+                tracing::warn!(
+                    "{} has no modules.dep (depmod never ran there): the guest cannot load its other modules \
+                     on demand; `make modules_install` runs depmod, or run `depmod -b ROOT {}`",
+                    dir.display(),
+                    kernel.release
+                );
+            }
+            match resolve_cached(cache, dir, &modular) {
+                Ok(m) => out.modules = m,
+                Err(e) => {
+                    let missing = ModuleTree::open(dir)?.missing(&modular);
+                    if missing.is_empty() {
+                        return Err(e);
+                    }
+                    lacking.extend(missing.iter().map(|m| (option_of(m), Why::NotInTree(dir.clone()))));
+                }
+            }
+        }
+        None if config.is_some() => lacking.extend(modular.iter().map(|m| (option_of(m), Why::NoTree))),
+        None => {
+            let options: Vec<String> = modular.iter().map(|m| option_of(m)).collect();
+            out.unchecked = Some(format!(
+                "vmtest could not check that kernel {} has {} before booting it: no config (looked for {}), \
+                 and no module tree (looked for {})",
+                kernel.image.display(),
+                options.join(", "),
+                paths(&kernel.config_candidates()),
+                paths(&kernel.module_candidates())
+            ));
+        }
+    }
+    if lacking.is_empty() {
+        Ok(out)
+    } else {
+        Err(lacking_error(kernel, config.as_ref(), &lacking))
+    }
+}
+
+/// `a, b, c`, for messages.
+fn paths(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The one-line refusal: every missing option, why, and the fix.
+fn lacking_error(kernel: &Kernel, config: Option<&KernelConfig>, lacking: &[(String, Why)]) -> Error {
+    let source = config.map(|c| c.source.display().to_string()).unwrap_or_default();
+    let mut groups: Vec<(&Why, Vec<&str>)> = Vec::new();
+    for (option, why) in lacking {
+        match groups.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, options)) if !options.contains(&option.as_str()) => options.push(option),
+            Some(_) => {}
+            None => groups.push((why, vec![option])),
+        }
+    }
+    let mut parts = Vec::new();
+    let mut fixes = Vec::new();
+    for (why, options) in &groups {
+        let them = if options.len() == 1 { "it" } else { "them" };
+        let (reason, fix) = match why {
+            Why::NotSet => (
+                format!("neither built in nor a module: not set in {source}"),
+                format!("enable {them} (=y or =m) and rebuild"),
+            ),
+            Why::NotBuiltIn => (
+                format!("needed built in: not =y in {source}"),
+                format!("set {them} to =y and rebuild"),
+            ),
+            Why::NoTree => (
+                format!(
+                    "=m in {source}, and no module tree was found: none given with --modules, none in {}",
+                    paths(&kernel.module_candidates())
+                ),
+                format!(
+                    "install the modules (`make modules_install INSTALL_MOD_PATH=DIR`) and pass --modules DIR, \
+                     or build {them} in (=y)"
+                ),
+            ),
+            Why::NotInTree(dir) if config.is_some() => (
+                format!("=m in {source}, but not among the modules in {}", dir.display()),
+                "install the modules of this build (`make modules_install`) or pass them with --modules DIR"
+                    .to_owned(),
+            ),
+            Why::NotInTree(dir) => (
+                format!("neither built in nor in its modules: checked {}", dir.display()),
+                format!("enable {them} (=y or =m) and rebuild"),
+            ),
+        };
+        parts.push(format!("{} ({reason})", options.join(", ")));
+        fixes.push(fix);
+    }
+    Error::usage(format!(
+        "kernel {} lacks {}; {}",
+        kernel.image.display(),
+        parts.join(", "),
+        fixes.join("; ")
+    ))
 }
 
 /// [`ModuleTree::resolve`], remembered in the cache: opening a tree walks thousands of
@@ -330,7 +524,7 @@ pub fn modinfo(elf: &[u8], key: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -366,7 +560,7 @@ mod tests {
     }
 
     /// A relocatable ELF with only a `.modinfo` section holding `fields`.
-    fn fake_module(fields: &[&str]) -> Vec<u8> {
+    pub(crate) fn fake_module(fields: &[&str]) -> Vec<u8> {
         let mut modinfo: Vec<u8> = fields.iter().flat_map(|f| f.bytes().chain([0])).collect();
         modinfo.resize(modinfo.len().next_multiple_of(8), 0);
         // Padded to 24 bytes, so the section headers after it are 8-byte aligned.
@@ -429,6 +623,139 @@ mod tests {
         let names: Vec<String> =
             ModuleTree::open(d).unwrap().resolve(&["cuse"]).unwrap().into_iter().map(|m| m.name).collect();
         assert_eq!(names, ["fuse", "cuse"]);
+    }
+
+    /// A kernel at `<dir>/bzImage` (release 6.9.0) with `config` as its `.config` when given,
+    /// and `modules` as its module tree.
+    fn kernel(dir: &Path, config: Option<&str>, modules: Option<PathBuf>) -> Kernel {
+        let config = config.map(|text| {
+            let p = dir.join("config-6.9.0");
+            std::fs::write(&p, text).unwrap();
+            p
+        });
+        Kernel {
+            image: dir.join("bzImage"),
+            release: "6.9.0".into(),
+            modules,
+            origin: "--kernel",
+            config,
+            tree: None,
+        }
+    }
+
+    /// A module tree with these modules (no dependencies) and these built in.
+    fn tree(dir: &Path, modules: &[&str], builtin: &[&str]) -> PathBuf {
+        let d = dir.join("lib/modules/6.9.0");
+        std::fs::create_dir_all(d.join("kernel")).unwrap();
+        let mut dep = String::new();
+        for m in modules {
+            std::fs::write(d.join(format!("kernel/{m}.ko")), b"").unwrap();
+            dep.push_str(&format!("kernel/{m}.ko:\n"));
+        }
+        std::fs::write(d.join("modules.dep"), dep).unwrap();
+        let builtin: String = builtin.iter().map(|b| format!("kernel/{b}.ko\n")).collect();
+        std::fs::write(d.join("modules.builtin"), builtin).unwrap();
+        d
+    }
+
+    const GUEST: &[&str] = &["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay"];
+    const ALL_Y: &str = "CONFIG_BLK_DEV_INITRD=y\nCONFIG_DEVTMPFS=y\nCONFIG_TMPFS=y\nCONFIG_VIRTIO_MMIO=y\n\
+                         CONFIG_VIRTIO_CONSOLE=y\nCONFIG_NET_9P=y\nCONFIG_NET_9P_VIRTIO=y\nCONFIG_9P_FS=y\n\
+                         CONFIG_OVERLAY_FS=y\n";
+
+    #[test]
+    fn a_config_with_everything_built_in_needs_no_modules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::at(tmp.path().join("cache"));
+        let got = for_guest(&cache, &kernel(tmp.path(), Some(ALL_Y), None), GUEST).unwrap();
+        assert_eq!(got, GuestModules::default());
+    }
+
+    #[test]
+    fn modular_drivers_come_from_the_tree_and_missing_ones_are_named_by_option() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::at(tmp.path().join("cache"));
+        let config = ALL_Y
+            .replace("CONFIG_9P_FS=y", "CONFIG_9P_FS=m")
+            .replace("CONFIG_OVERLAY_FS=y", "CONFIG_OVERLAY_FS=m");
+        let dir = tree(tmp.path(), &["9p", "overlay"], &[]);
+        let got = for_guest(&cache, &kernel(tmp.path(), Some(&config), Some(dir.clone())), GUEST).unwrap();
+        let names: Vec<&str> = got.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["9p", "overlay"]);
+        // The same kernel without its module tree.
+        let e = for_guest(&cache, &kernel(tmp.path(), Some(&config), None), GUEST).unwrap_err();
+        assert_eq!(e.kind(), vmtest_core::ErrorKind::Usage);
+        let m = e.message();
+        assert!(m.starts_with("kernel "), "{m}");
+        assert!(m.contains("lacks CONFIG_9P_FS, CONFIG_OVERLAY_FS (=m in "), "{m}");
+        assert!(
+            m.contains("no module tree was found: none given with --modules, none in /lib/modules/6.9.0"),
+            "{m}"
+        );
+        assert!(m.contains("pass --modules DIR"), "{m}");
+        assert!(!m.contains('\n'), "one line: {m}");
+        // A module the tree does not have.
+        std::fs::remove_file(dir.join("kernel/overlay.ko")).unwrap();
+        std::fs::write(dir.join("modules.dep"), "kernel/9p.ko:\n").unwrap();
+        let e = for_guest(&cache, &kernel(tmp.path(), Some(&config), Some(dir.clone())), GUEST).unwrap_err();
+        assert!(
+            e.message().contains(&format!(
+                "lacks CONFIG_OVERLAY_FS (=m in {}",
+                tmp.path().join("config-6.9.0").display()
+            )),
+            "{e}"
+        );
+        assert!(e.message().contains(&format!("but not among the modules in {}", dir.display())), "{e}");
+    }
+
+    #[test]
+    fn options_not_set_are_named_with_the_config_that_says_so() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::at(tmp.path().join("cache"));
+        let config = ALL_Y
+            .replace("CONFIG_NET_9P=y", "# CONFIG_NET_9P is not set")
+            .replace("CONFIG_NET_9P_VIRTIO=y\n", "")
+            .replace("CONFIG_9P_FS=y\n", "")
+            .replace("CONFIG_DEVTMPFS=y", "CONFIG_DEVTMPFS=m");
+        let e = for_guest(&cache, &kernel(tmp.path(), Some(&config), None), GUEST).unwrap_err();
+        let source = tmp.path().join("config-6.9.0");
+        assert_eq!(
+            e.message(),
+            format!(
+                "kernel {} lacks CONFIG_DEVTMPFS (needed built in: not =y in {src}), CONFIG_NET_9P, \
+                 CONFIG_NET_9P_VIRTIO, CONFIG_9P_FS (neither built in nor a module: not set in {src}); set it to \
+                 =y and rebuild; enable them (=y or =m) and rebuild",
+                tmp.path().join("bzImage").display(),
+                src = source.display()
+            )
+        );
+    }
+
+    #[test]
+    fn without_a_config_the_tree_says_what_is_built_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::at(tmp.path().join("cache"));
+        let dir =
+            tree(tmp.path(), &["9pnet", "9pnet_virtio", "9p"], &["virtio_mmio", "virtio_console", "overlay"]);
+        let got = for_guest(&cache, &kernel(tmp.path(), None, Some(dir.clone())), GUEST).unwrap();
+        let names: Vec<&str> = got.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["9pnet", "9pnet_virtio", "9p"]);
+        let dir = tree(&tmp.path().join("b"), &["9pnet", "9p"], &["virtio_mmio", "virtio_console"]);
+        let e = for_guest(&cache, &kernel(tmp.path(), None, Some(dir.clone())), GUEST).unwrap_err();
+        assert_eq!(
+            e.message().split(" lacks ").nth(1).unwrap(),
+            format!(
+                "CONFIG_NET_9P_VIRTIO, CONFIG_OVERLAY_FS (neither built in nor in its modules: checked {}); enable \
+                 them (=y or =m) and rebuild",
+                dir.display()
+            )
+        );
+        // Nothing to check with: booted as it is, and a failed boot says what was looked for.
+        let got = for_guest(&cache, &kernel(tmp.path(), None, None), GUEST).unwrap();
+        assert!(got.modules.is_empty());
+        let why = got.unchecked.unwrap();
+        assert!(why.contains("could not check that kernel") && why.contains("CONFIG_OVERLAY_FS"), "{why}");
+        assert!(why.contains("no config (looked for") && why.contains("/boot/config-6.9.0"), "{why}");
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! not migrate a guest with a mounted 9p share) and before anything run-specific (clock,
 //! hostname, addresses, randomness) happens in the guest: each restore gets its own setup.
 //! The cache key is QEMU's identity plus the full command line with the run's own paths
-//! taken out, so a new kernel, initramfs (agent, modules), QEMU, machine type, memory or CPU
-//! count makes a new snapshot, and stale ones are never used.
+//! taken out, plus the identity of the kernel and initramfs files it names (a kernel rebuilt
+//! in place, such as a build tree's `vmlinux`, keeps its path), so a new kernel, initramfs
+//! (agent, modules), QEMU, machine type, memory or CPU count makes a new snapshot, and stale
+//! ones are never used.
 
 use crate::cache::{digest, file_identity, Cache};
 use crate::command::{QemuCommand, Root};
@@ -128,8 +130,14 @@ pub fn path_for(cache: &Cache, qemu: &Path, args: &[OsString], vm_dir: &Path) ->
     let run = vm_dir.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     let normalized: Vec<String> =
         args.iter().map(|a| a.to_string_lossy().replace(&vm, "<vm>").replace(&run, "<run>")).collect();
+    let files: Vec<String> = args
+        .windows(2)
+        .filter(|w| w[0] == "-kernel" || w[0] == "-initrd")
+        .map(|w| file_identity(Path::new(&w[1])).unwrap_or_default())
+        .collect();
     let mut parts: Vec<&[u8]> = vec![qemu_id.as_bytes(), env!("CARGO_PKG_VERSION").as_bytes()];
     parts.extend(normalized.iter().map(|a| a.as_bytes()));
+    parts.extend(files.iter().map(|f| f.as_bytes()));
     Ok(cache.dir("snapshots")?.join(format!("{}.state", digest(parts))))
 }
 
@@ -198,6 +206,18 @@ mod tests {
         let c = path_for(&cache, &qemu, &args("run2", "1024M"), Path::new("/state/run2/vm")).unwrap();
         assert_eq!(a, b, "two runs of one shape share a snapshot");
         assert_ne!(b, c, "another memory size is another snapshot");
+        // A kernel rebuilt at the same path is another kernel.
+        let kernel = tmp.path().join("vmlinux");
+        std::fs::write(&kernel, b"build 1").unwrap();
+        let with_kernel = |vm: &str| {
+            let mut a = args(vm, "512M");
+            a.extend(["-kernel".into(), kernel.clone().into_os_string()]);
+            path_for(&cache, &qemu, &a, Path::new(&format!("/state/{vm}/vm"))).unwrap()
+        };
+        let first = with_kernel("run1");
+        assert_eq!(first, with_kernel("run2"));
+        std::fs::write(&kernel, b"build 22").unwrap();
+        assert_ne!(first, with_kernel("run3"), "a rebuilt kernel is another snapshot");
     }
 
     #[test]

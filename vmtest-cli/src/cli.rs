@@ -149,6 +149,7 @@ impl RunSettings {
             target: self.target.clone(),
             backend: self.backend.clone(),
             kernel: self.kernel.clone(),
+            modules: self.modules.clone(),
             image: self.image.clone(),
             accel: self.accel.clone(),
             cpus: self.cpus,
@@ -220,6 +221,12 @@ pub struct RunSettings {
     /// labelled, then a summary; the exit code is the first failing kernel's.
     #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub kernel: Vec<PathBuf>,
+
+    /// The kernel's modules: the INSTALL_MOD_PATH of `make modules_install` (holding
+    /// lib/modules/RELEASE) or that lib/modules/RELEASE itself ($VMTEST_MODULES). Default:
+    /// beside the kernel, its build tree's .vmtest-modules, /lib/modules/RELEASE.
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    pub modules: Option<PathBuf>,
 
     /// Boot this image of the backend's image store instead of a kernel (qemu: built by
     /// `vmtest image build`; commands go through $VMTEST_EXEC=agent|ssh|serial).

@@ -45,6 +45,7 @@ macro_rules! settings {
         pub struct $name {
             pub backend: Option<String>,
             pub kernel: Option<Kernels>,
+            pub modules: Option<PathBuf>,
             pub image: Option<String>,
             pub accel: Option<String>,
             pub cpus: Option<u32>,
@@ -86,6 +87,7 @@ impl ConfigFile {
         TargetSettings {
             backend: self.backend.clone(),
             kernel: self.kernel.clone(),
+            modules: self.modules.clone(),
             image: self.image.clone(),
             accel: self.accel.clone(),
             cpus: self.cpus,
@@ -150,6 +152,9 @@ pub struct Flags {
     pub backend: Option<String>,
     /// Kernels; more than one makes a kernel matrix.
     pub kernel: Vec<PathBuf>,
+    /// The kernel's modules (`make modules_install`'s INSTALL_MOD_PATH, or its
+    /// `lib/modules/<release>`).
+    pub modules: Option<PathBuf>,
     pub image: Option<String>,
     pub accel: Option<String>,
     pub cpus: Option<u32>,
@@ -215,6 +220,7 @@ pub struct Effective {
     pub backend: Val<String>,
     /// Empty: the backend finds one. More than one: a kernel matrix.
     pub kernel: Val<Vec<PathBuf>>,
+    pub modules: Val<Option<PathBuf>>,
     pub image: Val<Option<String>>,
     pub accel: Val<String>,
     pub cpus: Val<u32>,
@@ -243,7 +249,10 @@ impl Effective {
         vm.boot_timeout = blame(spec::parse_duration(&self.boot_timeout.value), &self.boot_timeout.source)?;
         vm.boot = match &self.image.value {
             Some(name) => BootSpec::Image { name: name.clone() },
-            None => BootSpec::Kernel { kernel: self.kernel.value.first().cloned() },
+            None => BootSpec::Kernel {
+                kernel: self.kernel.value.first().cloned(),
+                modules: self.modules.value.clone(),
+            },
         };
         if let Some(via) = std::env::var("VMTEST_EXEC").ok().filter(|v| !v.is_empty()) {
             vm.exec =
@@ -429,6 +438,12 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
             source: Source::Flag("--kernel"),
         };
     }
+    let mut modules = path_setting(
+        &layers,
+        |l| l.modules.as_ref(),
+        env_val("VMTEST_MODULES"),
+        flags.modules.as_ref().map(|m| (cwd.join(m), "--modules")),
+    );
     let image: Val<Option<String>> =
         pick!(image, None, None, flags.image.as_ref().map(|i| Some(i.clone())), "--image");
     // A flag for one boot source overrides the other one from a lower layer.
@@ -439,6 +454,17 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         (_, Source::Flag(_)) => (Val { value: Vec::new(), source: Source::Flag("--image") }, image),
         _ => (kernel, image),
     };
+    // An image flag replaces the lower layers' modules as it replaces their kernel.
+    if flags.image.is_some() && flags.modules.is_none() {
+        modules = Val { value: None, source: Source::Flag("--image") };
+    }
+    if let (Some(_), Some(_)) = (&modules.value, &image.value) {
+        return Err(Error::usage(format!(
+            "kernel modules (from {}) go with a kernel, and an image (from {}) is set, which brings its own; \
+             keep one",
+            modules.source, image.source
+        )));
+    }
     if let (false, Some(_)) = (kernel.value.is_empty(), &image.value) {
         return Err(Error::usage(format!(
             "both a kernel (from {}) and an image (from {}) are set; keep one (in a config file, a target's \
@@ -501,6 +527,7 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         target,
         backend,
         kernel,
+        modules,
         image,
         accel,
         cpus,
@@ -513,6 +540,24 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         max_vms,
         env: rules,
     })
+}
+
+/// A path setting from the highest layer that sets it: a file's value relative to the file
+/// that names it (like danobi/vmtest#94 asks), an environment variable's as it is, a flag's
+/// (already joined to the current directory).
+fn path_setting(
+    layers: &[(TargetSettings, Source, PathBuf)],
+    key: fn(&TargetSettings) -> Option<&PathBuf>,
+    env: Option<(&'static str, String)>,
+    flag: Option<(PathBuf, &'static str)>,
+) -> Val<Option<PathBuf>> {
+    let from_file = layers.iter().filter_map(|(l, source, dir)| Some((dir.join(key(l)?), source.clone())));
+    let from_env = env.map(|(name, v)| (PathBuf::from(v), Source::Env(name)));
+    let from_flag = flag.map(|(p, name)| (p, Source::Flag(name)));
+    match from_file.chain(from_env).chain(from_flag).last() {
+        Some((path, source)) => Val { value: Some(path), source },
+        None => Val { value: None, source: Source::Default },
+    }
 }
 
 /// The real process environment.
@@ -666,5 +711,41 @@ env = { unset = ["SECRET"] }
         let e = resolve(&flags, &no_env, dir.path()).unwrap();
         assert_eq!(e.kernel.value, [dir.path().join("x"), dir.path().join("y")]);
         assert_eq!(e.kernel.source, Source::Flag("--kernel"));
+    }
+
+    #[test]
+    fn modules_are_paths_like_the_kernel_and_go_with_a_kernel_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "kernel = \"linux/arch/x86/boot/bzImage\"\nmodules = \"linux/.mods\"\n");
+        let sub = dir.path().join("sub");
+        std::fs::create_dir_all(&sub).unwrap();
+        let e = resolve(&Flags::default(), &no_env, &sub).unwrap();
+        assert_eq!(
+            e.modules,
+            Val { value: Some(dir.path().join("linux/.mods")), source: Source::File(path) }
+        );
+        assert_eq!(
+            e.vm_spec().unwrap().boot,
+            BootSpec::Kernel {
+                kernel: Some(dir.path().join("linux/arch/x86/boot/bzImage")),
+                modules: Some(dir.path().join("linux/.mods")),
+            }
+        );
+        let env = |n: &str| (n == "VMTEST_MODULES").then(|| "/env/mods".to_owned());
+        let e = resolve(&Flags::default(), &env, &sub).unwrap();
+        assert_eq!(e.modules, Val { value: Some("/env/mods".into()), source: Source::Env("VMTEST_MODULES") });
+        let flags = Flags { modules: Some("m".into()), ..Default::default() };
+        let e = resolve(&flags, &env, &sub).unwrap();
+        assert_eq!(e.modules, Val { value: Some(sub.join("m")), source: Source::Flag("--modules") });
+        // An image brings its own modules: an image flag drops the file's, and both flags clash.
+        let flags = Flags { image: Some("noble".into()), ..Default::default() };
+        assert_eq!(resolve(&flags, &no_env, &sub).unwrap().modules.value, None);
+        let flags = Flags { image: Some("noble".into()), modules: Some("m".into()), ..Default::default() };
+        let err = resolve(&flags, &no_env, &sub).unwrap_err();
+        assert!(
+            err.message().contains("kernel modules (from --modules) go with a kernel"),
+            "{}",
+            err.message()
+        );
     }
 }

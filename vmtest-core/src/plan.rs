@@ -41,6 +41,8 @@ pub struct RunPlan {
     pub settings: BackendSettings,
     /// The kernel file asked for, checked once the backend is known to boot kernels.
     pub kernel: Val<Option<PathBuf>>,
+    /// The kernel's modules asked for, checked with the kernel.
+    pub modules: Val<Option<PathBuf>>,
     pub keep: KeepPolicy,
     pub kernel_reports: KernelReports,
     /// VMs at once over every vmtest process of this user.
@@ -64,7 +66,8 @@ impl RunPlan {
             .iter()
             .map(|k| {
                 let mut one = plan.clone();
-                one.vm.boot = BootSpec::Kernel { kernel: Some(k.clone()) };
+                one.vm.boot =
+                    BootSpec::Kernel { kernel: Some(k.clone()), modules: plan.modules.value.clone() };
                 one.kernel = Val { value: Some(k.clone()), source: source.clone() };
                 one
             })
@@ -90,6 +93,7 @@ impl RunPlan {
                 value: settings.kernel.value.first().cloned(),
                 source: settings.kernel.source.clone(),
             },
+            modules: settings.modules.clone(),
             keep: settings.keep.value,
             kernel_reports: settings.kernel_warnings.value,
             max_vms,
@@ -134,7 +138,15 @@ impl RunPlan {
                 k.display(),
                 self.kernel.source
             ))),
-            _ => Ok(()),
+            _ => match &self.modules.value {
+                Some(m) if !m.is_dir() => Err(Error::usage(format!(
+                    "kernel modules {} (from {}): not a directory; give the INSTALL_MOD_PATH of `make \
+                     modules_install` or its lib/modules/<release>",
+                    m.display(),
+                    self.modules.source
+                ))),
+                _ => Ok(()),
+            },
         }
     }
 }

@@ -35,7 +35,14 @@ impl std::str::FromStr for AccelChoice {
 pub enum BootSpec {
     /// Direct kernel boot with the host's root shared read-only. `None` lets the backend find
     /// a kernel (`$VMTEST_KERNEL`, `/boot`, the cache).
-    Kernel { kernel: Option<PathBuf> },
+    Kernel {
+        kernel: Option<PathBuf>,
+        /// The kernel's modules: an `INSTALL_MOD_PATH` of `make modules_install` or its
+        /// `lib/modules/<release>`. `None` lets the backend look (`$VMTEST_MODULES`, beside
+        /// the kernel, its build tree's `.vmtest-modules`, `/lib/modules/<release>`).
+        #[serde(default)]
+        modules: Option<PathBuf>,
+    },
     /// A named image from the backend's image store.
     Image { name: String },
 }
@@ -120,7 +127,7 @@ impl VmSpec {
             node: node.into(),
             cpus: 1,
             memory_mib: 512,
-            boot: BootSpec::Kernel { kernel: None },
+            boot: BootSpec::Kernel { kernel: None, modules: None },
             accel: AccelChoice::Auto,
             boot_timeout: Duration::from_secs(120),
             nics: Vec::new(),

@@ -95,7 +95,7 @@ where
             spec.memory_mib = n.memory_mib;
             spec.boot = match &n.image {
                 Some(name) => BootSpec::Image { name: name.clone() },
-                None => BootSpec::Kernel { kernel: n.kernel.clone() },
+                None => BootSpec::Kernel { kernel: n.kernel.clone(), modules: n.modules.clone() },
             };
             spec.exec = n.exec;
             spec.accel = cfg.accel;

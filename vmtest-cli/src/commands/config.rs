@@ -28,6 +28,7 @@ pub fn config(args: ConfigArgs) -> Result<i32> {
             },
             &eff.kernel.source,
         ),
+        ("modules", json!(eff.modules.value), &eff.modules.source),
         ("image", json!(eff.image.value), &eff.image.source),
         ("accel", json!(eff.accel.value), &eff.accel.source),
         ("cpus", json!(eff.cpus.value), &eff.cpus.source),

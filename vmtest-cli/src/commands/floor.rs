@@ -10,7 +10,7 @@ pub async fn floor_command(args: FloorArgs) -> Result<i32> {
     spec.cpus = args.cpus;
     spec.memory_mib = spec::parse_memory_mib(&args.memory)?;
     spec.accel = args.accel.parse()?;
-    spec.boot = BootSpec::Kernel { kernel: args.kernel };
+    spec.boot = BootSpec::Kernel { kernel: args.kernel, modules: None };
     let backend = QemuBackend::new(QemuOptions::default());
     if !args.dir.is_dir() {
         return Err(Error::usage(format!("--dir {} is not a directory", args.dir.display())));

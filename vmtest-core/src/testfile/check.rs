@@ -39,6 +39,15 @@ impl TestFile {
                     format!("node `{}`: the {b} backend boots images, not a `kernel`", n.name),
                 ));
             }
+            if n.modules.is_some() && !backend.boots_kernels {
+                problems.push((
+                    n.line,
+                    format!(
+                        "node `{}`: the {b} backend boots images, which bring their own `modules`",
+                        n.name
+                    ),
+                ));
+            }
             if n.networks_explicit && !n.networks.is_empty() && !backend.private_networks {
                 problems.push((
                     n.line,
@@ -162,6 +171,7 @@ struct NodeRaw {
     cpus: Option<u32>,
     memory_mib: Option<u64>,
     kernel: Option<PathBuf>,
+    modules: Option<PathBuf>,
     image: Option<String>,
     exec: Option<crate::spec::ExecVia>,
     networks: Option<Vec<u8>>,
@@ -177,6 +187,24 @@ fn valid_node_name(n: &str) -> bool {
 }
 
 impl Check {
+    /// A path relative to the test file, which must be `what` (`Path::is_file`, ...):
+    /// `not` says otherwise.
+    fn path(
+        &mut self,
+        v: &Located<Val>,
+        key: &str,
+        base: &Path,
+        what: fn(&Path) -> bool,
+        not: &str,
+    ) -> Option<PathBuf> {
+        let s = self.string(v, key)?;
+        let p = base.join(&s);
+        if !what(&p) {
+            self.at(v, format!("{key} `{s}` {not} ({})", p.display()));
+        }
+        Some(p)
+    }
+
     fn node(&mut self, table: &[Entry], base: &Path, what: &str) -> NodeRaw {
         let mut n = NodeRaw::default();
         for (k, v) in table {
@@ -198,15 +226,8 @@ impl Check {
                         }
                     }
                 }
-                "kernel" => {
-                    if let Some(s) = self.string(v, "kernel") {
-                        let p = base.join(&s);
-                        if !p.is_file() {
-                            self.at(v, format!("kernel `{s}` does not exist ({})", p.display()));
-                        }
-                        n.kernel = Some(p);
-                    }
-                }
+                "kernel" => n.kernel = self.path(v, "kernel", base, Path::is_file, "does not exist"),
+                "modules" => n.modules = self.path(v, "modules", base, Path::is_dir, "is not a directory"),
                 "image" => {
                     if let Some(s) = self.string(v, "image") {
                         if s.is_empty() || s.contains('/') {
@@ -422,6 +443,7 @@ pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
             cpus: raw.cpus.or(defaults.cpus).unwrap_or(1),
             memory_mib: raw.memory_mib.or(defaults.memory_mib).unwrap_or(512),
             kernel: raw.kernel.clone().or_else(|| defaults.kernel.clone()),
+            modules: raw.modules.clone().or_else(|| defaults.modules.clone()),
             image: raw.image.clone().or_else(|| defaults.image.clone()),
             exec: raw.exec.or(defaults.exec).unwrap_or_default(),
             networks: raw.networks.clone().or_else(|| defaults.networks.clone()).unwrap_or_else(|| vec![1]),

@@ -7,7 +7,7 @@
 //! step_timeout = "2m"     # default deadline of each step
 //! backend = "qemu"        # a name the caller knows (vmtest: qemu | bhyve | multipass | auto)
 //!
-//! [defaults]              # every node: cpus, memory, kernel | image (+ exec), networks, files, boot_timeout
+//! [defaults]              # every node: cpus, memory, kernel (+ modules) | image (+ exec), networks, files, boot_timeout
 //! memory = "512M"
 //!
 //! [nodes.server]

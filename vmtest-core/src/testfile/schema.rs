@@ -168,7 +168,7 @@ pub const ACTIONS: &[&str] = &[
 
 pub(super) const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
 pub(super) const NODE_KEYS: &[&str] =
-    &["cpus", "memory", "kernel", "image", "exec", "networks", "files", "boot_timeout"];
+    &["cpus", "memory", "kernel", "modules", "image", "exec", "networks", "files", "boot_timeout"];
 
 /// One step, checked.
 #[derive(Clone, Debug)]
@@ -189,6 +189,8 @@ pub struct NodeDef {
     pub cpus: u32,
     pub memory_mib: u64,
     pub kernel: Option<PathBuf>,
+    /// The kernel's modules (an INSTALL_MOD_PATH or its `lib/modules/<release>`).
+    pub modules: Option<PathBuf>,
     /// A built image (`vmtest image build`): image mode instead of kernel mode.
     pub image: Option<String>,
     /// How commands reach an image node: `agent` (default), `ssh` or `serial`.

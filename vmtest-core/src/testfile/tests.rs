@@ -215,3 +215,24 @@ fn network_actions_refuse_on_and_node_actions_need_it() {
     assert!(p.iter().any(|l| l.starts_with("6:") && l.contains("add `on")), "{p:?}");
     assert!(p.iter().any(|l| l.starts_with("8:") && l.contains("block = true")), "{p:?}");
 }
+
+#[test]
+fn a_node_may_name_its_kernels_modules_relative_to_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("linux/.vmtest-modules")).unwrap();
+    let path = tmp.path().join("t.toml");
+    let text = "[defaults]\nmodules = \"linux/.vmtest-modules\"\n[nodes.a]\n[nodes.b]\nmodules = \"nope\"\n\
+                [[step]]\non = \"a\"\nsucceed = \"true\"\n";
+    let e = parse(&path, text).unwrap_err();
+    let all = e.detail().map(str::to_owned).unwrap_or_else(|| e.message().to_owned());
+    assert!(all.contains(":5: modules `nope` is not a directory"), "{all}");
+    let file = parse(&path, &text.replace("modules = \"nope\"\n", "")).unwrap();
+    assert_eq!(file.nodes[1].modules, Some(tmp.path().join("linux/.vmtest-modules")));
+    let e = file
+        .check_backend(BackendTraits { name: "multipass", private_networks: true, boots_kernels: false })
+        .unwrap_err();
+    assert!(e
+        .detail()
+        .unwrap()
+        .contains("the multipass backend boots images, which bring their own `modules`"));
+}
