@@ -52,6 +52,17 @@ impl Kernel {
             };
             Error::usage(format!("cannot read kernel {} (from {origin}): {e}{hint}", image.display()))
         })?;
+        let not_a_kernel = || {
+            Error::usage(format!(
+                "{} (from {origin}) is not a Linux kernel image (no bzImage header, no ELF version string)",
+                image.display()
+            ))
+        };
+        // Only a bzImage or an ELF boots; a name like `vmlinuz-*` says nothing of the content.
+        let is_bzimage = head.len() > 0x206 && &head[0x202..0x206] == b"HdrS";
+        if !is_bzimage && !head.starts_with(ELF_MAGIC) {
+            return Err(not_a_kernel());
+        }
         let tree = build_tree(image);
         let elf_release = || banner_release(elf_banners(image).first()?);
         let release = bzimage_version(&head)
@@ -60,12 +71,7 @@ impl Kernel {
             .or_else(|| tree.as_deref().and_then(tree_release))
             .or_else(|| release_from_name(image))
             .filter(|r| !r.is_empty())
-            .ok_or_else(|| {
-                Error::usage(format!(
-                    "{} (from {origin}) is not a Linux kernel image (no bzImage header, no ELF version string)",
-                    image.display()
-                ))
-            })?;
+            .ok_or_else(not_a_kernel)?;
         let mut k = Kernel { image: image.to_owned(), release, modules: None, origin, config: None, tree };
         k.modules = k.module_candidates().into_iter().find(|d| is_module_dir(d));
         k.config = k.config_candidates().into_iter().find(|p| p.is_file());
@@ -702,6 +708,10 @@ mod tests {
         std::fs::write(&p, b"hello").unwrap();
         let e = Kernel::from_image(&p, "--kernel").unwrap_err();
         assert!(e.message().contains("is not a Linux kernel image"), "{e}");
+        // A kernel's name does not make a file a kernel.
+        let named = tmp.path().join("vmlinuz-6.1.0-57-amd64");
+        std::fs::write(&named, b"hello").unwrap();
+        assert!(Kernel::from_image(&named, "--kernel").is_err());
         let missing = Kernel::from_image(&tmp.path().join("nope"), "--kernel").unwrap_err();
         assert!(missing.message().contains("cannot read kernel"), "{missing}");
         assert_eq!(missing.kind(), vmtest_core::ErrorKind::Usage);

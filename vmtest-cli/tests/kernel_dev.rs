@@ -218,15 +218,16 @@ fn a_kernel_matrix_runs_once_per_kernel_labelled_and_fails_with_the_first_failin
     }
     let out = cmd.args(["--", "sh", "-c", "echo hello; uname -r"]).output().unwrap();
     let err = stderr(&out);
-    // The first failing kernel (the third) decides the status: it cannot boot (69).
-    assert_eq!(out.status.code(), Some(69), "{err}");
+    // The first failing kernel (the third) decides the status: it is no kernel (64).
+    assert_eq!(out.status.code(), Some(64), "{err}");
     let text = stdout(&out);
     for k in &kernels[..2] {
         assert!(text.contains(&format!("[{}] hello\n", k.display())), "{text}");
     }
     assert_eq!(text.lines().count(), 4, "{text}");
     assert!(err.contains("vmtest: kernel matrix: 2 of 3 passed"), "{err}");
-    assert!(err.contains(&format!("ERROR  {}  exit 69", kernels[2].display())), "{err}");
+    assert!(err.contains(&format!("ERROR  {}  exit 64", kernels[2].display())), "{err}");
+    assert!(err.contains("is not a Linux kernel image"), "{err}");
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&events).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let finished: Vec<(String, i64)> = lines
@@ -235,7 +236,7 @@ fn a_kernel_matrix_runs_once_per_kernel_labelled_and_fails_with_the_first_failin
         .map(|e| (e["kernel"].as_str().unwrap().to_owned(), e["exit_code"].as_i64().unwrap()))
         .collect();
     assert_eq!(finished.len(), 3, "{finished:?}");
-    for (k, code) in [(&kernels[0], 0), (&kernels[1], 0), (&kernels[2], 69)] {
+    for (k, code) in [(&kernels[0], 0), (&kernels[1], 0), (&kernels[2], 64)] {
         assert!(finished.contains(&(k.display().to_string(), code)), "{finished:?}");
     }
     // Every VM event says which kernel it belongs to.
