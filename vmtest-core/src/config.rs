@@ -338,6 +338,100 @@ pub fn locate(
 
 /// Combine defaults, the config file, the environment and the flags.
 pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) -> Result<Effective> {
+    let Layers { file, target, layers } = config_layers(flags, env, cwd)?;
+    let env_val = |name: &'static str| env(name).filter(|v| !v.is_empty()).map(|v| (name, v));
+    // Pick the highest layer that sets a key.
+    macro_rules! pick {
+        ($field:ident, $default:expr, $env:expr, $flag:expr, $flagname:expr) => {{
+            let mut v = Val { value: $default, source: Source::Default };
+            for (l, src, _) in &layers {
+                if let Some(x) = &l.$field {
+                    v = Val { value: x.clone().into(), source: src.clone() };
+                }
+            }
+            if let Some((name, x)) = $env {
+                v = Val { value: x, source: Source::Env(name) };
+            }
+            if let Some(x) = $flag {
+                v = Val { value: x.clone().into(), source: Source::Flag($flagname) };
+            }
+            v
+        }};
+    }
+    let env_parse = |name: &'static str| -> Result<Option<(&'static str, usize)>> {
+        match env_val(name) {
+            Some((n, v)) => v.trim().parse().map(|x| Some((n, x))).map_err(|_| {
+                Error::usage(format!(
+                    "${name} is `{v}`, not a number; set it to a positive integer or unset it"
+                ))
+            }),
+            None => Ok(None),
+        }
+    };
+
+    let backend =
+        pick!(backend, "auto".to_owned(), env_val("VMTEST_BACKEND"), flags.backend.as_ref(), "--backend");
+    let BootSource { kernel, modules, image } = boot_source(&layers, flags, &env_val, cwd)?;
+    let accel = pick!(accel, "auto".to_owned(), None, flags.accel.as_ref(), "--accel");
+    let cpus = pick!(cpus, 1u32, None, flags.cpus.as_ref(), "--cpus");
+    let memory = pick!(memory, "512M".to_owned(), None, flags.memory.as_ref(), "--memory");
+    let boot_timeout =
+        pick!(boot_timeout, "120s".to_owned(), None, flags.boot_timeout.as_ref(), "--boot-timeout");
+    let timeout: Val<Option<String>> =
+        pick!(timeout, None, None, flags.timeout.as_ref().map(|t| Some(t.clone())), "--timeout");
+    let kernel_args: Val<Option<String>> =
+        pick!(kernel_args, None, None, flags.kernel_args.as_ref().map(|t| Some(t.clone())), "--kernel-args");
+    let keep = pick!(keep, KeepPolicy::Never, None, flags.keep.as_ref(), "--keep");
+    let kernel_warnings = pick!(
+        kernel_warnings,
+        KernelReports::Report,
+        None,
+        flags.kernel_warnings.as_ref(),
+        "--kernel-warnings"
+    );
+    let max_vms: Val<Option<usize>> = pick!(
+        max_vms,
+        None,
+        env_parse("VMTEST_MAX_VMS")?.map(|(n, x)| (n, Some(x))),
+        flags.max_vms.map(Some).as_ref(),
+        "--max-vms"
+    );
+
+    let rules = env_rules(&layers, flags);
+    Ok(Effective {
+        file,
+        target,
+        backend,
+        kernel,
+        modules,
+        image,
+        accel,
+        cpus,
+        memory,
+        boot_timeout,
+        timeout,
+        kernel_args,
+        keep,
+        kernel_warnings,
+        max_vms,
+        env: rules,
+    })
+}
+
+/// A config layer: a table's settings, where they came from, and the directory its paths
+/// are relative to.
+type Layer = (TargetSettings, Source, PathBuf);
+
+/// The config file that applies, the target picked in it, and the layers they give.
+struct Layers {
+    file: Option<PathBuf>,
+    target: Option<Val<String>>,
+    /// Lowest first.
+    layers: Vec<Layer>,
+}
+
+/// The config file, the target, and the layers they give, lowest first.
+fn config_layers(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) -> Result<Layers> {
     let file = locate(flags.config.as_deref(), env, cwd)?;
     let parsed = match &file {
         Some(p) => {
@@ -358,7 +452,7 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
     };
 
     // The config layers, lowest first, with their sources and base directories.
-    let mut layers: Vec<(TargetSettings, Source, PathBuf)> = Vec::new();
+    let mut layers: Vec<Layer> = Vec::new();
     if let (Some(cfg), Some(path)) = (&parsed, &file) {
         let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         layers.push((cfg.defaults(), Source::File(path.clone()), dir.clone()));
@@ -390,40 +484,26 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         )));
     }
 
-    // Pick the highest layer that sets a key.
-    macro_rules! pick {
-        ($field:ident, $default:expr, $env:expr, $flag:expr, $flagname:expr) => {{
-            let mut v = Val { value: $default, source: Source::Default };
-            for (l, src, _) in &layers {
-                if let Some(x) = &l.$field {
-                    v = Val { value: x.clone().into(), source: src.clone() };
-                }
-            }
-            if let Some((name, x)) = $env {
-                v = Val { value: x, source: Source::Env(name) };
-            }
-            if let Some(x) = $flag {
-                v = Val { value: x.clone().into(), source: Source::Flag($flagname) };
-            }
-            v
-        }};
-    }
-    let env_val = |name: &'static str| env(name).filter(|v| !v.is_empty()).map(|v| (name, v));
-    let env_parse = |name: &'static str| -> Result<Option<(&'static str, usize)>> {
-        match env_val(name) {
-            Some((n, v)) => v.trim().parse().map(|x| Some((n, x))).map_err(|_| {
-                Error::usage(format!(
-                    "${name} is `{v}`, not a number; set it to a positive integer or unset it"
-                ))
-            }),
-            None => Ok(None),
-        }
-    };
+    Ok(Layers { file, target, layers })
+}
 
-    let backend =
-        pick!(backend, "auto".to_owned(), env_val("VMTEST_BACKEND"), flags.backend.as_ref(), "--backend");
+/// What a guest boots: kernels (and their modules), or an image.
+struct BootSource {
+    kernel: Val<Vec<PathBuf>>,
+    modules: Val<Option<PathBuf>>,
+    image: Val<Option<String>>,
+}
+
+/// The boot source over every layer: a flag for one source overrides the other one from a
+/// lower layer, and a kernel and an image from the same layer clash.
+fn boot_source(
+    layers: &[Layer],
+    flags: &Flags,
+    env_val: &dyn Fn(&'static str) -> Option<(&'static str, String)>,
+    cwd: &Path,
+) -> Result<BootSource> {
     let mut kernel: Val<Vec<PathBuf>> = Val { value: Vec::new(), source: Source::Default };
-    for (l, src, dir) in &layers {
+    for (l, src, dir) in layers {
         if let Some(k) = &l.kernel {
             // Relative to the file that names it (like danobi/vmtest#94 asks).
             kernel = Val { value: k.paths().iter().map(|k| dir.join(k)).collect(), source: src.clone() };
@@ -439,13 +519,20 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         };
     }
     let mut modules = path_setting(
-        &layers,
+        layers,
         |l| l.modules.as_ref(),
         env_val("VMTEST_MODULES"),
         flags.modules.as_ref().map(|m| (cwd.join(m), "--modules")),
     );
-    let image: Val<Option<String>> =
-        pick!(image, None, None, flags.image.as_ref().map(|i| Some(i.clone())), "--image");
+    let mut image: Val<Option<String>> = Val { value: None, source: Source::Default };
+    for (l, src, _) in layers {
+        if let Some(i) = &l.image {
+            image = Val { value: Some(i.clone()), source: src.clone() };
+        }
+    }
+    if let Some(i) = &flags.image {
+        image = Val { value: Some(i.clone()), source: Source::Flag("--image") };
+    }
     // A flag for one boot source overrides the other one from a lower layer.
     let (kernel, image) = match (&kernel.source, &image.source) {
         (Source::Flag(_), _) if flags.image.is_none() => {
@@ -472,33 +559,13 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
             kernel.source, image.source
         )));
     }
-    let accel = pick!(accel, "auto".to_owned(), None, flags.accel.as_ref(), "--accel");
-    let cpus = pick!(cpus, 1u32, None, flags.cpus.as_ref(), "--cpus");
-    let memory = pick!(memory, "512M".to_owned(), None, flags.memory.as_ref(), "--memory");
-    let boot_timeout =
-        pick!(boot_timeout, "120s".to_owned(), None, flags.boot_timeout.as_ref(), "--boot-timeout");
-    let timeout: Val<Option<String>> =
-        pick!(timeout, None, None, flags.timeout.as_ref().map(|t| Some(t.clone())), "--timeout");
-    let kernel_args: Val<Option<String>> =
-        pick!(kernel_args, None, None, flags.kernel_args.as_ref().map(|t| Some(t.clone())), "--kernel-args");
-    let keep = pick!(keep, KeepPolicy::Never, None, flags.keep.as_ref(), "--keep");
-    let kernel_warnings = pick!(
-        kernel_warnings,
-        KernelReports::Report,
-        None,
-        flags.kernel_warnings.as_ref(),
-        "--kernel-warnings"
-    );
-    let max_vms: Val<Option<usize>> = pick!(
-        max_vms,
-        None,
-        env_parse("VMTEST_MAX_VMS")?.map(|(n, x)| (n, Some(x))),
-        flags.max_vms.map(Some).as_ref(),
-        "--max-vms"
-    );
+    Ok(BootSource { kernel, modules, image })
+}
 
+/// The guest environment rules, in the order they apply: config layers first, flags last.
+fn env_rules(layers: &[Layer], flags: &Flags) -> Vec<(EnvRule, Source)> {
     let mut rules = Vec::new();
-    for (l, src, _) in &layers {
+    for (l, src, _) in layers {
         if let Some(e) = &l.env {
             if e.clear == Some(true) {
                 rules.push((EnvRule::Clear, src.clone()));
@@ -522,31 +589,14 @@ pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, cwd: &Path) 
         rules.push((rule, Source::Flag("--env")));
     }
 
-    Ok(Effective {
-        file,
-        target,
-        backend,
-        kernel,
-        modules,
-        image,
-        accel,
-        cpus,
-        memory,
-        boot_timeout,
-        timeout,
-        kernel_args,
-        keep,
-        kernel_warnings,
-        max_vms,
-        env: rules,
-    })
+    rules
 }
 
 /// A path setting from the highest layer that sets it: a file's value relative to the file
 /// that names it (like danobi/vmtest#94 asks), an environment variable's as it is, a flag's
 /// (already joined to the current directory).
 fn path_setting(
-    layers: &[(TargetSettings, Source, PathBuf)],
+    layers: &[Layer],
     key: fn(&TargetSettings) -> Option<&PathBuf>,
     env: Option<(&'static str, String)>,
     flag: Option<(PathBuf, &'static str)>,
