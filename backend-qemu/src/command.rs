@@ -184,6 +184,10 @@ impl QemuCommand {
         if let Some(ssh) = &self.ssh {
             words.push(format!("vmtest.ssh_key={}", crate::ssh::key_param(&ssh.public_key)));
         }
+        if self.dumps() {
+            // A panic spins instead, to be seen, stopped and dumped (see [`crate::dump`]).
+            words.iter_mut().filter(|w| *w == "panic=-1").for_each(|w| *w = "panic=0".into());
+        }
         words.extend(self.kernel_args.iter().cloned());
         words.join(" ")
     }
@@ -277,9 +281,8 @@ impl QemuCommand {
         a
     }
 
-    /// The whole argv of one start: the machine, the gdb stub, `-no-shutdown` for a guest
-    /// to be dumped, under KVM or for a dump the health watcher's QMP socket, and what
-    /// `start` adds.
+    /// The whole argv of one start: the machine, the gdb stub, under KVM or for a dump the
+    /// health watcher's QMP socket, and what `start` adds.
     pub fn argv(&self, start: Start<'_>) -> Vec<OsString> {
         let mut a = self.args();
         if let Some(gdb) = self.gdb {
@@ -288,10 +291,6 @@ impl QemuCommand {
             if gdb.wait {
                 a.push("-S".into());
             }
-        }
-        if self.dumps() {
-            // A panic (a reboot, which -no-reboot makes a shutdown) pauses QEMU to be dumped.
-            a.push("-no-shutdown".into());
         }
         if let Some(path) = self.watch_qmp() {
             a.push("-qmp".into());
@@ -479,15 +478,14 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_to_be_dumped_pauses_on_shutdown_and_is_watched_but_its_machine_is_the_same() {
+    fn a_guest_to_be_dumped_spins_on_a_panic_and_is_watched() {
         let mut c = cmd(true, Accel::Tcg);
         c.dump = Some(Dump::Refused("no memory dump: too big".into()));
         assert_eq!(strings(c.argv(Start::Boot)), strings(c.args()), "a refused dump changes nothing");
-        let machine = strings(c.args());
+        assert!(c.kernel_cmdline().contains(" panic=-1 "));
         c.dump = Some(Dump::To("/logs/vmcore-vmt-1-a.elf".into()));
-        assert_eq!(strings(c.args()), machine, "the snapshot key's arguments");
+        assert!(c.kernel_cmdline().contains(" panic=0 ") && !c.kernel_cmdline().contains("panic=-1"));
         let argv = strings(c.argv(Start::Boot));
-        assert!(argv.contains(&"-no-shutdown".to_string()), "{argv:?}");
         assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/qmp-watch.sock,server=on,wait=off"]);
     }
 }

@@ -1,10 +1,11 @@
 //! Guest memory dumps on a kernel panic (`--failure-logs DIR`): where a guest's dump goes or
 //! why it gets none, and QMP `dump-guest-memory` into an ELF core that gdb and crash open.
 //!
-//! A guest that may be dumped runs with `-no-shutdown`: its panic (`panic=-1` reboots, and
-//! `-no-reboot` makes that a shutdown) leaves QEMU up and paused instead of ending it, the
-//! health watcher (see [`crate::health`]) dumps it, then ends QEMU. Such a guest always
-//! boots cold: a snapshot is of a machine without `-no-shutdown`.
+//! A guest that may be dumped boots with `panic=0` instead of `panic=-1`: its panic spins
+//! in the guest instead of rebooting (which `-no-reboot` makes QEMU's end, and which would
+//! leave no panicking CPU to see). The health watcher (see [`crate::health`]) sees the end
+//! of the panic on the console, stops the guest, dumps it, then ends QEMU. Such a guest
+//! always boots cold: a snapshot is of a guest booted with `panic=-1`.
 
 use crate::qmp::Qmp;
 use serde_json::json;

@@ -24,17 +24,15 @@ pub enum Trouble {
 /// How often the watcher looks.
 const PERIOD: Duration = Duration::from_millis(100);
 
-/// How long a stopped guest's console may lag behind its last words.
-const CONSOLE_LAG: Duration = Duration::from_secs(2);
-
 /// A guest whose panic is dumped: into `path`, its `memory_bytes` of memory. Its panic shows
-/// in `console_log`; the line saying where the dump went (or why there is none) goes into
-/// `note`.
+/// in `console_log` (read from `scanned` on); the line saying where the dump went (or why
+/// there is none) goes into `note`.
 pub struct DumpWatch {
     pub path: PathBuf,
     pub memory_bytes: u64,
     pub console_log: PathBuf,
     pub note: Arc<Mutex<Option<String>>>,
+    pub scanned: u64,
 }
 
 /// Watch QEMU `pid` through its stderr (as collected so far in `stderr`) and, when given,
@@ -45,7 +43,7 @@ pub fn watch(
     stderr: Arc<Mutex<Vec<u8>>>,
     qmp_socket: Option<PathBuf>,
     mut exited: watch::Receiver<Option<std::process::ExitStatus>>,
-    dump: Option<DumpWatch>,
+    mut dump: Option<DumpWatch>,
 ) -> watch::Receiver<Option<Trouble>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
@@ -68,7 +66,7 @@ pub fn watch(
                         match q.execute("query-status", json!({})).await {
                             Ok(status) => {
                                 let state = status["status"].as_str().unwrap_or("");
-                                trouble = match &dump {
+                                trouble = match &mut dump {
                                     Some(d) => dumped_trouble(q, d, state).await,
                                     None => None,
                                 }
@@ -98,50 +96,40 @@ fn stderr_trouble(stderr: &Mutex<Vec<u8>>) -> Option<Trouble> {
     crate::accel::failure_line(&said).map(|l| Trouble::Accelerator(l.to_owned()))
 }
 
-/// For a guest to be dumped, in run `state`: a panic (QEMU's own report, or the stop that a
-/// panic's reboot becomes under `-no-shutdown`) is dumped and is trouble. Any other stop is
-/// a guest that powered off: QEMU is told to quit, as it would have without `-no-shutdown`.
-async fn dumped_trouble(qmp: &mut Qmp, d: &DumpWatch, state: &str) -> Option<Trouble> {
+/// For a guest to be dumped, in run `state`: a panic (QEMU's own report, or the end of one
+/// on the console of a guest that `panic=0` keeps spinning) stops the guest, is dumped and
+/// is trouble.
+async fn dumped_trouble(qmp: &mut Qmp, d: &mut DumpWatch, state: &str) -> Option<Trouble> {
     let panicked = match state {
         "guest-panicked" => true,
-        "shutdown" => console_shows_panic(&d.console_log).await,
-        _ => return None,
+        "running" => panic_ended(&d.console_log, &mut d.scanned),
+        _ => false,
     };
     if !panicked {
-        let _ = qmp.execute("quit", json!({})).await;
         return None;
     }
+    let _ = qmp.execute("stop", json!({})).await;
     let note = crate::dump::take(qmp, &d.path, d.memory_bytes).await;
     tracing::debug!("{note}");
     *d.note.lock().unwrap() = Some(note);
     Some(Trouble::GuestPanicked)
 }
 
-/// Whether the console of a stopped guest ends in a kernel panic rather than a power-off,
-/// waiting out the console's lag for either.
-async fn console_shows_panic(log: &std::path::Path) -> bool {
-    let deadline = tokio::time::Instant::now() + CONSOLE_LAG;
-    loop {
-        let text = std::fs::read(log).unwrap_or_default();
-        let tail = String::from_utf8_lossy(&text[text.len().saturating_sub(64 << 10)..]).into_owned();
-        match last_words(&tail) {
-            Some(panicked) => return panicked,
-            None if tokio::time::Instant::now() >= deadline => return false,
-            None => tokio::time::sleep(PERIOD).await,
-        }
-    }
-}
+/// The last line of a kernel panic on the console.
+const PANIC_END: &[u8] = b"---[ end Kernel panic";
 
-/// From a stopped guest's console: `Some(true)` for a kernel panic, `Some(false)` for a
-/// power-off or reboot the kernel announced, `None` when it says neither (yet).
-fn last_words(console: &str) -> Option<bool> {
-    if console.contains("Kernel panic - not syncing") {
-        Some(true)
-    } else if console.contains("reboot: ") {
-        Some(false)
-    } else {
-        None
+/// Whether the console `log` shows the end of a kernel panic, reading what came since
+/// `scanned` (which moves on, keeping an overlap so a line split between reads is seen).
+fn panic_ended(log: &std::path::Path, scanned: &mut u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(log) else { return false };
+    let mut new = Vec::new();
+    if f.seek(SeekFrom::Start(*scanned)).is_err() || f.read_to_end(&mut new).is_err() {
+        return false;
     }
+    let found = new.windows(PANIC_END.len()).any(|w| w == PANIC_END);
+    *scanned += new.len().saturating_sub(PANIC_END.len()) as u64;
+    found
 }
 
 /// QMP `query-status` run states that mean the guest will not go on by itself.
@@ -167,12 +155,17 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_guests_console_tells_a_panic_from_a_power_off() {
-        let panic = "sysrq: Trigger a crash\nKernel panic - not syncing: sysrq triggered crash\n";
-        assert_eq!(last_words(panic), Some(true));
-        assert_eq!(last_words("[    2.1] reboot: Power down\n"), Some(false));
-        assert_eq!(last_words("[    2.1] reboot: Restarting system\n"), Some(false));
-        assert_eq!(last_words("vmtest-agent ready\n"), None);
+    fn the_end_of_a_panic_is_found_once_written_even_across_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut scanned = 0;
+        assert!(!panic_ended(&log, &mut scanned), "no console yet");
+        std::fs::write(&log, "Kernel panic - not syncing: sysrq triggered crash\n---[ end Kernel").unwrap();
+        assert!(!panic_ended(&log, &mut scanned));
+        let mut text = std::fs::read(&log).unwrap();
+        text.extend_from_slice(b" panic - not syncing: sysrq triggered crash ]---\n");
+        std::fs::write(&log, text).unwrap();
+        assert!(panic_ended(&log, &mut scanned));
     }
 
     #[test]

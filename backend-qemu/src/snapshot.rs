@@ -28,7 +28,7 @@ use vmtest_core::{Error, ErrorKind, Result};
 /// Whether a guest of `plan` starts from a snapshot: when snapshots are on, in kernel mode
 /// only (an image guest's disk would have to match the saved state), and never for a guest
 /// held for gdb (a restored one is past the point to stop at) or one to be dumped on a panic
-/// (its QEMU runs with `-no-shutdown`, which a snapshot's machine lacks).
+/// (its kernel boots with `panic=0`, which a snapshot's kernel lacks).
 pub fn wanted(opts: &QemuOptions, plan: &QemuCommand) -> bool {
     opts.snapshots && plan.root == Root::Host && !plan.held_for_gdb() && !plan.dumps()
 }

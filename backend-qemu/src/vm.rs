@@ -113,6 +113,7 @@ impl QemuVm {
             memory_bytes: cmd.memory_mib << 20,
             console_log: console_log_path(&cmd.console_socket),
             note: dump_note.clone(),
+            scanned: 0,
         });
         let trouble =
             cmd.watch_qmp().map(|qmp| health::watch(pid, stderr.clone(), Some(qmp), exited.clone(), dump));
