@@ -103,6 +103,7 @@ pub async fn probe_boot(
         nics: Vec::new(),
         ssh: None,
         gdb: None,
+        dump: None,
     };
     let mut child = KillOnDrop(
         std::process::Command::new(qemu)

@@ -11,6 +11,7 @@
 use crate::accel::{self, Accel};
 use crate::command::{Gdb, MachineKind, QemuCommand, QemuNic, Root, SshForward, NET_MODULES};
 use crate::command::{ROOT_TAG, USER_NET_ADDR, USER_NET_MAC};
+use crate::dump::Dump;
 use crate::image_build::ImageStore;
 use crate::initramfs::{self, AGENT};
 use crate::kernel::{self, BootImage, Kernel};
@@ -167,6 +168,7 @@ impl QemuBackend {
                 .collect(),
             ssh: None,
             gdb: None,
+            dump: self.opts.dump_dir.as_ref().map(|dir| Dump::plan(dir, &spec.name, spec.memory_mib)),
         };
         match &p.system {
             System::Host => {

@@ -7,6 +7,7 @@
 //! guest's `/` ([`Root`]) and, for an image reached over SSH, the port forward.
 
 use crate::accel::Accel;
+use crate::dump::Dump;
 use crate::kernel::BootImage;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ pub struct QemuCommand {
     pub ssh: Option<SshForward>,
     /// QEMU's gdb stub, on a known port.
     pub gdb: Option<Gdb>,
+    /// What happens to the guest's memory when its kernel panics; `None`: nothing.
+    pub dump: Option<Dump>,
 }
 
 /// The guest's `/`.
@@ -181,6 +184,10 @@ impl QemuCommand {
         if let Some(ssh) = &self.ssh {
             words.push(format!("vmtest.ssh_key={}", crate::ssh::key_param(&ssh.public_key)));
         }
+        if self.dumps() {
+            // A panic spins instead, to be seen, stopped and dumped (see [`crate::dump`]).
+            words.iter_mut().filter(|w| *w == "panic=-1").for_each(|w| *w = "panic=0".into());
+        }
         words.extend(self.kernel_args.iter().cloned());
         words.join(" ")
     }
@@ -274,8 +281,8 @@ impl QemuCommand {
         a
     }
 
-    /// The whole argv of one start: the machine, the gdb stub, under KVM the health
-    /// watcher's QMP socket, and what `start` adds.
+    /// The whole argv of one start: the machine, the gdb stub, under KVM or for a dump the
+    /// health watcher's QMP socket, and what `start` adds.
     pub fn argv(&self, start: Start<'_>) -> Vec<OsString> {
         let mut a = self.args();
         if let Some(gdb) = self.gdb {
@@ -303,9 +310,16 @@ impl QemuCommand {
         a
     }
 
-    /// Under KVM, a QMP socket of its own through which the health watcher reads the run state.
+    /// Under KVM or for a dump, a QMP socket of its own through which the health watcher
+    /// reads the run state (and dumps the guest).
     pub fn watch_qmp(&self) -> Option<PathBuf> {
-        (self.accel == Accel::Kvm).then(|| self.console_socket.with_file_name("qmp-watch.sock"))
+        (self.accel == Accel::Kvm || self.dumps())
+            .then(|| self.console_socket.with_file_name("qmp-watch.sock"))
+    }
+
+    /// Whether a panic of this guest is dumped (see [`crate::dump`]).
+    pub fn dumps(&self) -> bool {
+        self.dump.as_ref().is_some_and(|d| d.path().is_some())
     }
 
     /// Whether the guest is held for gdb (`-S`) until a person continues it.
@@ -355,6 +369,7 @@ mod tests {
             nics: Vec::new(),
             ssh: None,
             gdb: None,
+            dump: None,
         }
     }
 
@@ -458,7 +473,19 @@ mod tests {
         let c = cmd(true, Accel::Tcg);
         let argv = strings(c.argv(Start::SnapshotSource { qmp: Path::new("/run/q.sock") }));
         assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/q.sock,server=on,wait=off"]);
-        assert_eq!(c.watch_qmp(), None, "only KVM is watched");
+        assert_eq!(c.watch_qmp(), None, "only KVM and dumps are watched");
         assert_eq!(strings(c.argv(Start::Boot)), strings(c.args()));
+    }
+
+    #[test]
+    fn a_guest_to_be_dumped_spins_on_a_panic_and_is_watched() {
+        let mut c = cmd(true, Accel::Tcg);
+        c.dump = Some(Dump::Refused("no memory dump: too big".into()));
+        assert_eq!(strings(c.argv(Start::Boot)), strings(c.args()), "a refused dump changes nothing");
+        assert!(c.kernel_cmdline().contains(" panic=-1 "));
+        c.dump = Some(Dump::To("/logs/vmcore-vmt-1-a.elf".into()));
+        assert!(c.kernel_cmdline().contains(" panic=0 ") && !c.kernel_cmdline().contains("panic=-1"));
+        let argv = strings(c.argv(Start::Boot));
+        assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/qmp-watch.sock,server=on,wait=off"]);
     }
 }

@@ -17,6 +17,7 @@ mod boot;
 pub mod cache;
 pub mod cache_usage;
 mod command;
+mod dump;
 pub mod fetch;
 mod health;
 mod host;
@@ -63,6 +64,9 @@ pub struct QemuOptions {
     pub prove_kvm: bool,
     /// Expose QEMU's gdb stub on loopback (kernel mode).
     pub gdb: Option<Gdb>,
+    /// Dump a guest's memory into this directory when its kernel panics, as an ELF core
+    /// (`vmcore-<vm>.elf`), if it is no larger than `$VMTEST_DUMP_MAX` (default 2G).
+    pub dump_dir: Option<PathBuf>,
 }
 
 impl Default for QemuOptions {
@@ -75,6 +79,7 @@ impl Default for QemuOptions {
             snapshots: true,
             prove_kvm: false,
             gdb: None,
+            dump_dir: None,
         }
     }
 }

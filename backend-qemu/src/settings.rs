@@ -13,6 +13,7 @@ impl From<&BackendSettings> for QemuOptions {
             snapshots: s.snapshots,
             prove_kvm: s.prove_acceleration,
             gdb: s.gdb.map(|g| Gdb { port: g.port, wait: g.wait }),
+            dump_dir: s.dump_dir.clone(),
             ..QemuOptions::default()
         }
     }

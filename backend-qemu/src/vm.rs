@@ -3,6 +3,7 @@
 use crate::accel::{Accel, KvmFailed};
 use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
 use crate::command::{QemuCommand, Start};
+use crate::dump::Dump;
 use crate::health::{self, Trouble};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -50,8 +51,10 @@ pub struct QemuVm {
     console: ConsoleLog,
     stderr: Arc<Mutex<Vec<u8>>>,
     exited: watch::Receiver<Option<std::process::ExitStatus>>,
-    /// Under KVM: what the health watcher saw (see [`crate::health`]).
+    /// Under KVM or for a dump: what the health watcher saw (see [`crate::health`]).
     trouble: Option<watch::Receiver<Option<Trouble>>>,
+    /// Where the guest's memory went when its kernel panicked, or why it went nowhere.
+    dump_note: Arc<Mutex<Option<String>>>,
     detached: AtomicBool,
     timings: Vec<(&'static str, Duration)>,
 }
@@ -101,8 +104,19 @@ impl QemuVm {
             let _ = exit_tx
                 .send(Some(status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(0))));
         });
-        let trouble = (cmd.accel == Accel::Kvm)
-            .then(|| health::watch(pid, stderr.clone(), cmd.watch_qmp(), exited.clone()));
+        let dump_note = Arc::new(Mutex::new(match &cmd.dump {
+            Some(Dump::Refused(why)) => Some(why.clone()),
+            _ => None,
+        }));
+        let dump = cmd.dump.as_ref().and_then(Dump::path).map(|path| health::DumpWatch {
+            path: path.to_owned(),
+            memory_bytes: cmd.memory_mib << 20,
+            console_log: console_log_path(&cmd.console_socket),
+            note: dump_note.clone(),
+            scanned: 0,
+        });
+        let trouble =
+            cmd.watch_qmp().map(|qmp| health::watch(pid, stderr.clone(), Some(qmp), exited.clone(), dump));
 
         let sockets = (&cmd.agent_socket, &cmd.console_socket);
         let connected =
@@ -113,6 +127,7 @@ impl QemuVm {
             tokio::time::sleep(Duration::from_millis(50)).await;
             return Err(start_failure(cmd, String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned()));
         };
+        vm.dump_note = dump_note;
         let setup = match mode {
             BootMode::Restore { setup, .. } => {
                 // The restored agent said hello before its state was saved: go straight on.
@@ -241,10 +256,9 @@ impl QemuVm {
         };
         let (console_stream, agent_stream) =
             tokio::time::timeout(Duration::from_secs(30), connect).await.map_err(|_| ())??;
-        let log_dir = console_socket.parent().unwrap_or(Path::new("/"));
         let (con_r, con_w) = console_stream.into_split();
-        let console =
-            ConsoleLog::spawn(con_r, Some(Box::new(con_w)), &log_dir.join("console.log")).map_err(|_| ())?;
+        let console = ConsoleLog::spawn(con_r, Some(Box::new(con_w)), &console_log_path(console_socket))
+            .map_err(|_| ())?;
         let (agent_r, agent_w) = agent_stream.into_split();
         let (agent, control) = AgentClient::start(agent_r, agent_w);
         let vm = QemuVm {
@@ -255,6 +269,7 @@ impl QemuVm {
             stderr,
             exited,
             trouble,
+            dump_note: Arc::default(),
             detached: AtomicBool::new(false),
             timings: Vec::new(),
         };
@@ -303,8 +318,22 @@ impl QemuVm {
         Ok(vm)
     }
 
+    /// The error for a guest that failed, with the dump's line when its kernel panicked.
     fn failure(&self, what: String) -> Error {
-        boot_failure(what, &self.console, &self.qemu_said())
+        let err = boot_failure(what, &self.console, &self.qemu_said());
+        let note = self.dump_note.lock().unwrap().clone();
+        match note {
+            Some(note) if err.message().starts_with("the guest kernel panicked") => {
+                let mut detail = err.detail().unwrap_or_default().to_owned();
+                if !detail.is_empty() && !detail.ends_with('\n') {
+                    detail.push('\n');
+                }
+                detail.push_str(&note);
+                detail.push('\n');
+                err.with_detail(detail)
+            }
+            _ => err,
+        }
     }
 
     fn qemu_said(&self) -> String {
@@ -633,6 +662,11 @@ impl Drop for QemuVm {
             kill_pid(self.pid);
         }
     }
+}
+
+/// The console log next to a VM's console socket.
+fn console_log_path(console_socket: &Path) -> PathBuf {
+    console_socket.parent().unwrap_or(Path::new("/")).join("console.log")
 }
 
 /// The per-VM socket paths inside its directory.

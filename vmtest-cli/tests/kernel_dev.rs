@@ -3,7 +3,8 @@
 //! vmtest must show it with its title and trace, emit it as an event, and fail the run only
 //! when asked to. An ordinary kernel message is not a report. And the gdb stub: a real gdb
 //! attaches to a guest held at its first instruction, reads the program counter, and lets
-//! it go; the command then runs as usual.
+//! it go; the command then runs as usual. And memory dumps: a guest that panics during a
+//! run with `--failure-logs` leaves an ELF core there that gdb opens; without, nothing.
 
 mod common;
 
@@ -131,6 +132,69 @@ fn gdb_attaches_to_a_held_guest_and_the_command_still_runs() {
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
     assert!(status.success(), "{status}");
     assert_eq!(stdout, "ran after gdb\n");
+    vt.assert_clean();
+}
+
+/// As root in the guest: crash the kernel through sysrq.
+const CRASH: &str = "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger; sleep 60";
+
+#[test]
+fn a_panic_with_failure_logs_leaves_a_memory_dump_that_gdb_opens() {
+    let vt = Vmtest::new();
+    let logs = tempfile::tempdir().unwrap();
+    let out = vt.run(&["--root", "--failure-logs", logs.path().to_str().unwrap()], &["sh", "-c", CRASH]);
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(error_line(&out).contains("the guest kernel panicked"), "{}", stderr(&out));
+    let kept: Vec<_> = std::fs::read_dir(logs.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let dump = kept
+        .iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmcore-"))
+        .unwrap_or_else(|| panic!("no dump among {kept:?}: {}", stderr(&out)));
+    assert!(stderr(&out).contains(&format!("guest memory dump (512 MiB, ELF core): {}", dump.display())));
+    // About the guest's memory (512M by default), no more.
+    let size = std::fs::metadata(dump).unwrap().len();
+    assert!((512 << 20..=(512 << 20) + (16 << 20)).contains(&size), "{size}");
+    let file = std::process::Command::new("file").arg(dump).output().expect("file(1) (apt-get install file)");
+    let said = stdout(&file);
+    assert!(said.contains("ELF 64-bit LSB core file, x86-64"), "{said}");
+    // gdb opens it, with the guest's CPU in the kernel when it panicked.
+    let gdb = std::process::Command::new("gdb")
+        .args(["-batch", "-nx", "-ex", "set architecture i386:x86-64", "-ex", "info registers rip"])
+        .args(["-core", &dump.to_string_lossy()])
+        .output()
+        .expect("gdb (apt-get install gdb)");
+    let said = stdout(&gdb);
+    assert!(said.contains("rip            0xffffffff"), "{said}{}", String::from_utf8_lossy(&gdb.stderr));
+    vt.assert_clean();
+}
+
+#[test]
+fn a_panic_without_failure_logs_or_over_the_bound_leaves_no_dump() {
+    let vt = Vmtest::new();
+    let cwd = tempfile::tempdir().unwrap();
+    let out =
+        vt.cmd().current_dir(cwd.path()).args(["run", "--root", "--", "sh", "-c", CRASH]).output().unwrap();
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("memory dump"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0);
+    vt.assert_clean();
+    // Over $VMTEST_DUMP_MAX: the logs are kept, the dump refused, and the run says why.
+    let logs = tempfile::tempdir().unwrap();
+    let out = vt
+        .cmd()
+        .env("VMTEST_DUMP_MAX", "256M")
+        .args(["run", "--root", "--failure-logs", logs.path().to_str().unwrap(), "--", "sh", "-c", CRASH])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("no memory dump: the guest's 512 MiB of memory exceed $VMTEST_DUMP_MAX (256 MiB)"),
+        "{}",
+        stderr(&out)
+    );
+    let kept: Vec<_> = std::fs::read_dir(logs.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(kept.iter().all(|p| !p.to_string_lossy().contains("vmcore")), "{kept:?}");
     vt.assert_clean();
 }
 

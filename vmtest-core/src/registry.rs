@@ -20,6 +20,9 @@ pub struct BackendSettings {
     pub prove_acceleration: bool,
     /// Expose a gdb stub for the guest kernel.
     pub gdb: Option<GdbStub>,
+    /// Where a guest's memory is dumped when its kernel panics (`--failure-logs`), for
+    /// backends that can; `None`: no dumps, and the guest's machine is as without them.
+    pub dump_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for BackendSettings {
@@ -30,6 +33,7 @@ impl Default for BackendSettings {
             snapshots: true,
             prove_acceleration: false,
             gdb: None,
+            dump_dir: None,
         }
     }
 }

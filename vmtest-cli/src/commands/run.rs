@@ -61,6 +61,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         plan.settings.gdb = (args.gdb.is_some() || args.gdb_wait)
             .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait });
         plan.failure_logs = args.failure_logs.clone();
+        plan.settings.dump_dir = args.failure_logs.clone();
     }
     let request = || {
         let mut req = super::request::exec_request_with(
