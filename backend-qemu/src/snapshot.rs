@@ -27,10 +27,10 @@ use vmtest_core::{Error, ErrorKind, Result};
 
 /// Whether a guest of `plan` starts from a snapshot: when snapshots are on, in kernel mode
 /// only (an image guest's disk would have to match the saved state), and never for a guest
-/// held for gdb (a restored one is past the point to stop at) or one to be dumped on a panic
-/// (its kernel boots with `panic=0`, which a snapshot's kernel lacks).
+/// held for gdb (a restored one is past the point to stop at). A guest to be dumped on a
+/// panic has a snapshot of its own: its kernel command line (`panic=0`) is part of the key.
 pub fn wanted(opts: &QemuOptions, plan: &QemuCommand) -> bool {
-    opts.snapshots && plan.root == Root::Host && !plan.held_for_gdb() && !plan.dumps()
+    opts.snapshots && plan.root == Root::Host && !plan.held_for_gdb()
 }
 
 /// Start the guest of `plan` from its snapshot, making the snapshot first if there is none.
@@ -229,7 +229,7 @@ mod tests {
     use crate::dump::Dump;
 
     #[test]
-    fn only_kernel_mode_guests_not_held_for_gdb_nor_dumped_use_snapshots() {
+    fn only_kernel_mode_guests_not_held_for_gdb_use_snapshots() {
         let plan = |root: Root, gdb: Option<crate::Gdb>| QemuCommand {
             qemu: "q".into(),
             accel: crate::accel::Accel::Tcg,
@@ -254,7 +254,7 @@ mod tests {
         assert!(wanted(&on, &plan(Root::Host, Some(crate::Gdb { port: 1, wait: false }))));
         assert!(!wanted(&on, &plan(Root::Host, Some(crate::Gdb { port: 1, wait: true }))), "held for gdb");
         let dumped = QemuCommand { dump: Some(Dump::To("/l/vmcore.elf".into())), ..plan(Root::Host, None) };
-        assert!(!wanted(&on, &dumped), "to be dumped");
+        assert!(wanted(&on, &dumped), "a snapshot of its own (panic=0 is in the key)");
         let refused = QemuCommand { dump: Some(Dump::Refused("too big".into())), ..plan(Root::Host, None) };
         assert!(wanted(&on, &refused), "no dump, the same machine");
     }

@@ -140,6 +140,13 @@ const CRASH: &str = "echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigg
 
 #[test]
 fn a_panic_with_failure_logs_leaves_a_memory_dump_that_gdb_opens() {
+    // Twice: the first run makes the dumpable guests' snapshot, the second is restored from it.
+    for _ in 0..2 {
+        panic_leaves_a_dump();
+    }
+}
+
+fn panic_leaves_a_dump() {
     let vt = Vmtest::new();
     let logs = tempfile::tempdir().unwrap();
     let out = vt.run(&["--root", "--failure-logs", logs.path().to_str().unwrap()], &["sh", "-c", CRASH]);
