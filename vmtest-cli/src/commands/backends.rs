@@ -99,6 +99,6 @@ mod unavailable {
 
 /// Off Linux: the error for commands that only the QEMU backend has.
 #[cfg(not(target_os = "linux"))]
-pub fn qemu_unavailable() -> Error {
+pub fn qemu_unavailable() -> vmtest_core::Error {
     unavailable::error()
 }
