@@ -72,11 +72,6 @@ impl KernelLog {
         let text = std::mem::take(&mut self.unread.lock().unwrap_or_else(|p| p.into_inner()).text);
         kernel_report::find(&String::from_utf8_lossy(&text))
     }
-
-    /// Forget what arrived so far (e.g. the boot's messages).
-    pub fn skip(&self) {
-        self.unread.lock().unwrap_or_else(|p| p.into_inner()).text.clear();
-    }
 }
 
 impl Drop for KernelLog {

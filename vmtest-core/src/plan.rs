@@ -47,7 +47,7 @@ pub struct RunPlan {
     pub kernel_reports: KernelReports,
     /// VMs at once over every vmtest process of this user.
     pub max_vms: usize,
-    /// Where to keep the logs of a failed run.
+    /// Where to keep the logs of a failed run ([`RunPlan::keep_failure_logs`] sets it).
     pub failure_logs: Option<PathBuf>,
 }
 
@@ -99,6 +99,13 @@ impl RunPlan {
             max_vms,
             failure_logs: None,
         })
+    }
+
+    /// Keep a failed run's logs in `dir`, and a guest memory dump there when its kernel
+    /// panics (on backends that can dump).
+    pub fn keep_failure_logs(&mut self, dir: Option<PathBuf>) {
+        self.settings.dump_dir = dir.clone();
+        self.failure_logs = dir;
     }
 
     /// Sweep what dead runs left, choose the backend, and run `request` in a fresh VM:

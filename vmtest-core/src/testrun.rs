@@ -77,8 +77,7 @@ where
     tokio::pin!(cancel);
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + file.timeout;
-    let fref = FileRef { name: &file.name, path: &file.path };
-    let file_ref = &fref;
+    let file_ref = &FileRef { name: &file.name, path: &file.path };
     let report = |e: Event<'_>| cfg.reporter.event(&e);
     let mut cases = Cases::new(file, cfg.filter.as_deref());
 

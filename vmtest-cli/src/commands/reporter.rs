@@ -1,9 +1,10 @@
 //! How run events reach people: a live status line on a terminal, timestamped lines in CI,
 //! and the notices (slot waits, kept VMs) in both.
 
+use crate::events::JsonEvents;
 use crate::ui::{self, Verbosity};
 use std::time::SystemTime;
-use vmtest_core::events::{kept_hint, Event, FileRef, Reporter, StepResult};
+use vmtest_core::events::{kept_hint, Event, Fanout, FileRef, Reporter, StepResult};
 use vmtest_core::exec::display_argv;
 use vmtest_core::spec::format_duration;
 use vmtest_core::testrun::Verdict;
@@ -137,6 +138,13 @@ impl Reporter for Human {
             }
         }
     }
+}
+
+/// The reporters of one command: its JSON streams, then the human progress when asked.
+pub fn fanout<'a>(json: &'a [JsonEvents], human: Option<&'a Human>) -> Fanout<'a> {
+    let mut all: Vec<&dyn Reporter> = json.iter().map(|j| j as &dyn Reporter).collect();
+    all.extend(human.map(|h| h as &dyn Reporter));
+    Fanout(all)
 }
 
 /// A progress line of a test file: `vmtest: [name] text`.

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 use vmtest_core::cancel::Cancel;
 use vmtest_core::config;
-use vmtest_core::events::{Fanout, Reporter};
 use vmtest_core::exec::{ExecRequest, OutputMode, StdinSource};
 use vmtest_core::plan::RunPlan;
 use vmtest_core::registry::GdbStub;
@@ -60,8 +59,7 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
         plan.settings.snapshots = !args.no_snapshot;
         plan.settings.gdb = (args.gdb.is_some() || args.gdb_wait)
             .then(|| GdbStub { port: args.gdb.unwrap_or(0), wait: args.gdb_wait });
-        plan.failure_logs = args.failure_logs.clone();
-        plan.settings.dump_dir = args.failure_logs.clone();
+        plan.keep_failure_logs(args.failure_logs.clone());
     }
     let request = || {
         let mut req = super::request::exec_request_with(
@@ -83,12 +81,9 @@ async fn run_inner(args: &RunArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
     let plan = plans.remove(0);
 
     let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
-    let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
-    if let Some(h) = &human {
-        reporters.push(h);
-    }
+    let reporters = super::reporter::fanout(json_sinks, human.as_ref());
     let registry = super::backends::registry();
-    let outcome = plan.run(&registry, &StateDir::from_env(), request()?, &Fanout(reporters), &cancel).await;
+    let outcome = plan.run(&registry, &StateDir::from_env(), request()?, &reporters, &cancel).await;
     ui::set_status(None);
     let outcome = outcome?;
     if args.timings && args.message_format == MessageFormat::Human {
@@ -123,31 +118,36 @@ async fn run_matrix(
     if human.is_some() {
         ui::line(&format!("vmtest: kernel matrix: {} kernels: {}", labels.len(), labels.join(", ")));
     }
-    let runs = plans.into_iter().zip(requests).zip(kernels.iter().zip(&labels)).map(|((plan, mut req), (kernel, label))| {
-        let (registry, state, human) = (&registry, &state, &human);
-        async move {
-            let json: Vec<JsonEvents> =
-                json_sinks.iter().map(|j| j.with_field("kernel", json!(kernel.display().to_string()))).collect();
-            let mut reporters: Vec<&dyn Reporter> = json.iter().map(|j| j as &dyn Reporter).collect();
-            if let Some(h) = human {
-                reporters.push(h);
+    let runs = plans.into_iter().zip(requests).zip(kernels.iter().zip(&labels)).map(
+        |((plan, mut req), (kernel, label))| {
+            let (registry, state, human) = (&registry, &state, &human);
+            async move {
+                let json: Vec<JsonEvents> = json_sinks
+                    .iter()
+                    .map(|j| j.with_field("kernel", json!(kernel.display().to_string())))
+                    .collect();
+                let reporters = super::reporter::fanout(&json, human.as_ref());
+                // One terminal cannot feed several guests; each gets an empty stdin.
+                req.stdin = StdinSource::Null;
+                req.output = OutputMode::Stream(Box::new(ui::LabelledSink::new(label)));
+                let started = Instant::now();
+                let result = plan.run(registry, state, req, &reporters, cancel).await;
+                let took = started.elapsed();
+                let code = match &result {
+                    Ok(o) => o.status.shell_code(),
+                    Err(e) => crate::exit_codes::of(e),
+                };
+                let error = result.as_ref().err().map(events::error_json);
+                for j in &json {
+                    j.emit(
+                        "kernel_finished",
+                        json!({"exit_code": code, "error": error, "duration_secs": took.as_secs_f64()}),
+                    );
+                }
+                (code, result.err(), took)
             }
-            // One terminal cannot feed several guests; each gets an empty stdin.
-            req.stdin = StdinSource::Null;
-            req.output = OutputMode::Stream(Box::new(ui::LabelledSink::new(label)));
-            let started = Instant::now();
-            let result = plan.run(registry, state, req, &Fanout(reporters), cancel).await;
-            let code = match &result {
-                Ok(o) => o.status.shell_code(),
-                Err(e) => crate::exit_codes::of(e),
-            };
-            let error = result.as_ref().err().map(events::error_json);
-            for j in &json {
-                j.emit("kernel_finished", json!({"exit_code": code, "error": error, "duration_secs": started.elapsed().as_secs_f64()}));
-            }
-            (code, result.err(), started.elapsed())
-        }
-    });
+        },
+    );
     let results = vmtest_core::machine::join_all(runs.collect()).await;
     if human.is_some() {
         let passed = results.iter().filter(|(code, _, _)| *code == 0).count();

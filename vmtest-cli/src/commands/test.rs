@@ -7,7 +7,7 @@ use crate::cli::{MessageFormat, TestArgs};
 use crate::events::{self, JsonEvents};
 use serde_json::json;
 use vmtest_core::config::{self, blame, Source};
-use vmtest_core::events::{Fanout, JunitCollector, Reporter};
+use vmtest_core::events::JunitCollector;
 use vmtest_core::registry::BackendSettings;
 use vmtest_core::state::StateDir;
 use vmtest_core::suite::{self, BackendRequest, SuiteOptions};
@@ -69,14 +69,11 @@ async fn test_inner(args: &TestArgs, json_sinks: &[JsonEvents]) -> Result<i32> {
 
     let human = (args.message_format == MessageFormat::Human).then(super::reporter::Human::new);
     let junit = JunitCollector::default();
-    let mut reporters: Vec<&dyn Reporter> = json_sinks.iter().map(|j| j as &dyn Reporter).collect();
-    if let Some(h) = &human {
-        reporters.push(h);
-    }
+    let mut reporters = super::reporter::fanout(json_sinks, human.as_ref());
     if args.junit.is_some() {
-        reporters.push(&junit);
+        reporters.0.push(&junit);
     }
-    let outcome = suite::run(&registry, &state, &files, opts, &Fanout(reporters), &cancel).await?;
+    let outcome = suite::run(&registry, &state, &files, opts, &reporters, &cancel).await?;
     if let Some(path) = &args.junit {
         std::fs::write(path, junit.render())
             .map_err(|e| Error::usage(format!("cannot write JUnit report {}: {e}", path.display())))?;
