@@ -6,7 +6,7 @@ use crate::exec::{ExecOutput, ExecRequest};
 use crate::spec::VmSpec;
 use crate::state::{RunDir, VmRecord};
 use async_trait::async_trait;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The outcome of one pre-flight check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -147,6 +147,20 @@ pub trait Hypervisor: Send + Sync {
     /// Destroy what a record describes (the orphan sweep, `vmtest destroy`). Idempotent: a
     /// part already gone is not an error.
     async fn destroy_record(&self, record: &VmRecord) -> Result<()>;
+
+    /// Where this backend keeps the checkpoints of test files (`checkpoint = "..."`), or
+    /// `None` when its guests cannot be saved ([`Vm::save`]). Default: `None`.
+    fn checkpoint_store(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// What a saved state of a guest of `spec` depends on beyond the spec itself: the
+    /// identities of the hypervisor, the kernel and the image, and vmtest's version. Hashed
+    /// into checkpoint keys, so that a rebuilt image or another QEMU makes a new checkpoint
+    /// instead of restoring a stale one. Default: unsupported.
+    async fn state_identity(&self, spec: &VmSpec) -> Result<String> {
+        Err(crate::Error::usage(format!("the {} backend cannot save {}", self.name(), spec.node)))
+    }
 }
 
 /// A running VM.
@@ -191,5 +205,13 @@ pub trait Vm: Send + Sync {
     /// them for bug reports. `None`: this backend does not show them (the default).
     fn kernel_log(&self) -> Option<Box<dyn Console>> {
         None
+    }
+
+    /// Save the guest's whole state (memory, devices and disk) into `dir` (an existing, empty
+    /// directory) and keep the guest running. A later launch of the same spec with
+    /// [`VmSpec::resume`] set to `dir` starts from that state instead of booting.
+    /// [`Capabilities::snapshots`] says whether this works. Default: unsupported.
+    async fn save(&self, dir: &Path) -> Result<()> {
+        Err(crate::Error::usage(format!("{} cannot be saved (to {})", self.name(), dir.display())))
     }
 }

@@ -69,6 +69,12 @@ pub struct VmSpec {
     /// How commands reach an image-mode guest (kernel mode always uses the agent).
     #[serde(default)]
     pub exec: ExecVia,
+    /// Start from the state [`crate::Vm::save`] wrote in this directory instead of booting.
+    /// The guest keeps what it had then (hostname, addresses, files, running services); its
+    /// clock, random pool and the run's SSH key are renewed. A state that is missing,
+    /// corrupt or of another machine is an error, never used.
+    #[serde(default)]
+    pub resume: Option<std::path::PathBuf>,
 }
 
 /// How commands reach a guest booted from an image.
@@ -133,6 +139,7 @@ impl VmSpec {
             nics: Vec::new(),
             hosts: Vec::new(),
             exec: ExecVia::Agent,
+            resume: None,
         }
     }
 }
