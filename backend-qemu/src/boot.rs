@@ -15,8 +15,9 @@ use crate::dump::Dump;
 use crate::image_build::ImageStore;
 use crate::initramfs::{self, AGENT};
 use crate::kernel::{self, BootImage, Kernel};
+use crate::saved::SavedGuest;
 use crate::ssh::{self, SshTarget};
-use crate::vm::{self, BootMode, QemuVm};
+use crate::vm::{self, BootMode, QemuVm, Saveable};
 use crate::{host, modules, snapshot, QemuBackend};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -74,6 +75,8 @@ pub(crate) struct Started {
     pub ssh: Option<SshTarget>,
     /// When its first QEMU started (the boot timeout counts from here).
     pub since: Instant,
+    /// Whether it was restored (from a snapshot or a saved guest) rather than booted.
+    pub restored: bool,
 }
 
 /// The image guest's overlay and SSH key, in its VM directory.
@@ -179,7 +182,7 @@ impl QemuBackend {
             }
             System::Image { base, .. } => {
                 let overlay = vm_dir.join(OVERLAY);
-                create_overlay(base, &overlay)?;
+                host::qcow2_overlay(base, &overlay)?;
                 plan.root = Root::Disk(overlay);
                 if spec.exec == ExecVia::Ssh {
                     let key = vm_dir.join(SSH_KEY);
@@ -237,20 +240,68 @@ impl QemuBackend {
         });
         let since = *first_start.get_or_insert_with(Instant::now);
         let (cache, opts) = (&self.cache, &self.opts);
-        let restored =
-            snapshot::start(cache, opts, &plan, run, &mut record, &setup, spec.boot_timeout).await?;
+        let base = match &p.system {
+            System::Image { base, .. } => Some(base.as_path()),
+            System::Host => None,
+        };
+        let restored = match &spec.resume {
+            Some(dir) => Some(self.resume(&plan, dir, run, &mut record, setup.clone(), spec).await?),
+            None => {
+                let boot_timeout = spec.boot_timeout;
+                snapshot::start(cache, opts, &plan, base, run, &mut record, &setup, boot_timeout).await?
+            }
+        };
+        let restored_any = restored.is_some();
         // After a restore the stub is up; before a cold boot, a guest held for gdb waits for it.
         if let Some(gdb) = plan.gdb {
             announce_gdb(gdb, p);
         }
-        let vm = match restored {
+        let mut vm = match restored {
             Some(vm) => vm,
             None => {
                 let mode = BootMode::Cold(setup);
                 QemuVm::boot(&plan, &mut record, run, mode, spec.boot_timeout, opts.die_with_parent).await?
             }
         };
-        Ok(Started { vm, ssh, since })
+        if let Root::Disk(overlay) = &plan.root {
+            let backing = host::qcow2_backing(overlay)?;
+            vm.set_saveable(Saveable { overlay: overlay.clone(), backing, qmp: plan.control_qmp() });
+        }
+        Ok(Started { vm, ssh, since, restored: restored_any })
+    }
+
+    /// Start the guest of `plan` from the guest saved in `dir` ([`VmSpec::resume`]): its
+    /// seal checked, a fresh overlay over its disk, and only the clock, the random pool and
+    /// the run's SSH key renewed.
+    async fn resume(
+        &self,
+        plan: &QemuCommand,
+        dir: &Path,
+        run: &RunDir,
+        record: &mut VmRecord,
+        mut setup: GuestSetup,
+        spec: &VmSpec,
+    ) -> Result<QemuVm> {
+        let Root::Disk(overlay) = &plan.root else {
+            return Err(Error::usage(format!(
+                "{} cannot be resumed from {}: only image guests can be saved (a kernel-mode \
+                 guest's 9p root cannot be migrated)",
+                spec.node,
+                dir.display()
+            )));
+        };
+        let saved = SavedGuest::at(dir);
+        let check = saved.clone();
+        tokio::task::spawn_blocking(move || check.verify())
+            .await
+            .map_err(|e| Error::infra(format!("checking {}: {e}", dir.display())))??;
+        host::qcow2_overlay(&saved.disk(), overlay)?;
+        setup.resumed = true;
+        let mode = BootMode::Restore { incoming: saved.incoming_uri(), setup };
+        let die = self.opts.die_with_parent;
+        QemuVm::boot(plan, record, run, mode, spec.boot_timeout, die)
+            .await
+            .map_err(|e| e.context(format!("resuming {} from {}", spec.node, dir.display())))
     }
 
     /// KVM failed during a boot although the verdict said it works. Correct the verdict;
@@ -324,6 +375,9 @@ fn guest_setup(spec: &VmSpec, plan: &QemuCommand, kernel: &Kernel) -> GuestSetup
         nics,
         hosts: spec.hosts.clone(),
         entropy: host::random_bytes(32),
+        authorized_key: plan.ssh.as_ref().map(|f| ssh::authorized_key(&f.public_key)),
+        new_machine_id: false,
+        resumed: false,
         // The tree is reached through the host root: no share of its own, so nothing
         // at boot (or in the snapshot) changes.
         modules_dir: kernel
@@ -332,24 +386,6 @@ fn guest_setup(spec: &VmSpec, plan: &QemuCommand, kernel: &Kernel) -> GuestSetup
             .filter(|_| on_host)
             .map(|d| d.as_os_str().as_encoded_bytes().to_vec()),
     }
-}
-
-/// `qemu-img create -f qcow2 -F qcow2 -b BASE overlay`: the VM writes only here.
-fn create_overlay(base: &Path, overlay: &Path) -> Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(base)
-        .arg(overlay)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::preflight(format!("cannot run qemu-img: {e}; apt-get install qemu-utils")))?;
-    if !out.status.success() {
-        return Err(Error::infra(format!(
-            "qemu-img create of the overlay failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }
 
 /// Tell the user the gdb command that attaches to the guest's stub.

@@ -31,6 +31,7 @@ fn unix_secs<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Err
 /// The cache's subdirectories: each child is one entry of this kind.
 const KINDS: &[(&str, &str, bool)] = &[
     ("snapshots", "snapshot", true),
+    ("checkpoints", "checkpoint", true),
     ("vmlinux", "boot-image", true),
     ("initramfs", "initramfs", true),
     ("modules", "module-list", true),
@@ -150,11 +151,12 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(1 << shift)
 }
 
-/// Keep the snapshots within [`snapshot_bound`], least recently used first; the one just
-/// made (`keep`) stays.
+/// Keep the saved guests (snapshots and checkpoints) within [`snapshot_bound`], least
+/// recently used first; the one just made (`keep`) stays.
 pub(crate) fn bound_snapshots(cache: &Cache, keep: &Path) {
     let bound = snapshot_bound();
-    let mut snapshots: Vec<Entry> = entries(cache).into_iter().filter(|e| e.kind == "snapshot").collect();
+    let mut snapshots: Vec<Entry> =
+        entries(cache).into_iter().filter(|e| e.kind == "snapshot" || e.kind == "checkpoint").collect();
     let mut total: u64 = snapshots.iter().map(|e| e.bytes).sum();
     if total <= bound {
         return;
@@ -164,11 +166,14 @@ pub(crate) fn bound_snapshots(cache: &Cache, keep: &Path) {
         if total <= bound {
             break;
         }
-        if std::fs::remove_file(&e.path).is_ok() {
+        let removed =
+            if e.path.is_dir() { std::fs::remove_dir_all(&e.path) } else { std::fs::remove_file(&e.path) };
+        if removed.is_ok() {
             total -= e.bytes;
             tracing::info!(
-                "removed the least recently used snapshot {} ({} MiB) to stay under {} MiB of snapshots \
-                 ($VMTEST_CACHE_SNAPSHOTS_MAX)",
+                "removed the least recently used {} {} ({} MiB) to stay under {} MiB of snapshots \
+                 and checkpoints ($VMTEST_CACHE_SNAPSHOTS_MAX)",
+                e.kind,
                 e.path.display(),
                 e.bytes >> 20,
                 bound >> 20
@@ -177,9 +182,10 @@ pub(crate) fn bound_snapshots(cache: &Cache, keep: &Path) {
     }
 }
 
-/// Mark a snapshot as used now (the cache's "last used" is the file's modification time).
+/// Mark a snapshot (a file or a directory) as used now (the cache's "last used" is its
+/// modification time).
 pub(crate) fn touch(path: &Path) {
-    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+    if let Ok(f) = std::fs::File::open(path) {
         let _ = f.set_modified(SystemTime::now());
     }
 }
@@ -232,23 +238,27 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_are_bounded_least_recently_used_first_and_the_new_one_stays() {
+    fn snapshots_and_checkpoints_are_bounded_least_recently_used_first_and_the_new_one_stays() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::at(tmp.path());
         let day = Duration::from_secs(86_400);
-        let (a, b, c) = (
-            tmp.path().join("snapshots/a.state"),
-            tmp.path().join("snapshots/b.state"),
-            tmp.path().join("snapshots/c.state"),
-        );
-        file(&a, 3 << 20, 2 * day);
-        file(&b, 3 << 20, day);
-        file(&c, 3 << 20, 3 * day);
+        // A saved guest is a directory; its last use is the directory's time.
+        let saved = |path: PathBuf, age: Duration| {
+            file(&path.join("state"), 3 << 20, age);
+            let when = SystemTime::now() - age;
+            std::fs::File::open(&path).unwrap().set_modified(when).unwrap();
+            path
+        };
+        let a = saved(tmp.path().join("snapshots/a"), 2 * day);
+        let b = saved(tmp.path().join("snapshots/b"), day);
+        let c = saved(tmp.path().join("snapshots/c"), 3 * day);
+        let d = saved(tmp.path().join("checkpoints/d"), 4 * day);
         touch(&c); // used just now: the most recent
         std::env::set_var("VMTEST_CACHE_SNAPSHOTS_MAX", "7M");
         bound_snapshots(&cache, &b);
         std::env::remove_var("VMTEST_CACHE_SNAPSHOTS_MAX");
-        assert!(!a.exists(), "the least recently used goes");
+        assert!(!d.exists(), "the least recently used goes, a checkpoint as well as a snapshot");
+        assert!(!a.exists(), "then the next");
         assert!(b.exists(), "the one just made stays");
         assert!(c.exists(), "a recently restored one stays");
     }

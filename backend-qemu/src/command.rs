@@ -76,12 +76,12 @@ pub struct Gdb {
 }
 
 /// What one start of QEMU adds to the guest's machine.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start<'a> {
     /// A boot.
     Boot,
-    /// A boot whose state is to be saved: with a QMP socket at `qmp` to save it through.
-    SnapshotSource { qmp: &'a Path },
+    /// A boot whose state is to be saved (through the [`QemuCommand::control_qmp`] socket).
+    SnapshotSource,
     /// A restore of a saved state (`-incoming`).
     Restore { incoming: &'a str },
 }
@@ -180,9 +180,6 @@ impl QemuCommand {
         }
         if let Root::Disk(_) = self.root {
             words.push("vmtest.root=/dev/vda".into());
-        }
-        if let Some(ssh) = &self.ssh {
-            words.push(format!("vmtest.ssh_key={}", crate::ssh::key_param(&ssh.public_key)));
         }
         if self.dumps() {
             // A panic spins instead, to be seen, stopped and dumped (see [`crate::dump`]).
@@ -296,18 +293,28 @@ impl QemuCommand {
             a.push("-qmp".into());
             a.push(format!("unix:{},server=on,wait=off", path.display()).into());
         }
-        match start {
-            Start::Boot => {}
-            Start::SnapshotSource { qmp } => {
-                a.push("-qmp".into());
-                a.push(format!("unix:{},server=on,wait=off", qmp.display()).into());
-            }
-            Start::Restore { incoming } => {
-                a.push("-incoming".into());
-                a.push(incoming.into());
-            }
+        if matches!(start, Start::SnapshotSource) || self.saveable() {
+            a.push("-qmp".into());
+            a.push(format!("unix:{},server=on,wait=off", self.control_qmp().display()).into());
+        }
+        if let Start::Restore { incoming } = start {
+            a.push("-incoming".into());
+            a.push(incoming.into());
         }
         a
+    }
+
+    /// Whether the running guest can be saved ([`vmtest_core::Vm::save`]): an image guest,
+    /// whose disk is a qcow2 overlay. A guest on the host root is not: QEMU refuses to
+    /// migrate a guest with a mounted 9p share.
+    pub fn saveable(&self) -> bool {
+        matches!(self.root, Root::Disk(_))
+    }
+
+    /// The QMP socket a guest is saved through: every saveable guest has one, and so has
+    /// the source of a snapshot.
+    pub fn control_qmp(&self) -> PathBuf {
+        self.console_socket.with_file_name("qmp.sock")
     }
 
     /// Under KVM or for a dump, a QMP socket of its own through which the health watcher
@@ -446,7 +453,10 @@ mod tests {
             ]
         );
         let line = c.kernel_cmdline();
-        assert!(line.ends_with("vmtest.root=/dev/vda vmtest.ssh_key=ssh-ed25519:AAAA extra=1"), "{line}");
+        // The key goes in the setup, so a snapshot holds no run's key.
+        assert!(line.ends_with("vmtest.root=/dev/vda extra=1"), "{line}");
+        let argv = strings(c.argv(Start::Boot));
+        assert!(argv.ends_with(&["-qmp".into(), "unix:/run/qmp.sock,server=on,wait=off".into()]), "saveable");
     }
 
     #[test]
@@ -471,8 +481,8 @@ mod tests {
         );
         assert!(c.held_for_gdb());
         let c = cmd(true, Accel::Tcg);
-        let argv = strings(c.argv(Start::SnapshotSource { qmp: Path::new("/run/q.sock") }));
-        assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/q.sock,server=on,wait=off"]);
+        let argv = strings(c.argv(Start::SnapshotSource));
+        assert_eq!(argv[argv.len() - 2..], ["-qmp", "unix:/run/qmp.sock,server=on,wait=off"]);
         assert_eq!(c.watch_qmp(), None, "only KVM and dumps are watched");
         assert_eq!(strings(c.argv(Start::Boot)), strings(c.args()));
     }

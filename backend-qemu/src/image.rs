@@ -11,7 +11,8 @@
 //! file copies. Commands go through the transport of [`ExecVia`]: the agent, SSH (ssh2, a
 //! per-run key, a loopback port forward), or a `ShellSession` on the serial console; this
 //! module waits for that transport and routes commands through it.
-//! Snapshots are not used in image mode (the disk state would have to match).
+//! A guest starts from the image's snapshot when there is one ([`crate::snapshot`]), or from
+//! a test checkpoint ([`vmtest_core::spec::VmSpec::resume`]), and can be saved itself.
 
 use crate::ssh::SshTarget;
 use crate::vm::QemuVm;
@@ -29,14 +30,16 @@ use vmtest_core::{Capabilities, Error, Result, Vm};
 /// Boot a guest of `spec` from its image, and wait for the transport its commands take.
 pub(crate) async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir) -> Result<Box<dyn Vm>> {
     let started = b.start(spec, run).await?;
-    let (mut inner, ssh) = (started.vm, started.ssh);
+    let (mut inner, ssh, restored) = (started.vm, started.ssh, started.restored);
     // What is left of the boot timeout, and at least 10s.
     let left = || spec.boot_timeout.saturating_sub(started.since.elapsed()).max(Duration::from_secs(10));
     let mut shell = None;
     match spec.exec {
         ExecVia::Agent => {}
         ExecVia::Ssh => wait_for_sshd(&mut inner, ssh.clone().expect("ssh target"), left()).await?,
-        ExecVia::Serial => shell = Some(tokio::sync::Mutex::new(serial_shell(&mut inner, left()).await?)),
+        ExecVia::Serial => {
+            shell = Some(tokio::sync::Mutex::new(serial_shell(&mut inner, left(), restored).await?))
+        }
     }
     Ok(Box::new(ImageVm { inner, via: spec.exec, ssh, shell }))
 }
@@ -60,7 +63,8 @@ async fn wait_for_sshd(inner: &mut QemuVm, target: SshTarget, limit: Duration) -
 }
 
 /// A shell session on the serial console, within `ready_timeout` (the guest is killed if not).
-async fn serial_shell(inner: &mut QemuVm, ready_timeout: Duration) -> Result<ShellSession> {
+/// A `restored` guest's shell printed its prompt before it was saved: ask for a new one.
+async fn serial_shell(inner: &mut QemuVm, ready_timeout: Duration, restored: bool) -> Result<ShellSession> {
     let t1 = Instant::now();
     let opts =
         ShellOptions { login: None, exec_sh: true, ready_timeout, nudge_every: Duration::from_secs(2) };
@@ -69,6 +73,9 @@ async fn serial_shell(inner: &mut QemuVm, ready_timeout: Duration) -> Result<She
     let mut console = inner.console()?;
     let prompt = regex::bytes::Regex::new(r"root@\S+:\S*# *$").unwrap();
     let deadline = Instant::now() + opts.ready_timeout;
+    if restored {
+        console.send(b"\r").await?;
+    }
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -117,7 +124,7 @@ impl Vm for ImageVm {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             network: true,
-            snapshots: false,
+            snapshots: true,
             concurrent_exec: self.via != ExecVia::Serial,
             console: true,
             host_root: false,
@@ -136,6 +143,10 @@ impl Vm for ImageVm {
 
     async fn copy_in(&self, host: &Path, guest: &Path) -> Result<()> {
         self.inner.copy_in(host, guest).await
+    }
+
+    async fn save(&self, dir: &Path) -> Result<()> {
+        self.inner.save(dir).await
     }
 
     async fn copy_out(&self, guest: &Path, host: &Path) -> Result<()> {

@@ -28,6 +28,7 @@ pub mod kernel;
 mod modules;
 pub mod qemu_fetch;
 mod qmp;
+mod saved;
 mod settings;
 mod snapshot;
 mod ssh;
@@ -329,6 +330,31 @@ impl Hypervisor for QemuBackend {
             BootSpec::Kernel { .. } => Ok(Box::new(self.start(spec, run).await?.vm)),
             BootSpec::Image { .. } => image::launch(self, spec, run).await,
         }
+    }
+
+    fn checkpoint_store(&self) -> Option<PathBuf> {
+        // Saved guests cannot fill a disk unnoticed: the bound counts checkpoints too.
+        cache_usage::bound_snapshots(&self.cache, Path::new(""));
+        Some(self.cache.root().join("checkpoints"))
+    }
+
+    async fn state_identity(&self, spec: &VmSpec) -> Result<String> {
+        let p = self.prepare(spec).await?;
+        let mut parts = vec![
+            format!("vmtest {}", env!("CARGO_PKG_VERSION")),
+            format!("accel {}", p.accel.name()),
+            format!("args {:?}", self.opts.kernel_args),
+        ];
+        let mut files = vec![p.qemu.clone(), p.boot.path.clone(), p.initramfs.clone()];
+        if let boot::System::Image { base, .. } = &p.system {
+            files.push(base.clone());
+        }
+        for f in files {
+            parts.push(
+                cache::file_identity(&f).map_err(|e| Error::io(format!("cannot stat {}", f.display()), e))?,
+            );
+        }
+        Ok(parts.join("\n"))
     }
 
     async fn list_images(&self) -> Result<Vec<String>> {

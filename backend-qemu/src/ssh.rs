@@ -45,11 +45,11 @@ pub fn make_key(path: &Path) -> Result<String> {
     Ok(public.trim().to_owned())
 }
 
-/// The public key as one kernel command-line word: `TYPE:BASE64` (no comment, no spaces).
-pub fn key_param(public: &str) -> String {
+/// The public key as the guest's setup carries it: `TYPE BASE64` (without the comment).
+pub fn authorized_key(public: &str) -> String {
     let mut parts = public.split_whitespace();
     let (t, b) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    format!("{t}:{b}")
+    format!("{t} {b}")
 }
 
 /// A free TCP port on loopback (the kernel picks it; QEMU binds it right after).
@@ -208,8 +208,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn key_param_is_one_word() {
-        assert_eq!(key_param("ssh-ed25519 AAAAC3Nz vmtest"), "ssh-ed25519:AAAAC3Nz");
+    fn the_authorized_key_has_no_comment() {
+        assert_eq!(authorized_key("ssh-ed25519 AAAAC3Nz vmtest"), "ssh-ed25519 AAAAC3Nz");
         assert_eq!(signal_number("KILL"), 9);
     }
 }

@@ -5,6 +5,8 @@ use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
 use crate::command::{QemuCommand, Start};
 use crate::dump::Dump;
 use crate::health::{self, Trouble};
+use crate::qmp::Qmp;
+use crate::saved::{self, SavedGuest};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,24 +59,37 @@ pub struct QemuVm {
     dump_note: Arc<Mutex<Option<String>>>,
     detached: AtomicBool,
     timings: Vec<(&'static str, Duration)>,
+    /// A guest that can be saved: its disk overlay, what the overlay is backed by, and the
+    /// QMP socket to save it through.
+    saveable: Option<Saveable>,
+}
+
+/// What saving a running guest needs.
+#[derive(Clone, Debug)]
+pub struct Saveable {
+    pub overlay: PathBuf,
+    pub backing: PathBuf,
+    pub qmp: PathBuf,
 }
 
 /// How a guest comes up.
-pub enum BootMode<'a> {
+pub enum BootMode {
     /// Boot the kernel, wait for the agent, send the setup.
     Cold(GuestSetup),
-    /// Boot the kernel and stop at "agent ready", before any setup: the state a snapshot
-    /// saves. `qmp` is the QMP socket to add.
-    SnapshotSource { qmp: &'a Path },
+    /// Boot the guest whose state a snapshot saves, with a QMP socket to save it through.
+    /// Without a setup it stops at "agent ready" (a kernel-mode snapshot: before the 9p
+    /// root is mounted); with one, it is set up first (an image snapshot: neutral values,
+    /// replaced at each restore).
+    SnapshotSource { setup: Option<GuestSetup> },
     /// Resume a saved state (`incoming` is QEMU's `-incoming` URI), then send the setup.
     Restore { incoming: String, setup: GuestSetup },
 }
 
-impl BootMode<'_> {
+impl BootMode {
     fn start(&self) -> Start<'_> {
         match self {
             BootMode::Cold(_) => Start::Boot,
-            BootMode::SnapshotSource { qmp } => Start::SnapshotSource { qmp },
+            BootMode::SnapshotSource { .. } => Start::SnapshotSource,
             BootMode::Restore { incoming, .. } => Start::Restore { incoming },
         }
     }
@@ -86,7 +101,7 @@ impl QemuVm {
         cmd: &QemuCommand,
         record: &mut VmRecord,
         run: &RunDir,
-        mode: BootMode<'_>,
+        mode: BootMode,
         boot_timeout: Duration,
         die_with_parent: bool,
     ) -> Result<QemuVm> {
@@ -135,7 +150,7 @@ impl QemuVm {
                 return vm.send_setup(setup, &mut control).await;
             }
             BootMode::Cold(setup) => Some(setup),
-            BootMode::SnapshotSource { .. } => None,
+            BootMode::SnapshotSource { setup } => setup,
         };
         vm.wait_for_agent(cmd, &mut control, boot_timeout).await?;
         vm.timings.push(("boot", t0.elapsed()));
@@ -272,6 +287,7 @@ impl QemuVm {
             dump_note: Arc::default(),
             detached: AtomicBool::new(false),
             timings: Vec::new(),
+            saveable: None,
         };
         Ok((vm, control))
     }
@@ -316,6 +332,48 @@ impl QemuVm {
         })?;
         vm.detach();
         Ok(vm)
+    }
+
+    /// Make the guest saveable through `how` ([`QemuVm::save`]).
+    pub fn set_saveable(&mut self, how: Saveable) {
+        self.saveable = Some(how);
+    }
+
+    /// Save the running guest into `dir` ([`SavedGuest`]: its state, a copy of its disk
+    /// overlay taken while it is paused, the seal) and let it go on.
+    pub async fn save(&self, dir: &Path) -> Result<()> {
+        let Some(how) = self.saveable.clone() else {
+            return Err(Error::usage(format!(
+                "{} cannot be saved: it runs on the host's root over 9p, which QEMU cannot migrate",
+                self.name
+            )));
+        };
+        let saved = SavedGuest::at(dir);
+        let mut qmp = Qmp::connect(&how.qmp).await?;
+        let t0 = Instant::now();
+        let result = async {
+            saved::migrate_to_file(&mut qmp, &saved.state()).await?;
+            // Paused, its disk flushed and released: the copy matches the memory just saved.
+            let (from, to) = (how.overlay.clone(), saved.disk());
+            tokio::task::spawn_blocking(move || std::fs::copy(&from, &to))
+                .await
+                .map_err(|e| Error::infra(format!("copying the disk: {e}")))?
+                .map_err(|e| Error::io(format!("cannot copy {}", how.overlay.display()), e))?;
+            Ok::<(), Error>(())
+        }
+        .await;
+        // The guest goes on whether or not the save worked.
+        let resumed = qmp.execute("cont", serde_json::json!({})).await;
+        result?;
+        resumed
+            .map_err(|e| Error::infra(format!("{} did not continue after being saved: {e}", self.name)))?;
+        let backing = how.backing.clone();
+        let sealed = saved.clone();
+        tokio::task::spawn_blocking(move || sealed.seal(Some(&backing)))
+            .await
+            .map_err(|e| Error::infra(format!("sealing: {e}")))??;
+        tracing::debug!("saved {} in {:?} to {}", self.name, t0.elapsed(), dir.display());
+        Ok(())
     }
 
     /// The error for a guest that failed, with the dump's line when its kernel panicked.

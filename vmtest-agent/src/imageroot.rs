@@ -1,10 +1,8 @@
-//! Image mode: the initramfs agent mounts the image's disk as the root, injects what the run
-//! needs (itself as a systemd service, a serial autologin, the run's SSH key) into the VM's
-//! throwaway overlay, and hands PID 1 to the image's own init (`/sbin/init`, systemd).
+//! Image mode: the initramfs agent mounts the image's disk as the root, injects what vmtest
+//! needs (itself as a systemd service, a serial autologin) into the VM's throwaway overlay, and hands PID 1 to the image's own init (`/sbin/init`, systemd).
 //!
 //! The kernel command line carries the request:
 //! - `vmtest.root=/dev/vda` the root device (ext4);
-//! - `vmtest.ssh_key=TYPE:BASE64` a public key for root's `authorized_keys` (optional);
 //! - `vmtest.init=/sbin/init` the init to run (optional).
 
 use crate::sys;
@@ -43,7 +41,7 @@ pub fn param<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
 
 /// Mount the image root and exec its init. Returns only on failure.
 pub fn boot(cmdline: &str, root_dev: &str) -> io::Error {
-    match prepare(cmdline, root_dev) {
+    match prepare(root_dev) {
         Ok(()) => {}
         Err(e) => return e,
     }
@@ -55,7 +53,7 @@ pub fn boot(cmdline: &str, root_dev: &str) -> io::Error {
     io::Error::new(io::Error::last_os_error().kind(), format!("exec {init}: {}", io::Error::last_os_error()))
 }
 
-fn prepare(cmdline: &str, root_dev: &str) -> io::Result<()> {
+fn prepare(root_dev: &str) -> io::Result<()> {
     let dev = Path::new(root_dev);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dev.exists() {
@@ -71,7 +69,7 @@ fn prepare(cmdline: &str, root_dev: &str) -> io::Result<()> {
     }
     let root = Path::new("/mnt/root");
     sys::mount(root_dev, root, "ext4", 0, "")?;
-    inject(root, cmdline)?;
+    inject(root)?;
     // The new root gets /dev as it is; systemd mounts /proc, /sys, /run itself.
     sys::move_mount(Path::new("/dev"), &root.join("dev"))?;
     for m in ["/proc", "/sys"] {
@@ -82,8 +80,8 @@ fn prepare(cmdline: &str, root_dev: &str) -> io::Result<()> {
     sys::chroot_here(root)
 }
 
-/// Write the run's additions into the image root (the VM's overlay; the base never changes).
-fn inject(root: &Path, cmdline: &str) -> io::Result<()> {
+/// Write vmtest's additions into the image root (the VM's overlay; the base never changes).
+fn inject(root: &Path) -> io::Result<()> {
     let agent = std::fs::read("/init")?;
     let at = root.join(AGENT_IN_IMAGE);
     std::fs::create_dir_all(at.parent().unwrap())?;
@@ -98,15 +96,34 @@ fn inject(root: &Path, cmdline: &str) -> io::Result<()> {
     let getty = units.join("serial-getty@ttyS0.service.d");
     std::fs::create_dir_all(&getty)?;
     std::fs::write(getty.join("vmtest-autologin.conf"), AUTOLOGIN)?;
-    if let Some(key) = param(cmdline, "vmtest.ssh_key") {
-        let ssh = root.join("root/.ssh");
-        std::fs::create_dir_all(&ssh)?;
-        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
-        let line = format!("{} vmtest-run\n", key.replacen(':', " ", 1));
-        std::fs::write(ssh.join("authorized_keys"), line)?;
-        std::fs::set_permissions(ssh.join("authorized_keys"), std::fs::Permissions::from_mode(0o600))?;
-    }
     Ok(())
+}
+
+/// Make `key` (`TYPE BASE64`) root's only authorized SSH key, in the root at `root`. Run
+/// at every setup, so a guest restored from a snapshot takes this run's key, not the one of
+/// the run that made the snapshot.
+pub fn authorize(root: &Path, key: &str) -> io::Result<()> {
+    let ssh = root.join("root/.ssh");
+    std::fs::create_dir_all(&ssh)?;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
+    let tmp = ssh.join(".authorized_keys.vmtest");
+    std::fs::write(&tmp, format!("{key} vmtest-run\n"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, ssh.join("authorized_keys"))
+}
+
+/// A fresh `/etc/machine-id` from `entropy` (32 hex digits, a version-4 UUID as systemd
+/// writes them). Processes started from now on see it; systemd itself keeps the one it
+/// read at boot.
+pub fn new_machine_id(entropy: &[u8]) -> io::Result<()> {
+    let mut id = [0u8; 16];
+    for (i, b) in entropy.iter().enumerate() {
+        id[i % 16] ^= b;
+    }
+    id[6] = (id[6] & 0x0f) | 0x40;
+    id[8] = (id[8] & 0x3f) | 0x80;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write("/etc/machine-id", format!("{hex}\n"))
 }
 
 #[cfg(test)]

@@ -134,6 +134,18 @@ pub fn setup(s: &GuestSetup) -> io::Result<()> {
         sys::add_entropy(&s.entropy)
             .map_err(|e| io::Error::new(e.kind(), format!("reseeding the RNG: {e}")))?;
     }
+    if let Some(key) = &s.authorized_key {
+        crate::imageroot::authorize(Path::new("/"), key)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing root's authorized_keys: {e}")))?;
+    }
+    if s.new_machine_id {
+        crate::imageroot::new_machine_id(&s.entropy)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing /etc/machine-id: {e}")))?;
+    }
+    if s.resumed {
+        // A checkpoint's guest keeps its name, addresses and root.
+        return Ok(());
+    }
     sys::set_hostname(&s.hostname)?;
     sys::loopback_up().map_err(|e| io::Error::new(e.kind(), format!("loopback up: {e}")))?;
     if let Some(tag) = &s.root_tag {

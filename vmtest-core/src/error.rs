@@ -93,6 +93,12 @@ impl Error {
         self
     }
 
+    /// Put what was being done in front of the message: `{what}: {message}`.
+    pub fn context(mut self, what: impl std::fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+
     /// Say how to fix it (shown after the message, on the same line).
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());

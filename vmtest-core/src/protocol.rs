@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
 /// Bumped whenever a message changes shape; the host refuses an agent that disagrees.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The name of the virtio-serial port the agent talks on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT_NAME: &str = "org.vmtest.agent.0";
@@ -104,6 +104,15 @@ pub struct GuestSetup {
     /// `lib/modules/<release>` in the cache), bound read-only at `/lib/modules/<release>`
     /// so that modprobe and the kernel's own module requests find the guest's modules.
     pub modules_dir: Option<Vec<u8>>,
+    /// A public key (`TYPE BASE64`) for root's `authorized_keys` (an image guest reached
+    /// over SSH). Given here, not at boot, so that a snapshot holds no run's key.
+    pub authorized_key: Option<String>,
+    /// Write a fresh `/etc/machine-id` (from `entropy`): an image guest restored from a
+    /// snapshot that other guests restore too must not share its identity with them.
+    pub new_machine_id: bool,
+    /// The guest resumes a test checkpoint and keeps what it had (name, addresses, hosts,
+    /// root): only the clock, the random pool and the SSH key are renewed.
+    pub resumed: bool,
 }
 
 /// One network interface the agent configures: up, with one IPv4 address.
