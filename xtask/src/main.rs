@@ -9,10 +9,13 @@
 //! - `bench [--runs N]`: `vmtest run -- true` against the raw QEMU boot floor, interleaved.
 //! - `bench --kernel-dev`: a three-kernel matrix against three runs in a row, and the cost
 //!   of watching the guest kernel's log on a noisy command.
+//! - `bench --snapshots`: image mode cold against restored, and test files' first run
+//!   against their second (snapshots and checkpoints).
 //! - `bench --first-run`: a new user's first run (kernel and QEMU fetched, KVM verdict,
 //!   snapshot made), the KVM verdict's cost, and the time to a verdict when KVM hangs.
 
 mod kernel_bench;
+mod snapshot_bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -27,7 +30,7 @@ fn main() -> ExitCode {
         Some("cross-check") => cross_check(&args[1..]),
         Some("bench") => bench(&args[1..]),
         _ => Err(
-            "usage: cargo xtask ci | cross-check [TARGET...] | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run | --kernel-dev]"
+            "usage: cargo xtask ci | cross-check [TARGET...] | bench [--runs N] [--accel auto|kvm|tcg] [--suite | --first-run | --kernel-dev | --snapshots]"
                 .into(),
         ),
     };
@@ -198,6 +201,7 @@ fn bench(args: &[String]) -> Result<()> {
     let mut suite = false;
     let mut first_run = false;
     let mut kernel_dev = false;
+    let mut snapshots = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -206,6 +210,7 @@ fn bench(args: &[String]) -> Result<()> {
             "--suite" => suite = true,
             "--first-run" => first_run = true,
             "--kernel-dev" => kernel_dev = true,
+            "--snapshots" => snapshots = true,
             other => return Err(format!("unknown bench flag {other}")),
         }
     }
@@ -216,6 +221,10 @@ fn bench(args: &[String]) -> Result<()> {
     if kernel_dev {
         step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
         return kernel_bench::bench_kernel_dev(&vmtest_binary("release"), runs.clamp(3, 9));
+    }
+    if snapshots {
+        step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
+        return snapshot_bench::bench_snapshots(&vmtest_binary("release"), runs.clamp(3, 9));
     }
     if first_run {
         step("build vmtest (release)", cargo().args(["build", "--release", "-p", "vmtest-cli"]))?;
