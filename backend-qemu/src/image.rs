@@ -30,7 +30,12 @@ use vmtest_core::{Capabilities, Error, Result, Vm};
 /// Boot a guest of `spec` from its image, and wait for the transport its commands take.
 pub(crate) async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir) -> Result<Box<dyn Vm>> {
     let started = b.start(spec, run).await?;
-    let (mut inner, ssh, restored) = (started.vm, started.ssh, started.restored);
+    let (mut inner, ssh) = (started.vm, started.ssh);
+    let console = match (spec.resume.is_some(), started.restored) {
+        (true, _) => SerialState::InSession,
+        (false, true) => SerialState::AtPrompt,
+        (false, false) => SerialState::Booting,
+    };
     // What is left of the boot timeout, and at least 10s.
     let left = || spec.boot_timeout.saturating_sub(started.since.elapsed()).max(Duration::from_secs(10));
     let mut shell = None;
@@ -38,7 +43,7 @@ pub(crate) async fn launch(b: &QemuBackend, spec: &VmSpec, run: &RunDir) -> Resu
         ExecVia::Agent => {}
         ExecVia::Ssh => wait_for_sshd(&mut inner, ssh.clone().expect("ssh target"), left()).await?,
         ExecVia::Serial => {
-            shell = Some(tokio::sync::Mutex::new(serial_shell(&mut inner, left(), restored).await?))
+            shell = Some(tokio::sync::Mutex::new(serial_shell(&mut inner, left(), console).await?))
         }
     }
     Ok(Box::new(ImageVm { inner, via: spec.exec, ssh, shell }))
@@ -63,8 +68,23 @@ async fn wait_for_sshd(inner: &mut QemuVm, target: SshTarget, limit: Duration) -
 }
 
 /// A shell session on the serial console, within `ready_timeout` (the guest is killed if not).
-/// A `restored` guest's shell printed its prompt before it was saved: ask for a new one.
-async fn serial_shell(inner: &mut QemuVm, ready_timeout: Duration, restored: bool) -> Result<ShellSession> {
+/// Where a guest's serial console is when its transport is set up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SerialState {
+    /// Booting: the autologin's prompt is still to come.
+    Booting,
+    /// Restored from a snapshot: the root shell printed its prompt before it was saved.
+    AtPrompt,
+    /// Resumed from a checkpoint: the shell session of the saved run is there, promptless.
+    InSession,
+}
+
+/// A shell session on the serial console, within `ready_timeout` (the guest is killed if not).
+async fn serial_shell(
+    inner: &mut QemuVm,
+    ready_timeout: Duration,
+    state: SerialState,
+) -> Result<ShellSession> {
     let t1 = Instant::now();
     let opts =
         ShellOptions { login: None, exec_sh: true, ready_timeout, nudge_every: Duration::from_secs(2) };
@@ -73,10 +93,10 @@ async fn serial_shell(inner: &mut QemuVm, ready_timeout: Duration, restored: boo
     let mut console = inner.console()?;
     let prompt = regex::bytes::Regex::new(r"root@\S+:\S*# *$").unwrap();
     let deadline = Instant::now() + opts.ready_timeout;
-    if restored {
+    if state == SerialState::AtPrompt {
         console.send(b"\r").await?;
     }
-    loop {
+    while state != SerialState::InSession {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             let _ = inner.kill().await;
