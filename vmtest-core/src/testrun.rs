@@ -253,6 +253,7 @@ pub fn backend_traits(hv: &dyn Hypervisor) -> BackendTraits<'_> {
         name: hv.name(),
         private_networks: hv.private_networks(),
         boots_kernels: hv.boots_kernels(),
+        checkpoints: hv.checkpoint_store().is_some(),
     }
 }
 

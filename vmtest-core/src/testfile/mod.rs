@@ -32,12 +32,13 @@
 //! `FILE:LINE: message`.
 
 mod check;
+mod checkpoints;
 mod schema;
 mod spans;
 #[cfg(test)]
 mod tests;
 
-pub use schema::{Action, BackendTraits, NetDef, NodeDef, Step, Target, TestFile, ACTIONS};
+pub use schema::{Action, BackendTraits, Mark, NetDef, NodeDef, Step, Target, TestFile, ACTIONS};
 
 use crate::error::{Error, Result};
 use std::path::Path;
