@@ -50,6 +50,9 @@ pub fn material(file: &TestFile) -> Result<String> {
     for st in &file.steps[..=last] {
         let mut st = st.clone();
         st.line = 0;
+        for mark in st.checkpoint.iter_mut().chain(st.from.iter_mut()) {
+            mark.line = 0;
+        }
         if let Action::CopyTo { src, .. } = &mut st.action {
             *src = PathBuf::from(content_digest(src)?);
         }

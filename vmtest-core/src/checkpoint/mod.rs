@@ -97,25 +97,14 @@ impl Store {
     }
 
     /// Write the manifest into `pending` and rename it to `<store>/<key>`. When that fails
-    /// (another run stored the same key first), `pending` comes back, still usable by this run.
-    pub fn commit(
-        &self,
-        mut pending: Pending,
-        key: &str,
-        manifest: &Manifest,
-    ) -> Result<PathBuf, (Pending, Error)> {
+    /// (another run stored the same key first), `pending` stays as it was, usable by this run.
+    pub fn commit(&self, pending: &mut Pending, key: &str, manifest: &Manifest) -> Result<PathBuf> {
         let target = self.dir(key);
-        let placed = write_manifest(&pending.dir, manifest).and_then(|()| {
-            std::fs::rename(&pending.dir, &target)
-                .map_err(|e| Error::io(format!("cannot store checkpoint {}", target.display()), e))
-        });
-        match placed {
-            Ok(()) => {
-                pending.stored = true;
-                Ok(target)
-            }
-            Err(e) => Err((pending, e)),
-        }
+        write_manifest(&pending.dir, manifest)?;
+        std::fs::rename(&pending.dir, &target)
+            .map_err(|e| Error::io(format!("cannot store checkpoint {}", target.display()), e))?;
+        pending.stored = true;
+        Ok(target)
     }
 
     fn remove_dead_pending(&self) {

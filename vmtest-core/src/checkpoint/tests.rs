@@ -65,12 +65,14 @@ fn a_whole_checkpoint_is_found_and_anything_else_is_removed() {
     let store = Store::new(tmp.path());
     assert_eq!(store.find("k1", &["a", "b"]), None);
 
-    let pending = store.begin("k1").unwrap();
+    let mut pending = store.begin("k1").unwrap();
     let tmp_dir = pending.dir().to_owned();
     pending.node_dir("a").unwrap();
     pending.node_dir("b").unwrap();
     assert_eq!(store.find("k1", &["a", "b"]), None, "not in place before the commit");
-    let dir = store.commit(pending, "k1", &Manifest::new(Path::new("t.toml"), "ready", &["b", "a"])).unwrap();
+    let dir =
+        store.commit(&mut pending, "k1", &Manifest::new(Path::new("t.toml"), "ready", &["b", "a"])).unwrap();
+    drop(pending);
     assert_eq!(dir, tmp.path().join("k1"));
     assert!(!tmp_dir.exists());
     assert_eq!(store.find("k1", &["b", "a"]), Some(dir.clone()));
@@ -112,16 +114,21 @@ fn pending_dirs_go_away_unless_stored() {
 }
 
 #[test]
-fn a_commit_onto_a_stored_key_hands_the_checkpoint_back() {
+fn a_commit_onto_a_stored_key_leaves_the_checkpoint_to_this_run() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::new(tmp.path());
     let m = Manifest::new(Path::new("t.toml"), "ready", &["a"]);
-    let first = store.begin("k").unwrap();
+    let mut first = store.begin("k").unwrap();
     first.node_dir("a").unwrap();
-    store.commit(first, "k", &m).unwrap();
-    let second = store.begin("k").unwrap();
+    store.commit(&mut first, "k", &m).unwrap();
+    drop(first);
+    assert!(tmp.path().join("k/a").is_dir(), "a stored checkpoint outlives its pending handle");
+    let mut second = store.begin("k").unwrap();
     second.node_dir("a").unwrap();
-    let (back, e) = store.commit(second, "k", &m).unwrap_err();
-    assert!(back.dir().join("a").is_dir(), "{e}");
+    let e = store.commit(&mut second, "k", &m).unwrap_err();
+    assert!(second.dir().join("a").is_dir(), "{e}");
     assert!(e.message().contains("cannot store checkpoint"), "{e}");
+    let dir = second.dir().to_owned();
+    drop(second);
+    assert!(!dir.exists(), "an uncommitted checkpoint goes away with its handle");
 }
