@@ -144,6 +144,7 @@ impl Vm for FakeVm {
         let out = tokio::process::Command::new(&req.argv[0])
             .args(&req.argv[1..])
             .current_dir(&self.root)
+            .kill_on_drop(true)
             .output()
             .await
             .map_err(|e| Error::io("fake: exec", e))?;

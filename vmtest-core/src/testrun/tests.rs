@@ -110,6 +110,16 @@ impl Bench {
     }
 
     async fn run(&self, text: &str, store_checkpoints: bool, filter: Option<&str>) -> FileOutcome {
+        self.run_until(text, store_checkpoints, filter, std::future::pending()).await
+    }
+
+    async fn run_until(
+        &self,
+        text: &str,
+        store_checkpoints: bool,
+        filter: Option<&str>,
+        cancel: impl Future<Output = CancelReason>,
+    ) -> FileOutcome {
         self.hv.clear_log();
         let path = self.tmp.path().join("t.toml");
         let file = crate::testfile::parse(&path, text).unwrap();
@@ -124,7 +134,7 @@ impl Bench {
             store_checkpoints,
         };
         let state = StateDir::at(self.tmp.path().join("state"));
-        let out = run_file(self.hv.clone(), &state, &file, &cfg, std::future::pending()).await;
+        let out = run_file(self.hv.clone(), &state, &file, &cfg, cancel).await;
         assert!(state.runs().is_empty(), "every run dir is gone after the file: {:?}", state.runs());
         out
     }
@@ -298,6 +308,47 @@ async fn a_backend_that_cannot_save_refuses_the_file_before_booting() {
          `checkpoint` and `from`"
     ), "{e}");
     assert!(b.hv.log.lock().unwrap().is_empty(), "nothing booted");
+}
+
+/// A signal once every one of `files` exists.
+async fn signal_when(files: Vec<PathBuf>) -> CancelReason {
+    while !files.iter().all(|f| f.exists()) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    "SIGINT"
+}
+
+#[tokio::test]
+async fn a_signal_stops_the_subtests_running_on_copies() {
+    let b = Bench::new();
+    // Each subtest says on the host that it runs, then waits.
+    let mark = |name: &str| b.tmp.path().join(format!("{name}-runs"));
+    let text = FILE
+        .replace("sleep 0.2", &format!("touch {} && sleep 30", mark("writer").display()))
+        .replace("sleep 0.1;", &format!("touch {} && sleep 30;", mark("reader").display()));
+    let t = std::time::Instant::now();
+    let out = b.run_until(&text, true, None, signal_when(vec![mark("writer"), mark("reader")])).await;
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "stopped at once: {:?}", t.elapsed());
+    let Verdict::Error(e) = &out.verdict else { panic!("{:?}", out.verdict) };
+    assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+    for name in ["writer", "reader"] {
+        assert!(
+            matches!(case(&out, name).status, CaseStatus::Failed { .. }),
+            "{name}: {:?}",
+            out.suite.cases
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_files_timeout_stops_a_step() {
+    let b = Bench::new();
+    let text = "[test]\ntimeout = \"1s\"\n[nodes.a]\n[[step]]\non = \"a\"\nsucceed = \"sleep 30\"\n";
+    let out = b.run(text, true, None).await;
+    let Verdict::Error(e) = &out.verdict else { panic!("{:?}", out.verdict) };
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.message().contains("test `t` timed out after 1.00s"), "{e}");
+    assert!(matches!(case(&out, SETUP_CASE).status, CaseStatus::Failed { .. }));
 }
 
 #[test]
