@@ -74,8 +74,8 @@ pub struct Machine {
     /// Watch the guest kernel's log for bug reports from each boot on.
     pub watch_kernel_log: bool,
     kernel_log: tokio::sync::Mutex<Option<KernelLog>>,
-    /// The spec's `resume` was used: a later start (a reboot) boots.
-    resumed: std::sync::atomic::AtomicBool,
+    /// It was launched once: a later start (a reboot) boots, never resumes.
+    launched: std::sync::atomic::AtomicBool,
 }
 
 fn shown(out: &[u8]) -> String {
@@ -110,7 +110,7 @@ impl Machine {
             default_timeout: DEFAULT_WAIT,
             watch_kernel_log: true,
             kernel_log: tokio::sync::Mutex::new(None),
-            resumed: std::sync::atomic::AtomicBool::new(false),
+            launched: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -140,7 +140,7 @@ impl Machine {
         }
         let spec = self.spec_for_start();
         let started = self.hv.launch(&spec, &self.run).await.map_err(|e| self.context(e))?;
-        self.resumed.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.launched.store(true, std::sync::atomic::Ordering::Relaxed);
         if !self.spec.nics.is_empty() && !started.capabilities().network {
             let _ = started.kill().await;
             return Err(Error::usage(format!(
@@ -161,7 +161,7 @@ impl Machine {
     /// starts again, as a reboot should, instead of going back to the saved state.
     fn spec_for_start(&self) -> VmSpec {
         let mut spec = self.spec.clone();
-        if self.resumed.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.launched.load(std::sync::atomic::Ordering::Relaxed) {
             spec.resume = None;
         }
         spec

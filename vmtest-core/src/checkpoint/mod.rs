@@ -11,7 +11,7 @@ mod key;
 pub use key::{key, material};
 
 use crate::error::{Error, Result};
-use crate::state::{ProcessId, RunDir, StateDir};
+use crate::state::ProcessId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -87,13 +87,22 @@ impl Store {
 
     /// A new checkpoint of `key` to save into; [`Store::commit`] puts it in place.
     pub fn begin(&self, key: &str) -> Result<Pending> {
+        self.remove_dead_pending();
         let dir = self.root.join(format!("{PENDING_PREFIX}{}-{key}", std::process::id()));
         discard(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| {
             Error::io(format!("cannot create checkpoint dir {}", dir.display()), e)
                 .with_hint("check that the backend's checkpoint store is writable")
         })?;
-        Ok(Pending { dir, run: None, stored: false })
+        Ok(Pending { dir, stored: false })
+    }
+
+    /// A checkpoint for one run only (`--no-snapshot`), never stored: it goes away with its
+    /// handle, or with the next look-up once its runner is dead. It is here rather than in
+    /// the run's state dir, which is often a tmpfs (`$XDG_RUNTIME_DIR`), too small for
+    /// guests' memory.
+    pub fn scratch(&self) -> Result<Pending> {
+        self.begin(&format!("run-{}", crate::random::hex(4)))
     }
 
     /// Write the manifest into `pending` and rename it to `<store>/<key>`. When that fails
@@ -156,22 +165,11 @@ fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
 #[derive(Debug)]
 pub struct Pending {
     dir: PathBuf,
-    /// The run dir that holds it, for a checkpoint kept out of the store.
-    run: Option<RunDir>,
     /// Renamed into the store: no longer ours to remove.
     stored: bool,
 }
 
 impl Pending {
-    /// A checkpoint for this run only (`--no-snapshot`), in a run dir of its own so that the
-    /// sweep removes it if this process dies.
-    pub fn in_run(state: &StateDir) -> Result<Pending> {
-        let run = state.create_run()?;
-        let dir = run.path().join("checkpoint");
-        std::fs::create_dir(&dir).map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-        Ok(Pending { dir, run: Some(run), stored: false })
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -186,12 +184,8 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if self.stored {
-            return;
-        }
-        discard(&self.dir);
-        if let Some(run) = &self.run {
-            let _ = run.remove();
+        if !self.stored {
+            discard(&self.dir);
         }
     }
 }

@@ -105,12 +105,13 @@ fn pending_dirs_go_away_unless_stored() {
     assert!(!dead.exists());
     assert!(live.dir().is_dir());
 
-    // A run-only checkpoint lives in a run dir of its own, gone with it.
-    let state = StateDir::at(tmp.path().join("state"));
-    let local = Pending::in_run(&state).unwrap();
-    assert_eq!(state.runs().len(), 1);
-    drop(local);
-    assert!(state.runs().is_empty());
+    // A run-only checkpoint is a temporary dir of its own, never committed.
+    let scratch = store.scratch().unwrap();
+    let other = store.scratch().unwrap();
+    assert_ne!(scratch.dir(), other.dir());
+    let dir = scratch.dir().to_owned();
+    drop(scratch);
+    assert!(!dir.exists());
 }
 
 #[test]

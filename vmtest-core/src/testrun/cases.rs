@@ -14,6 +14,8 @@ pub const SETUP_CASE: &str = "(steps outside subtests)";
 /// The JUnit cases of one file as the steps run.
 pub(super) struct Cases {
     filter: Option<String>,
+    /// Subtests with a step up to the checkpoint: they always run (they make its state).
+    unfiltered: Vec<String>,
     entries: Mutex<Vec<Entry>>,
 }
 
@@ -30,20 +32,22 @@ fn new_case(name: String, status: CaseStatus) -> Entry {
 impl Cases {
     pub(super) fn new(file: &TestFile, filter: Option<&str>) -> Self {
         let filter = filter.map(str::to_owned);
+        let setup = file.checkpoint().map(|(k, _)| &file.steps[..=k]).unwrap_or_default();
+        let unfiltered: Vec<String> = setup.iter().filter_map(|s| s.subtest.clone()).collect();
         let mut entries = Vec::new();
         if file.steps.iter().any(|s| s.subtest.is_none()) {
             entries.push(new_case(SETUP_CASE.into(), CaseStatus::Passed));
         }
         for st in file.subtests() {
             let status = match &filter {
-                Some(f) if !st.contains(f.as_str()) => {
+                Some(f) if !st.contains(f.as_str()) && !unfiltered.contains(&st) => {
                     CaseStatus::Skipped { reason: format!("filtered out by --filter {f}") }
                 }
                 _ => CaseStatus::Passed,
             };
             entries.push(new_case(st, status));
         }
-        Cases { filter, entries: Mutex::new(entries) }
+        Cases { filter, unfiltered, entries: Mutex::new(entries) }
     }
 
     /// The case a step belongs to.
@@ -62,10 +66,11 @@ impl Cases {
         f(&mut e.case);
     }
 
-    /// Whether `--filter` keeps the step (steps outside subtests always run).
+    /// Whether `--filter` keeps the step (steps outside subtests, and subtests that help make
+    /// the checkpoint, always run).
     pub(super) fn wants(&self, step: &Step) -> bool {
         match (&step.subtest, &self.filter) {
-            (Some(st), Some(f)) => st.contains(f.as_str()),
+            (Some(st), Some(f)) => st.contains(f.as_str()) || self.unfiltered.contains(st),
             _ => true,
         }
     }

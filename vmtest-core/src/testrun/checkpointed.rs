@@ -77,6 +77,15 @@ impl FileRun<'_> {
         }
     }
 
+    /// Where a checkpoint for this run only goes: a temporary dir in the backend's store.
+    fn scratch(&self) -> Result<Pending> {
+        let root = self
+            .hv
+            .checkpoint_store()
+            .ok_or_else(|| Error::usage(format!("the {} backend cannot save guests", self.hv.name())))?;
+        Store::new(root).scratch()
+    }
+
     /// `e`, saying it is about the file's checkpoint.
     fn cannot(&self, what: &str, e: Error) -> Error {
         prefixed(e, &format!("{}: checkpoint `{}`: {what}", self.file.path.display(), self.checkpoint_name()))
@@ -89,7 +98,9 @@ impl FileRun<'_> {
         let names: Vec<&str> = self.nodes.iter().map(|n| n.spec.node.as_str()).collect();
         let Some(dir) = store.find(key, &names) else { return Ok(None) };
         let t = Instant::now();
-        match self.restore_cluster(&dir).await {
+        // Slots and run dir first: failing to get them says nothing about the checkpoint.
+        let cluster = self.create(self.resumed_nodes(&dir)).await?;
+        match self.restored(cluster).await {
             Ok((cluster, up)) => {
                 self.report(Event::NodesUp { file: self.file_ref, duration: up });
                 self.report_restored(&dir, None, t.elapsed());
@@ -116,16 +127,22 @@ impl FileRun<'_> {
     /// A new cluster of the file's nodes restored from the checkpoint in `dir`, its network
     /// as the steps up to the checkpoint left it.
     pub(super) async fn restore_cluster(&self, dir: &Path) -> Result<(Cluster, Duration), Halt> {
-        let nodes: Vec<NodeConfig> = self
-            .nodes
-            .iter()
-            .cloned()
-            .map(|mut n| {
-                n.spec.resume = Some(dir.join(&n.spec.node));
-                n
-            })
-            .collect();
-        let (cluster, up) = self.boot(nodes, false).await?;
+        let cluster = self.create(self.resumed_nodes(dir)).await?;
+        self.restored(cluster).await
+    }
+
+    /// The file's nodes, each to be restored from its directory in `dir`.
+    fn resumed_nodes(&self, dir: &Path) -> Vec<NodeConfig> {
+        let resumed = |mut n: NodeConfig| {
+            n.spec.resume = Some(dir.join(&n.spec.node));
+            n
+        };
+        self.nodes.iter().cloned().map(resumed).collect()
+    }
+
+    /// `cluster` restored (started from its nodes' `resume`), its network set again.
+    async fn restored(&self, cluster: Cluster) -> Result<(Cluster, Duration), Halt> {
+        let (cluster, up) = self.bring_up(cluster, false).await?;
         if let Err(e) = self.replay_network(&cluster).await {
             cluster.kill().await;
             return Err(Halt::Broken(e));
@@ -170,7 +187,7 @@ impl FileRun<'_> {
     async fn save(&self, cluster: &Cluster, stored: Option<&Stored>) -> Result<Held, Halt> {
         let pending = match stored {
             Some((store, key)) => store.begin(key),
-            None => Pending::in_run(self.state),
+            None => self.scratch(),
         };
         let pending = pending.map_err(|e| Halt::Broken(self.cannot("cannot save it", e)))?;
         let t = Instant::now();

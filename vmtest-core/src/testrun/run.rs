@@ -62,6 +62,12 @@ impl FileRun<'_> {
         nodes: Vec<NodeConfig>,
         copy_files: bool,
     ) -> Result<(Cluster, Duration), Halt> {
+        let cluster = self.create(nodes).await?;
+        self.bring_up(cluster, copy_files).await
+    }
+
+    /// A cluster of `nodes` with its slots, run dir and network, nothing started.
+    pub(super) async fn create(&self, nodes: Vec<NodeConfig>) -> Result<Cluster, Halt> {
         let slots = self.cfg.slots.as_ref();
         let created =
             self.stop.guard(Cluster::create(self.hv.clone(), self.state, nodes, slots, self.cfg.reporter));
@@ -74,6 +80,15 @@ impl FileRun<'_> {
             cluster.kill().await;
             return Err(Halt::Broken(e));
         }
+        Ok(cluster)
+    }
+
+    /// Start every machine of `cluster` (killing them all if one fails); how long it took.
+    pub(super) async fn bring_up(
+        &self,
+        cluster: Cluster,
+        copy_files: bool,
+    ) -> Result<(Cluster, Duration), Halt> {
         let t0 = Instant::now();
         match self.stop.guard(cluster.boot_all(copy_files)).await {
             Ok(Ok(())) => Ok((cluster, t0.elapsed())),

@@ -3,7 +3,7 @@
 
 use super::fake::FakeHv;
 use super::*;
-use crate::events::CheckpointEvent;
+use crate::events::{CheckpointEvent, StepResult};
 use crate::junit::CaseStatus;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -79,8 +79,6 @@ impl Recorder {
         std::mem::take(&mut self.0.lock().unwrap())
     }
 }
-
-use crate::events::StepResult;
 
 struct Bench {
     tmp: tempfile::TempDir,
@@ -261,6 +259,21 @@ async fn from_subtests_run_on_copies_of_their_own() {
     passed(&out);
     assert_eq!(runs_of(&b.hv.logged("restore")).len(), 2, "the file's nodes and the reader's copy");
     assert!(matches!(case(&out, "writer").status, CaseStatus::Skipped { .. }));
+}
+
+#[tokio::test]
+async fn the_filter_never_skips_the_steps_that_make_the_checkpoint() {
+    let b = Bench::new();
+    let text = FILE.replace(
+        "on = \"client\"\nsucceed = \"echo configured",
+        "subtest = \"setup\"\non = \"client\"\nsucceed = \"echo configured",
+    );
+    let out = b.run(&text, true, Some("reader")).await;
+    passed(&out);
+    assert_eq!(case(&out, "setup").status, CaseStatus::Passed);
+    assert!(case(&out, "setup").log.contains("echo configured > conf` on client: ok"));
+    assert!(matches!(case(&out, "writer").status, CaseStatus::Skipped { .. }));
+    assert_eq!(b.hv.logged("save").len(), 2);
 }
 
 #[tokio::test]
