@@ -373,6 +373,11 @@ pub struct TestArgs {
     #[arg(long)]
     pub check: bool,
 
+    /// Boot every node: reuse no stored checkpoint (a file's `checkpoint` is made afresh and
+    /// kept only for this run's `from` subtests) and no snapshot saved at "agent ready" (QEMU).
+    #[arg(long, env = "VMTEST_NO_SNAPSHOT", value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_snapshot: bool,
+
     /// Hypervisor backend for every file: qemu, bhyve, multipass or auto. Default: the file's
     /// `backend` in [test], else vmtest.toml's or $VMTEST_BACKEND, else qemu. Private
     /// networks, partitions and link faults need qemu.

@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use vmtest_core::events::{Event, FileRef, Reporter, StepResult};
+use vmtest_core::events::{CheckpointEvent, Event, FileRef, Reporter, StepResult};
 use vmtest_core::junit::CaseStatus;
 use vmtest_core::protocol::ExitStatus;
 use vmtest_core::testrun::Verdict;
@@ -268,6 +268,40 @@ impl Reporter for JsonEvents {
                     ),
                 )
             }
+            Event::Checkpoint { file, checkpoint, what, dir, duration } => {
+                let (action, subtest, stored, reason) = match what {
+                    CheckpointEvent::Saved { stored } => ("saved", None, Some(*stored), None),
+                    CheckpointEvent::Restored { subtest } => ("restored", *subtest, None, None),
+                    CheckpointEvent::Discarded { reason } => ("discarded", None, None, Some(*reason)),
+                };
+                self.emit(
+                    "checkpoint",
+                    with_file(
+                        file,
+                        json!({
+                            "checkpoint": checkpoint,
+                            "action": action,
+                            "subtest": subtest,
+                            "stored": stored,
+                            "reason": reason,
+                            "dir": dir.display().to_string(),
+                            "duration_secs": secs(*duration),
+                        }),
+                    ),
+                )
+            }
+            Event::StepRestored { file, step, checkpoint } => self.emit(
+                "step_restored",
+                with_file(
+                    file,
+                    json!({
+                        "line": step.line,
+                        "step": step.description,
+                        "case": step.case,
+                        "checkpoint": checkpoint,
+                    }),
+                ),
+            ),
             Event::FileFinished { file, outcome } => {
                 let (verdict, error) = match &outcome.verdict {
                     Verdict::Passed => ("passed", None),

@@ -42,8 +42,31 @@ pub enum Event<'a> {
     NodesUp { file: &'a FileRef<'a>, duration: Duration },
     /// A step ran: passed (with what it printed) or failed (with why).
     StepFinished { file: &'a FileRef<'a>, step: &'a StepRef<'a>, duration: Duration, result: StepResult<'a> },
+    /// The file's checkpoint was saved, restored (for the file's own nodes, or for a copy
+    /// that a `from` subtest runs on), or discarded. `dir` is where it is.
+    Checkpoint {
+        file: &'a FileRef<'a>,
+        checkpoint: &'a str,
+        what: CheckpointEvent<'a>,
+        dir: &'a Path,
+        duration: Duration,
+    },
+    /// A step did not run: its effect came with the restored checkpoint.
+    StepRestored { file: &'a FileRef<'a>, step: &'a StepRef<'a>, checkpoint: &'a str },
     /// The test file is over: its verdict, its JUnit cases, the machines it kept.
     FileFinished { file: &'a FileRef<'a>, outcome: &'a FileOutcome },
+}
+
+/// What happened to a test file's checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum CheckpointEvent<'a> {
+    /// Every node was saved: into the backend's store (`stored`), or for this run only.
+    Saved { stored: bool },
+    /// Nodes were started from it: the file's own (`subtest` is `None`), or a copy for
+    /// that `from` subtest.
+    Restored { subtest: Option<&'a str> },
+    /// The stored checkpoint did not restore: it was removed, and the file runs cold.
+    Discarded { reason: &'a str },
 }
 
 /// The test file an event is about.

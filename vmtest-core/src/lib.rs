@@ -8,6 +8,8 @@ pub mod protocol;
 #[cfg(feature = "host")]
 pub mod cancel;
 #[cfg(feature = "host")]
+pub mod checkpoint;
+#[cfg(feature = "host")]
 pub mod config;
 #[cfg(feature = "host")]
 pub mod console;

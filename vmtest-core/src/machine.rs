@@ -74,6 +74,8 @@ pub struct Machine {
     /// Watch the guest kernel's log for bug reports from each boot on.
     pub watch_kernel_log: bool,
     kernel_log: tokio::sync::Mutex<Option<KernelLog>>,
+    /// It was launched once: a later start (a reboot) boots, never resumes.
+    launched: std::sync::atomic::AtomicBool,
 }
 
 fn shown(out: &[u8]) -> String {
@@ -108,6 +110,7 @@ impl Machine {
             default_timeout: DEFAULT_WAIT,
             watch_kernel_log: true,
             kernel_log: tokio::sync::Mutex::new(None),
+            launched: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -135,7 +138,9 @@ impl Machine {
             // A socket left by an earlier boot of this node would make the bind fail.
             let _ = std::fs::remove_file(&nic.guest_socket);
         }
-        let started = self.hv.launch(&self.spec, &self.run).await.map_err(|e| self.context(e))?;
+        let spec = self.spec_for_start();
+        let started = self.hv.launch(&spec, &self.run).await.map_err(|e| self.context(e))?;
+        self.launched.store(true, std::sync::atomic::Ordering::Relaxed);
         if !self.spec.nics.is_empty() && !started.capabilities().network {
             let _ = started.kill().await;
             return Err(Error::usage(format!(
@@ -150,6 +155,29 @@ impl Machine {
         }
         *vm = Some(started);
         Ok(())
+    }
+
+    /// The spec of the next launch: a guest restored once ([`VmSpec::resume`]) boots when it
+    /// starts again, as a reboot should, instead of going back to the saved state.
+    fn spec_for_start(&self) -> VmSpec {
+        let mut spec = self.spec.clone();
+        if self.launched.load(std::sync::atomic::Ordering::Relaxed) {
+            spec.resume = None;
+        }
+        spec
+    }
+
+    /// Save the running guest into `dir` (an existing, empty dir); it keeps running. See
+    /// [`Vm::save`].
+    pub async fn save(&self, dir: &Path) -> Result<()> {
+        let vm = self.vm.read().await;
+        let vm = vm.as_ref().ok_or_else(|| {
+            Error::usage(format!(
+                "machine `{}` is not running, so it cannot be saved; start it again before the checkpoint",
+                self.node
+            ))
+        })?;
+        vm.save(dir).await.map_err(|e| self.context(e))
     }
 
     /// The guest kernel's bug reports printed since the last call (none when its log is not

@@ -117,6 +117,8 @@ pub async fn run(
         accel: opts.accel,
         kernel_reports: opts.kernel_reports,
         keep_network: opts.keep_network,
+        // One switch for both: `--no-snapshot` boots every VM and reuses no checkpoint.
+        store_checkpoints: opts.settings.snapshots,
     };
     let mut outcome = SuiteOutcome { files: Vec::new(), error: None };
     for (file, backend) in files.iter().zip(backends) {

@@ -4,7 +4,7 @@
 use crate::events::JsonEvents;
 use crate::ui::{self, Verbosity};
 use std::time::SystemTime;
-use vmtest_core::events::{kept_hint, Event, Fanout, FileRef, Reporter, StepResult};
+use vmtest_core::events::{kept_hint, CheckpointEvent, Event, Fanout, FileRef, Reporter, StepResult};
 use vmtest_core::exec::display_argv;
 use vmtest_core::spec::format_duration;
 use vmtest_core::testrun::Verdict;
@@ -118,6 +118,12 @@ impl Reporter for Human {
                     file_line(file, &format!("    {l}"));
                 }
             }
+            Event::Checkpoint { file, checkpoint, what, dir, duration } => {
+                file_line(file, &checkpoint_line(checkpoint, what, dir, *duration));
+            }
+            Event::StepRestored { file, step, checkpoint } => {
+                file_line(file, &format!("{}: restored from checkpoint `{checkpoint}`", step.description));
+            }
             Event::FileFinished { file, outcome } => {
                 self.status(None);
                 let secs = format_duration(outcome.suite.time);
@@ -145,6 +151,33 @@ pub fn fanout<'a>(json: &'a [JsonEvents], human: Option<&'a Human>) -> Fanout<'a
     let mut all: Vec<&dyn Reporter> = json.iter().map(|j| j as &dyn Reporter).collect();
     all.extend(human.map(|h| h as &dyn Reporter));
     Fanout(all)
+}
+
+/// What happened to a checkpoint, in one line.
+fn checkpoint_line(
+    name: &str,
+    what: &CheckpointEvent<'_>,
+    dir: &std::path::Path,
+    d: std::time::Duration,
+) -> String {
+    let took = format_duration(d);
+    match what {
+        CheckpointEvent::Saved { stored: true } => {
+            format!("checkpoint `{name}` saved in {took} ({})", dir.display())
+        }
+        CheckpointEvent::Saved { stored: false } => {
+            format!("checkpoint `{name}` saved in {took}, for this run only")
+        }
+        CheckpointEvent::Restored { subtest: None } => {
+            format!("restored checkpoint `{name}` in {took} ({})", dir.display())
+        }
+        CheckpointEvent::Restored { subtest: Some(s) } => {
+            format!("subtest `{s}`: restored its copy of checkpoint `{name}` in {took}")
+        }
+        CheckpointEvent::Discarded { reason } => {
+            format!("checkpoint `{name}` discarded ({reason}); running the file cold")
+        }
+    }
 }
 
 /// A progress line of a test file: `vmtest: [name] text`.

@@ -114,7 +114,11 @@ fn options(args: &TestArgs) -> Result<SuiteOptions<'static>> {
     };
     Ok(SuiteOptions {
         backend,
-        settings: BackendSettings { die_with_parent: !args.keep, ..BackendSettings::default() },
+        settings: BackendSettings {
+            die_with_parent: !args.keep,
+            snapshots: !args.no_snapshot,
+            ..BackendSettings::default()
+        },
         accel: blame(eff.accel.value.parse(), &eff.accel.source)?,
         kernel_reports: eff.kernel_warnings.value,
         filter: args.filter.clone(),

@@ -1,7 +1,7 @@
 //! The checker: a parsed test file to its schema, or every problem with its line.
 
 use super::schema::{
-    Action, BackendTraits, NetDef, NodeDef, Step, Target, TestFile, ACTIONS, NODE_KEYS, STEP_KEYS,
+    Action, BackendTraits, Mark, NetDef, NodeDef, Step, Target, TestFile, ACTIONS, NODE_KEYS, STEP_KEYS,
 };
 use super::spans::{Entries, Entry, Located, Val};
 use crate::error::{Error, Result};
@@ -32,6 +32,15 @@ impl TestFile {
     pub fn check_backend(&self, backend: BackendTraits<'_>) -> Result<()> {
         let b = backend.name;
         let mut problems: Vec<(usize, String)> = Vec::new();
+        if let (Some(Mark { name, line }), false) = (self.checkpoint_mark(), backend.checkpoints) {
+            problems.push((
+                *line,
+                format!(
+                    "checkpoint `{name}`: the {b} backend cannot save guests; use the qemu backend, or remove \
+                     `checkpoint` and `from`"
+                ),
+            ));
+        }
         for n in &self.nodes {
             if n.kernel.is_some() && !backend.boots_kernels {
                 problems.push((
@@ -479,6 +488,7 @@ pub(super) fn file(path: &Path, top: &Entries) -> Result<TestFile> {
             steps.push(step);
         }
     }
+    c.problems.extend(super::checkpoints::check(&steps, &nodes));
     if steps.is_empty() && c.problems.is_empty() {
         c.problems.push((1, "no steps: add at least one [[step]]".into()));
     }
@@ -550,6 +560,8 @@ impl Check {
         let mut timeout = None;
         let mut expect: Option<(Located<()>, regex::Regex)> = None;
         let mut link: Option<(String, String)> = None;
+        let mut checkpoint = None;
+        let mut from = None;
         let mut actions: Vec<(Located<String>, Option<Action>)> = Vec::new();
         for (k, v) in t {
             let key = k.get_ref().as_str();
@@ -587,6 +599,8 @@ impl Check {
                     }
                 }
                 "subtest" => subtest = self.string(v, "subtest"),
+                "checkpoint" => checkpoint = self.checkpoint_name(v, "checkpoint"),
+                "from" => from = self.checkpoint_name(v, "from"),
                 "timeout" => timeout = self.duration(v, "timeout"),
                 "expect_stdout" => {
                     if let Some(s) = self.string(v, "expect_stdout") {
@@ -671,7 +685,34 @@ impl Check {
                 self.at(sp, format!("`expect_stdout` does not apply to `{}`", key.get_ref()));
             }
         }
-        Some(Step { line, on: target, subtest, timeout, expect_stdout: expect.map(|(_, r)| r), action })
+        Some(Step {
+            line,
+            on: target,
+            subtest,
+            timeout,
+            expect_stdout: expect.map(|(_, r)| r),
+            action,
+            checkpoint,
+            from,
+        })
+    }
+
+    /// A checkpoint's name: a word, since messages and the store's manifest quote it.
+    fn checkpoint_name(&mut self, v: &Located<Val>, key: &str) -> Option<Mark> {
+        let s = self.string(v, key)?;
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok {
+            self.at(
+                v,
+                format!(
+                    "bad checkpoint name `{s}` in `{key}`: use at most 64 letters, digits, `-`, `_` and `.`"
+                ),
+            );
+            return None;
+        }
+        Some(Mark { name: s, line: v.line() })
     }
 
     fn action(&mut self, key: &str, v: &Located<Val>, base: &Path, nodes: &[String]) -> Option<Action> {

@@ -26,18 +26,25 @@
 //! wait_until_succeeds = "curl -fsS http://server/"
 //! expect_stdout = "hello" # a regex over the action's stdout
 //! timeout = "30s"
+//! checkpoint = "ready"    # once it passed, save every node; later runs start from here
+//! [[step]]
+//! subtest = "isolated"
+//! from = "ready"          # this subtest runs on its own copy of the nodes, from `ready`
+//! on = "client"
+//! succeed = "rm -rf /srv"
 //! ```
 //!
 //! The whole file is checked before anything boots, and every problem is reported as
 //! `FILE:LINE: message`.
 
 mod check;
+mod checkpoints;
 mod schema;
 mod spans;
 #[cfg(test)]
 mod tests;
 
-pub use schema::{Action, BackendTraits, NetDef, NodeDef, Step, Target, TestFile, ACTIONS};
+pub use schema::{Action, BackendTraits, Mark, NetDef, NodeDef, Step, Target, TestFile, ACTIONS};
 
 use crate::error::{Error, Result};
 use std::path::Path;

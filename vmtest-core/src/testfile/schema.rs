@@ -166,7 +166,8 @@ pub const ACTIONS: &[&str] = &[
     "sleep",
 ];
 
-pub(super) const STEP_KEYS: &[&str] = &["on", "subtest", "timeout", "expect_stdout", "link"];
+pub(super) const STEP_KEYS: &[&str] =
+    &["on", "subtest", "timeout", "expect_stdout", "link", "checkpoint", "from"];
 pub(super) const NODE_KEYS: &[&str] =
     &["cpus", "memory", "kernel", "modules", "image", "exec", "networks", "files", "boot_timeout"];
 
@@ -179,6 +180,30 @@ pub struct Step {
     pub timeout: Option<Duration>,
     pub expect_stdout: Option<regex::Regex>,
     pub action: Action,
+    /// `checkpoint = "NAME"`: once this step passed, every node is saved under this name.
+    pub checkpoint: Option<Mark>,
+    /// `from = "NAME"`: this step's subtest runs on its own copy of the nodes, restored from
+    /// that checkpoint (every step of the subtest says the same).
+    pub from: Option<Mark>,
+}
+
+/// A checkpoint's name where a step gives it, with the line it is on (for messages).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub name: String,
+    pub line: usize,
+}
+
+impl Step {
+    /// The name of the checkpoint this step makes, if any.
+    pub fn checkpoint_name(&self) -> Option<&str> {
+        self.checkpoint.as_ref().map(|m| m.name.as_str())
+    }
+
+    /// The name of the checkpoint this step's subtest starts from, if any.
+    pub fn from_name(&self) -> Option<&str> {
+        self.from.as_ref().map(|m| m.name.as_str())
+    }
 }
 
 /// One node, with the defaults applied.
@@ -237,9 +262,22 @@ pub struct BackendTraits<'a> {
     pub private_networks: bool,
     /// Boots a given kernel file.
     pub boots_kernels: bool,
+    /// Saves and restores guests (it has a checkpoint store), for `checkpoint` and `from`.
+    pub checkpoints: bool,
 }
 
 impl TestFile {
+    /// The step that makes the file's checkpoint (at most one: see `testfile::checkpoints`),
+    /// with its index in [`TestFile::steps`].
+    pub fn checkpoint(&self) -> Option<(usize, &Step)> {
+        self.steps.iter().enumerate().find(|(_, s)| s.checkpoint.is_some())
+    }
+
+    /// The file's checkpoint: its name and line.
+    pub fn checkpoint_mark(&self) -> Option<&Mark> {
+        self.checkpoint().and_then(|(_, s)| s.checkpoint.as_ref())
+    }
+
     /// The subtests, in order of first appearance.
     pub fn subtests(&self) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();

@@ -40,7 +40,12 @@ block = true
     let path = tmp.path().join("t.toml");
     let file = parse(&path, &text).unwrap();
     assert_eq!(file.backend.as_deref(), Some("multipass"));
-    let none = BackendTraits { name: "multipass", private_networks: false, boots_kernels: false };
+    let none = BackendTraits {
+        name: "multipass",
+        private_networks: false,
+        boots_kernels: false,
+        checkpoints: false,
+    };
     let e = file.check_backend(none).unwrap_err();
     let prefix = format!("{}:", path.display());
     let lines: Vec<String> =
@@ -57,7 +62,7 @@ block = true
         ]
     );
     // Node `a` keeps the default network: fine anywhere.
-    let qemu = BackendTraits { name: "qemu", private_networks: true, boots_kernels: true };
+    let qemu = BackendTraits { name: "qemu", private_networks: true, boots_kernels: true, checkpoints: true };
     file.check_backend(qemu).unwrap();
 }
 
@@ -229,10 +234,117 @@ fn a_node_may_name_its_kernels_modules_relative_to_the_file() {
     let file = parse(&path, &text.replace("modules = \"nope\"\n", "")).unwrap();
     assert_eq!(file.nodes[1].modules, Some(tmp.path().join("linux/.vmtest-modules")));
     let e = file
-        .check_backend(BackendTraits { name: "multipass", private_networks: true, boots_kernels: false })
+        .check_backend(BackendTraits {
+            name: "multipass",
+            private_networks: true,
+            boots_kernels: false,
+            checkpoints: false,
+        })
         .unwrap_err();
     assert!(e
         .detail()
         .unwrap()
         .contains("the multipass backend boots images, which bring their own `modules`"));
+}
+
+#[test]
+fn a_checkpoint_and_subtests_from_it_parse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "[defaults]\nimage = \"web\"\n[nodes.a]\n\
+                [[step]]\non = \"a\"\nsucceed = \"setup\"\ncheckpoint = \"ready\"\n\
+                [[step]]\nsubtest = \"one\"\nfrom = \"ready\"\non = \"a\"\nsucceed = \"x\"\n\
+                [[step]]\nsubtest = \"one\"\nfrom = \"ready\"\non = \"a\"\nsucceed = \"y\"\n\
+                [[step]]\non = \"a\"\nsucceed = \"main line\"\n";
+    let f = parse(&tmp.path().join("t.toml"), text).unwrap();
+    let (i, st) = f.checkpoint().unwrap();
+    assert_eq!((i, st.checkpoint_name(), st.line), (0, Some("ready"), 6));
+    assert_eq!(f.checkpoint_mark().map(|m| m.line), Some(7), "the checkpoint is where its key is");
+    assert_eq!(f.steps[1].from_name(), Some("ready"));
+    assert_eq!(f.steps[3].from, None);
+    let no_saves =
+        BackendTraits { name: "multipass", private_networks: true, boots_kernels: false, checkpoints: false };
+    let e = f.check_backend(no_saves).unwrap_err();
+    assert_eq!(
+        e.message(),
+        format!(
+            "{}:7: checkpoint `ready`: the multipass backend cannot save guests; use the qemu backend, or \
+             remove `checkpoint` and `from`",
+            f.path.display()
+        )
+    );
+}
+
+#[test]
+fn checkpoint_and_from_rules_are_checked_with_lines() {
+    let text = r#"[defaults]
+image = "web"
+[nodes.a]
+[[step]]
+subtest = "early"
+from = "ready"
+on = "a"
+succeed = "x"
+[[step]]
+on = "a"
+succeed = "setup"
+checkpoint = "ready"
+[[step]]
+on = "a"
+succeed = "more"
+checkpoint = "again"
+[[step]]
+on = "a"
+succeed = "z"
+checkpoint = "ready"
+[[step]]
+from = "ready"
+on = "a"
+succeed = "no subtest"
+[[step]]
+subtest = "mixed"
+from = "ready"
+on = "a"
+succeed = "1"
+[[step]]
+subtest = "mixed"
+on = "a"
+succeed = "2"
+[[step]]
+subtest = "ghost"
+from = "nope"
+on = "a"
+succeed = "3"
+[[step]]
+on = "a"
+succeed = "4"
+checkpoint = "bad name!"
+"#;
+    let p = problems(text);
+    let expect = [
+        "6: `from = \"ready\"` names no checkpoint of an earlier step; add `checkpoint = \"ready\"` to a step \
+         before this subtest",
+        "16: a second checkpoint `again`: a test file has one (`ready`, line 12)",
+        "20: duplicate checkpoint `ready` (already on line 12)",
+        "22: `from = \"ready\"` goes on the steps of a subtest: add `subtest = \"NAME\"`",
+        "33: this step of subtest `mixed` has no `from`, but its first step (line 27) has `from = \"ready\"`; \
+         every step of a subtest starts from the same checkpoint",
+        "36: `from = \"nope\"` names no checkpoint of an earlier step",
+        "42: bad checkpoint name `bad name!` in `checkpoint`",
+    ];
+    for (want, got) in expect.iter().zip(&p) {
+        assert!(got.starts_with(want), "want {want:?}\n got {got:?}\nall: {p:#?}");
+    }
+    assert_eq!(p.len(), expect.len(), "{p:#?}");
+}
+
+#[test]
+fn kernel_mode_nodes_cannot_be_checkpointed() {
+    let text = "[nodes.web]\nimage = \"web\"\n[nodes.host]\n[nodes.other]\n\
+                [[step]]\non = \"web\"\nsucceed = \"setup\"\ncheckpoint = \"ready\"\n";
+    assert_eq!(
+        problems(text),
+        ["8: checkpoint `ready`: node(s) `host`, `other` run in kernel mode (no `image`), on the host's root \
+          shared over 9p, which cannot be saved (QEMU does not migrate 9p); give them an `image` (`vmtest image \
+          build`)"]
+    );
 }
