@@ -42,6 +42,11 @@ const KINDS: &[(&str, &str, bool)] = &[
     ("apt", "apt-lists", false),
 ];
 
+/// The kinds vmtest makes again on demand, which `prune` may remove.
+pub fn prunable_kinds() -> Vec<&'static str> {
+    KINDS.iter().filter(|(_, _, regenerable)| *regenerable).map(|(_, kind, _)| *kind).collect()
+}
+
 /// Every entry, kind by kind: snapshots, boot images, initramfs, module lists, KVM verdicts
 /// (what vmtest makes again on demand), then kernels, QEMU, images and apt lists; temporary
 /// files of work in progress (names starting with `.`) are left out.

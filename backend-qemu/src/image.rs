@@ -68,6 +68,34 @@ async fn wait_for_sshd(inner: &mut QemuVm, target: SshTarget, limit: Duration) -
 }
 
 /// A shell session on the serial console, within `ready_timeout` (the guest is killed if not).
+/// Wait for the autologin's root prompt: the shell's setup must reach the shell, not the
+/// tty before getty opens it (agetty flushes pending input). A guest restored at the
+/// prompt is asked for a new one at once.
+async fn wait_for_root_prompt(
+    console: &mut Box<dyn vmtest_core::console::Console>,
+    state: SerialState,
+    limit: Duration,
+) -> Result<()> {
+    let prompt = regex::bytes::Regex::new(r"root@\S+:\S*# *$").expect("a valid regex");
+    let deadline = Instant::now() + limit;
+    if state == SerialState::AtPrompt {
+        console.send(b"\r").await?;
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::boot(
+                "no root shell appeared on the serial console (is serial-getty@ttyS0 in the image?)",
+            ));
+        }
+        match console.wait_for(&prompt, left.min(Duration::from_secs(3))).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == vmtest_core::ErrorKind::Timeout => console.send(b"\r").await?,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Where a guest's serial console is when its transport is set up.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SerialState {
@@ -88,27 +116,11 @@ async fn serial_shell(
     let t1 = Instant::now();
     let opts =
         ShellOptions { login: None, exec_sh: true, ready_timeout, nudge_every: Duration::from_secs(2) };
-    // The setup must reach the shell, not the tty before getty opens it (agetty
-    // flushes pending input): wait for the autologin's root prompt first.
     let mut console = inner.console()?;
-    let prompt = regex::bytes::Regex::new(r"root@\S+:\S*# *$").unwrap();
-    let deadline = Instant::now() + opts.ready_timeout;
-    if state == SerialState::AtPrompt {
-        console.send(b"\r").await?;
-    }
-    while state != SerialState::InSession {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+    if state != SerialState::InSession {
+        if let Err(e) = wait_for_root_prompt(&mut console, state, ready_timeout).await {
             let _ = inner.kill().await;
-            return Err(Error::boot(
-                "no root shell appeared on the serial console (is serial-getty@ttyS0 in the image?)",
-            )
-            .with_detail(inner.console_log().tail(30)));
-        }
-        match console.wait_for(&prompt, left.min(Duration::from_secs(3))).await {
-            Ok(_) => break,
-            Err(e) if e.kind() == vmtest_core::ErrorKind::Timeout => console.send(b"\r").await?,
-            Err(e) => return Err(e),
+            return Err(e.with_detail(inner.console_log().tail(30)));
         }
     }
     match ShellSession::start(console, opts).await {

@@ -28,8 +28,8 @@ pub fn cache(cmd: CacheCommand) -> Result<i32> {
             let total: u64 = entries.iter().map(|e| e.bytes).sum();
             let remade: u64 = entries.iter().filter(|e| e.regenerable).map(|e| e.bytes).sum();
             println!(
-                "{} in {} ({} of it made again on demand: `vmtest cache gc` prunes that; snapshots are \
-                 kept under {} by themselves, $VMTEST_CACHE_SNAPSHOTS_MAX)",
+                "{} in {} ({} of it made again on demand: `vmtest cache gc` prunes that; snapshots and \
+                 checkpoints are kept under {} by themselves, $VMTEST_CACHE_SNAPSHOTS_MAX)",
                 human_size(total),
                 cache.root().display(),
                 human_size(remade),
@@ -49,11 +49,11 @@ pub fn cache(cmd: CacheCommand) -> Result<i32> {
                     "say what to prune: --max-size SIZE (e.g. 2G; 0 for all of it) and/or --older-than DUR (e.g. 7d)",
                 ));
             }
-            const KINDS: &[&str] = &["snapshot", "boot-image", "initramfs", "module-list", "kvm-verdict"];
-            if let Some(bad) = kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+            let prunable = cache_usage::prunable_kinds();
+            if let Some(bad) = kinds.iter().find(|k| !prunable.contains(&k.as_str())) {
                 return Err(Error::usage(format!(
                     "--kind {bad}: not a kind vmtest prunes; use one of {}",
-                    KINDS.join(", ")
+                    prunable.join(", ")
                 )));
             }
             let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
