@@ -10,41 +10,10 @@
 
 mod common;
 
-use common::{stderr, stdout, Vmtest};
+use common::{private_image_cache, stderr, stdout, Vmtest};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-extern "C" {
-    fn geteuid() -> u32;
-}
-
-fn shared_cache() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("VMTEST_CACHE_DIR")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("vmtest")))
-        .unwrap_or_else(|| env("HOME").expect("HOME").join(".cache/vmtest"))
-}
-
-/// A private cache that sees the shared cache's images, with the web image built; `None`
-/// when not root.
-fn private_cache(vt: &Vmtest) -> Option<tempfile::TempDir> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { geteuid() } != 0 {
-        eprintln!("not root: image build (debootstrap) skipped, checkpoint tests pass vacuously");
-        return None;
-    }
-    let build =
-        vt.cmd().args(["image", "build"]).arg(repo().join("examples/images/web.toml")).output().unwrap();
-    assert_eq!(build.status.code(), Some(0), "{}", stderr(&build));
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(shared_cache().join("images"), dir.path().join("images")).unwrap();
-    Some(dir)
-}
 
 /// `vmtest test FILE --message-format json` in `cache`: the output and its events.
 fn test(vt: &Vmtest, cache: &Path, file: &Path) -> (Output, Vec<Value>) {
@@ -123,7 +92,7 @@ const SETUP: &str = "cat /proc/sys/kernel/random/uuid > /root/made-at-setup; syn
 #[test]
 fn a_second_run_starts_from_the_checkpoint_until_a_step_before_it_changes() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ckpt.toml");
     let show = "\n[[step]]\non = \"server\"\nsucceed = \"cat /root/made-at-setup\"\n";
@@ -161,7 +130,7 @@ fn a_second_run_starts_from_the_checkpoint_until_a_step_before_it_changes() {
 #[test]
 fn subtests_from_one_checkpoint_do_not_see_each_others_writes() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("from.toml");
     let mut after = String::from("\n[[step]]\non = \"server\"\nsucceed = \"touch /root/main-line\"\n");
@@ -199,7 +168,7 @@ expect_stdout = "hello from the vmtest web image"
 #[test]
 fn a_damaged_checkpoint_is_discarded_and_made_again() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("damaged.toml");
     std::fs::write(&file, two_nodes(SETUP, "")).unwrap();

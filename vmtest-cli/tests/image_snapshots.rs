@@ -10,41 +10,9 @@
 
 mod common;
 
-use common::{stderr, stdout, Vmtest};
+use common::{private_image_cache, stderr, stdout, Vmtest};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-extern "C" {
-    fn geteuid() -> u32;
-}
-
-/// The shared cache, as vmtest finds it.
-fn shared_cache() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("VMTEST_CACHE_DIR")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("vmtest")))
-        .unwrap_or_else(|| env("HOME").expect("HOME").join(".cache/vmtest"))
-}
-
-/// A private cache that sees the shared cache's images, with the web image built.
-/// `None` when not root (no image can be built here).
-fn private_cache(vt: &Vmtest) -> Option<tempfile::TempDir> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { geteuid() } != 0 {
-        eprintln!("not root: image build (debootstrap) skipped, image snapshot tests pass vacuously");
-        return None;
-    }
-    let build =
-        vt.cmd().args(["image", "build"]).arg(repo().join("examples/images/web.toml")).output().unwrap();
-    assert_eq!(build.status.code(), Some(0), "{}", stderr(&build));
-    let dir = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(shared_cache().join("images"), dir.path().join("images")).unwrap();
-    Some(dir)
-}
 
 fn run(vt: &Vmtest, cache: &Path, via: &str, args: &[&str], command: &str) -> Output {
     vt.cmd()
@@ -87,7 +55,7 @@ const NGINX: &str = "systemctl show -p MainPID -p ExecMainStartTimestampMonotoni
 #[test]
 fn a_restored_image_guest_serves_from_the_service_started_before_the_snapshot() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     let first = run(&vt, cache.path(), "agent", &[], NGINX);
     let first_out = ok(&first);
     let t = timings(&first);
@@ -111,7 +79,7 @@ fn a_restored_image_guest_serves_from_the_service_started_before_the_snapshot() 
 #[test]
 fn every_transport_works_after_a_restore() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     for via in ["agent", "ssh", "serial"] {
         for round in ["saves", "restores"] {
             let out = run(&vt, cache.path(), via, &[], "echo via-$((6*7)); echo err >&2; exit 3");
@@ -133,7 +101,7 @@ fn every_transport_works_after_a_restore() {
 #[test]
 fn a_changed_shape_or_a_damaged_snapshot_is_never_restored() {
     let vt = Vmtest::new();
-    let Some(cache) = private_cache(&vt) else { return };
+    let Some(cache) = private_image_cache(&vt) else { return };
     ok(&run(&vt, cache.path(), "agent", &["--memory", "448M"], "true"));
     let [made] = &snapshots(cache.path())[..] else { panic!("one snapshot") };
     // Another memory size is another machine: a new snapshot, the old one untouched.

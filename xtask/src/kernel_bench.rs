@@ -25,14 +25,7 @@ pub fn bench_kernel_dev(vmtest: &Path, runs: usize) -> Result<()> {
 
 /// Three copies of the default kernel's package tree in `dir`; the kernels in them.
 fn kernels(vmtest: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
-    let out = Command::new(vmtest).args(["kernel", "list"]).output().map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let kernel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("default: "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(PathBuf::from)
-        .ok_or(format!("no default kernel (`vmtest kernel fetch` first): {text}"))?;
+    let kernel = crate::default_kernel(vmtest)?;
     let root = kernel.ancestors().nth(2).ok_or("the kernel is not in a package tree")?;
     let inside = kernel.strip_prefix(root).map_err(|e| e.to_string())?;
     let mut copies = Vec::new();

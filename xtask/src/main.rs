@@ -553,6 +553,17 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The kernel `vmtest kernel list` calls the default.
+fn default_kernel(vmtest: &Path) -> Result<PathBuf> {
+    let out = Command::new(vmtest).args(["kernel", "list"]).output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("default: "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .ok_or(format!("no default kernel (`vmtest kernel fetch` first): {text}"))
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
 }

@@ -33,14 +33,7 @@ pub fn bench_snapshots(vmtest: &Path, runs: usize) -> Result<()> {
 
 /// Link the shared cache's images into `cache`; the default kernel (for kernel-mode nodes).
 fn link_images(vmtest: &Path, cache: &Path) -> Result<PathBuf> {
-    let out = Command::new(vmtest).args(["kernel", "list"]).output().map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let kernel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("default: "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .map(PathBuf::from)
-        .ok_or(format!("no default kernel (`vmtest kernel fetch` first): {text}"))?;
+    let kernel = crate::default_kernel(vmtest)?;
     let list = Command::new(vmtest).args(["image", "list"]).output().map_err(|e| e.to_string())?;
     if !String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with("web\t")) {
         return Err("no `web` image: run `vmtest image build examples/images/web.toml` first".into());

@@ -94,3 +94,38 @@ pub fn stderr(o: &Output) -> String {
 pub fn error_line(o: &Output) -> String {
     stderr(o).lines().find(|l| l.starts_with("vmtest: error:")).unwrap_or("").to_owned()
 }
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// The shared cache, as vmtest finds it.
+pub fn shared_cache() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("VMTEST_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("vmtest")))
+        .unwrap_or_else(|| env("HOME").expect("HOME").join(".cache/vmtest"))
+}
+
+/// A cache of its own that sees the shared cache's images, with the CI image
+/// (examples/images/web.toml) built: no snapshot or checkpoint of another test or an earlier
+/// run is found, and this test's go with it. `None` when not root: building needs
+/// debootstrap, and the caller says so and passes vacuously, as images.rs does.
+pub fn private_image_cache(vt: &Vmtest) -> Option<tempfile::TempDir> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        eprintln!("not root: image build (debootstrap) skipped, this image test passes vacuously");
+        return None;
+    }
+    let build =
+        vt.cmd().args(["image", "build"]).arg(repo().join("examples/images/web.toml")).output().unwrap();
+    assert_eq!(build.status.code(), Some(0), "{}", stderr(&build));
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(shared_cache().join("images"), dir.path().join("images")).unwrap();
+    Some(dir)
+}
