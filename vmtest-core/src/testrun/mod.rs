@@ -2,7 +2,7 @@
 //! steps in order, report one JUnit case per subtest, tear everything down (or keep it).
 //!
 //! A file with a checkpoint starts from the stored one when its key matches, and makes it
-//! otherwise ([`checkpointed`]); its `from` subtests run on copies of it ([`copies`]).
+//! otherwise (`checkpointed.rs`); its `from` subtests run on copies of it (`copies.rs`).
 
 mod cases;
 mod checkpointed;
@@ -46,7 +46,7 @@ pub struct RunConfig<'a> {
     /// (as an event and in the step's JUnit case).
     pub kernel_reports: KernelReports,
     /// With `keep`: starts a process that serves a kept run's private network (given the
-    /// run dir), so kept machines stay connected. See [`Cluster::keep`].
+    /// run dir), so kept machines stay connected. See [`crate::machine::Cluster::keep`].
     pub keep_network: Option<&'a NetworkKeeper>,
     /// Reuse and store checkpoints in the backend's store. Off (`--no-snapshot`): every
     /// run makes its checkpoint afresh and keeps it only for its own `from` subtests.
