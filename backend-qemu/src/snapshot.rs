@@ -158,7 +158,11 @@ async fn make(
     boot_timeout: Duration,
 ) -> Result<()> {
     let name = saved.dir().file_name().unwrap_or_default().to_string_lossy().into_owned();
-    let tmp = SavedGuest::at(saved.dir().with_file_name(format!(".tmp-{name}-{}", std::process::id())));
+    if let Some(parent) = saved.dir().parent() {
+        remove_dead_temporaries(parent);
+    }
+    let tmp =
+        SavedGuest::at(saved.dir().with_file_name(format!("{TMP_PREFIX}{}-{name}", std::process::id())));
     std::fs::create_dir_all(tmp.dir())
         .map_err(|e| Error::io(format!("cannot create {}", tmp.dir().display()), e))?;
     let result = make_in(plan, base, run, guest, &tmp, boot_timeout).await.and_then(|()| {
@@ -173,6 +177,22 @@ async fn make(
         tmp.remove();
     }
     result
+}
+
+/// Snapshots being made are `.tmp-<pid>-<key>` (hidden from the cache's listing).
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Remove the snapshots being made by runs that died meanwhile (killed mid-save): nothing
+/// else would, as the cache's listing and pruning skip hidden entries.
+fn remove_dead_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(TMP_PREFIX).and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+        if pid.is_some_and(|p| vmtest_core::state::ProcessId::of(p).is_none()) {
+            SavedGuest::at(e.path()).remove();
+        }
+    }
 }
 
 async fn make_in(
@@ -335,6 +355,21 @@ mod tests {
         assert_ne!(first, rebuilt, "a rebuilt kernel is another snapshot");
         std::fs::write(&base, b"image 22").unwrap();
         assert_ne!(rebuilt, key("run4", 512, 2204), "a rebuilt image is another snapshot");
+    }
+
+    #[test]
+    fn snapshots_left_half_made_by_dead_runs_are_removed_and_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join(format!("{TMP_PREFIX}{}-abc", u32::MAX - 1));
+        let live = tmp.path().join(format!("{TMP_PREFIX}{}-abc", std::process::id()));
+        let done = tmp.path().join("abc");
+        for d in [&dead, &live, &done] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        remove_dead_temporaries(tmp.path());
+        assert!(!dead.exists(), "its runner is gone");
+        assert!(live.exists(), "its runner is still saving it");
+        assert!(done.exists(), "a made snapshot is not a temporary");
     }
 
     #[test]
