@@ -150,6 +150,13 @@ fn allowed(key: &str, host: &str, guest: &str) -> bool {
         // In a PID namespace whose session leader lives outside it (a container, as CI runs
         // in), getsid() says 0 on the host; the guest command is always in the agent's session.
         "process.in_a_session" => host == "false" && guest == "true",
+        // The guest command gets default dispositions; the host probe inherits what the
+        // tests were started with: a background job of a non-interactive shell ignores
+        // SIGINT and SIGQUIT (bits 1 and 2), nothing else.
+        "process.signals_ignored" => {
+            let host = u64::from_str_radix(host, 16).unwrap_or(u64::MAX);
+            guest == "0000000000000000" && host & !0b110 == 0
+        }
         // Descriptors cannot cross into a VM: the guest has exactly stdin, stdout, stderr,
         // whatever the host process inherited beyond them.
         "process.fds" => guest == "[0, 1, 2]",

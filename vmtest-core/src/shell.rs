@@ -636,6 +636,11 @@ mod tests {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 libc::setsid();
                 libc::ioctl(sfd, libc::TIOCSCTTY, 0);
+                // A guest's shell starts with the default dispositions, whatever the tests
+                // inherited (a background job of a non-interactive shell ignores SIGINT
+                // and SIGQUIT, and Ctrl-C would then interrupt nothing).
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGQUIT, libc::SIG_DFL);
                 Ok(())
             });
         }

@@ -568,6 +568,11 @@ class Guest:
             del env[k]
         def ctty():
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # A guest's shell starts with the default dispositions, whatever this fake
+            # inherited (a background job of a non-interactive shell ignores SIGINT and
+            # SIGQUIT, and Ctrl-C on the console would then interrupt nothing).
+            for sig in (signal.SIGINT, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_DFL)
         self.sh = subprocess.Popen(["/bin/sh", "-i"], stdin=s, stdout=s, stderr=s, cwd="/", env=env,
                                    start_new_session=True, preexec_fn=ctty)
         os.close(s)
