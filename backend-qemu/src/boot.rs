@@ -265,7 +265,8 @@ impl QemuBackend {
         };
         if let Root::Disk(overlay) = &plan.root {
             let backing = host::qcow2_backing(overlay)?;
-            vm.set_saveable(Saveable { overlay: overlay.clone(), backing, qmp: plan.control_qmp() });
+            let qmp = plan.control_qmp();
+            vm.set_saveable(Saveable { overlay: overlay.clone(), backing, qmp, cache: self.cache.clone() });
         }
         Ok(Started { vm, ssh, since, restored: restored_any })
     }
@@ -291,10 +292,7 @@ impl QemuBackend {
             )));
         };
         let saved = SavedGuest::at(dir);
-        let check = saved.clone();
-        tokio::task::spawn_blocking(move || check.verify())
-            .await
-            .map_err(|e| Error::infra(format!("checking {}: {e}", dir.display())))??;
+        saved.check().await?;
         host::qcow2_overlay(&saved.disk(), overlay)?;
         setup.resumed = true;
         let mode = BootMode::Restore { incoming: saved.incoming_uri(), setup };

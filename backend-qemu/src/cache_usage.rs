@@ -51,8 +51,13 @@ pub fn prunable_kinds() -> Vec<&'static str> {
 /// (what vmtest makes again on demand), then kernels, QEMU, images and apt lists; temporary
 /// files of work in progress (names starting with `.`) are left out.
 pub fn entries(cache: &Cache) -> Vec<Entry> {
+    entries_of(cache, |_| true)
+}
+
+/// The entries of the kinds `wanted` says yes to.
+fn entries_of(cache: &Cache, wanted: impl Fn(&str) -> bool) -> Vec<Entry> {
     let mut all = Vec::new();
-    for (dir, kind, regenerable) in KINDS {
+    for (dir, kind, regenerable) in KINDS.iter().filter(|(_, kind, _)| wanted(kind)) {
         let Ok(children) = std::fs::read_dir(cache.root().join(dir)) else { continue };
         for child in children.flatten() {
             let name = child.file_name().to_string_lossy().into_owned();
@@ -160,8 +165,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// recently used first; the one just made (`keep`) stays.
 pub(crate) fn bound_snapshots(cache: &Cache, keep: &Path) {
     let bound = snapshot_bound();
-    let mut snapshots: Vec<Entry> =
-        entries(cache).into_iter().filter(|e| e.kind == "snapshot" || e.kind == "checkpoint").collect();
+    let mut snapshots = entries_of(cache, |kind| kind == "snapshot" || kind == "checkpoint");
     let mut total: u64 = snapshots.iter().map(|e| e.bytes).sum();
     if total <= bound {
         return;

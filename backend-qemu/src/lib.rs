@@ -333,8 +333,7 @@ impl Hypervisor for QemuBackend {
     }
 
     fn checkpoint_store(&self) -> Option<PathBuf> {
-        // Saved guests cannot fill a disk unnoticed: the bound counts checkpoints too.
-        cache_usage::bound_snapshots(&self.cache, Path::new(""));
+        // Kept within the snapshots' bound: each save of a guest applies it (QemuVm::save).
         Some(self.cache.root().join("checkpoints"))
     }
 

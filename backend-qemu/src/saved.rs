@@ -127,6 +127,14 @@ impl SavedGuest {
         Ok(())
     }
 
+    /// [`SavedGuest::verify`], off the async threads (it reads every byte).
+    pub async fn check(&self) -> Result<()> {
+        let saved = self.clone();
+        tokio::task::spawn_blocking(move || saved.verify())
+            .await
+            .map_err(|e| Error::infra(format!("checking {}: {e}", self.dir.display())))?
+    }
+
     /// Remove the directory (a saved guest found unusable).
     pub fn remove(&self) {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {

@@ -34,6 +34,9 @@ use vmtest_core::protocol::GuestSetup;
 use vmtest_core::state::{RunDir, VmRecord};
 use vmtest_core::{Error, ErrorKind, Result, Vm};
 
+/// Snapshots being made are `.tmp-<pid>-<key>` (hidden from the cache's listing).
+const TMP_PREFIX: &str = ".tmp-";
+
 /// Whether a guest of `plan` starts from a snapshot: when snapshots are on, for kernel-mode
 /// and image guests alike, and never for a guest held for gdb (a restored one is past the
 /// point to stop at). A guest to be dumped on a panic has a snapshot of its own: its kernel
@@ -70,7 +73,7 @@ pub async fn start(
         }
     };
     if saved.dir().exists() {
-        if let Err(e) = verify(&saved).await {
+        if let Err(e) = saved.check().await {
             tracing::warn!("{e}; making it again");
             saved.remove();
         }
@@ -138,14 +141,6 @@ async fn restore(
     }
 }
 
-/// Check a snapshot's seal (reading it all: off the async threads).
-async fn verify(saved: &SavedGuest) -> Result<()> {
-    let saved = saved.clone();
-    tokio::task::spawn_blocking(move || saved.verify())
-        .await
-        .map_err(|e| Error::infra(format!("checking a snapshot: {e}")))?
-}
-
 /// Boot a guest of `plan` (beside the guest of `guest`, which it is made for) to its ready
 /// point and save it as `saved`: in a temporary directory beside it, renamed into place
 /// when sealed (a concurrent run that got there first wins; ours is dropped).
@@ -158,8 +153,9 @@ async fn make(
     boot_timeout: Duration,
 ) -> Result<()> {
     let name = saved.dir().file_name().unwrap_or_default().to_string_lossy().into_owned();
+    // Snapshots half-made by runs that died meanwhile are hidden from the cache's listing.
     if let Some(parent) = saved.dir().parent() {
-        remove_dead_temporaries(parent);
+        vmtest_core::state::remove_abandoned(parent, TMP_PREFIX);
     }
     let tmp =
         SavedGuest::at(saved.dir().with_file_name(format!("{TMP_PREFIX}{}-{name}", std::process::id())));
@@ -177,22 +173,6 @@ async fn make(
         tmp.remove();
     }
     result
-}
-
-/// Snapshots being made are `.tmp-<pid>-<key>` (hidden from the cache's listing).
-const TMP_PREFIX: &str = ".tmp-";
-
-/// Remove the snapshots being made by runs that died meanwhile (killed mid-save): nothing
-/// else would, as the cache's listing and pruning skip hidden entries.
-fn remove_dead_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name.strip_prefix(TMP_PREFIX).and_then(|r| r.split('-').next()?.parse::<u32>().ok());
-        if pid.is_some_and(|p| vmtest_core::state::ProcessId::of(p).is_none()) {
-            SavedGuest::at(e.path()).remove();
-        }
-    }
 }
 
 async fn make_in(
@@ -366,7 +346,7 @@ mod tests {
         for d in [&dead, &live, &done] {
             std::fs::create_dir_all(d).unwrap();
         }
-        remove_dead_temporaries(tmp.path());
+        vmtest_core::state::remove_abandoned(tmp.path(), TMP_PREFIX);
         assert!(!dead.exists(), "its runner is gone");
         assert!(live.exists(), "its runner is still saving it");
         assert!(done.exists(), "a made snapshot is not a temporary");

@@ -2,6 +2,8 @@
 
 use crate::accel::{Accel, KvmFailed};
 use crate::agent_client::{AgentClient, AgentError, ControlReceiver};
+use crate::cache::Cache;
+use crate::cache_usage;
 use crate::command::{QemuCommand, Start};
 use crate::dump::Dump;
 use crate::health::{self, Trouble};
@@ -70,6 +72,9 @@ pub struct Saveable {
     pub overlay: PathBuf,
     pub backing: PathBuf,
     pub qmp: PathBuf,
+    /// The cache whose saved guests (snapshots, checkpoints) are kept within their bound
+    /// once this one is saved.
+    pub cache: Cache,
 }
 
 /// How a guest comes up.
@@ -369,9 +374,15 @@ impl QemuVm {
             .map_err(|e| Error::infra(format!("{} did not continue after being saved: {e}", self.name)))?;
         let backing = how.backing.clone();
         let sealed = saved.clone();
-        tokio::task::spawn_blocking(move || sealed.seal(Some(&backing)))
-            .await
-            .map_err(|e| Error::infra(format!("sealing: {e}")))??;
+        let cache = how.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            sealed.seal(Some(&backing))?;
+            // Saved guests cannot fill a disk unnoticed (this one, not yet stored, stays).
+            cache_usage::bound_snapshots(&cache, sealed.dir());
+            Ok::<(), Error>(())
+        })
+        .await
+        .map_err(|e| Error::infra(format!("sealing: {e}")))??;
         tracing::debug!("saved {} in {:?} to {}", self.name, t0.elapsed(), dir.display());
         Ok(())
     }

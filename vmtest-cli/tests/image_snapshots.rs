@@ -87,7 +87,7 @@ fn every_transport_works_after_a_restore() {
             assert!(stdout(&out).contains("via-42"), "{via} {round}: {}", stdout(&out));
             assert!(!stdout(&out).contains("err") && stderr(&out).contains("err"), "{via} {round}");
             let t = timings(&out);
-            assert!(t.contains("restore "), "{via} {round}: {t}");
+            assert!(t.contains("restore "), "{via} {round}: {t}\n{}", stderr(&out));
             // The serial console needs no other device: it restores the agent's snapshot.
             let makes = round == "saves" && via != "serial";
             assert_eq!(t.contains("snapshot "), makes, "{via} {round}: {t}");

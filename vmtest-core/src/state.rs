@@ -56,6 +56,22 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Remove the directories in `dir` named `<prefix><pid>-...` whose process is gone: work in
+/// progress (a snapshot or checkpoint being written) that a killed run left behind, which
+/// nothing else removes.
+pub fn remove_abandoned(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.strip_prefix(prefix).and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+        if pid.is_some_and(|p| ProcessId::of(p).is_none()) {
+            if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                tracing::warn!("cannot remove {}: {err}", e.path().display());
+            }
+        }
+    }
+}
+
 /// The command line of a process, for "who holds this" messages.
 pub fn process_command(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;

@@ -11,7 +11,6 @@ mod key;
 pub use key::{key, material};
 
 use crate::error::{Error, Result};
-use crate::state::ProcessId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -117,15 +116,7 @@ impl Store {
     }
 
     fn remove_dead_pending(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid =
-                name.strip_prefix(PENDING_PREFIX).and_then(|r| r.split('-').next()?.parse::<u32>().ok());
-            if pid.is_some_and(|p| ProcessId::of(p).is_none()) {
-                discard(&e.path());
-            }
-        }
+        crate::state::remove_abandoned(&self.root, PENDING_PREFIX);
     }
 }
 
